@@ -1,0 +1,6 @@
+"""Networks of the CineSR latent diffusion model (ResShift-compatible state dicts)."""
+
+from .unet import SwinUNet
+from .vqgan import VQGAN
+
+__all__ = ["SwinUNet", "VQGAN"]

@@ -1,0 +1,252 @@
+"""VQ-f4 autoencoder, equivalent to LDM's Encoder/Decoder + VectorQuantizer2 as ResShift's VQModelTorch.
+
+encode() returns the continuous latent (after quant_conv, before quantisation); decode() snaps it to
+the nearest codebook entry, then decodes. Module names match LDM's state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = _norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+        else:
+            self.nin_shortcut = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head full self-attention over all positions (LDM's 'vanilla' attention)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        c = self.channels
+        q = self.q(h).flatten(2).transpose(1, 2)  # (B, HW, C)
+        k = self.k(h).flatten(2)  # (B, C, HW)
+        v = self.v(h).flatten(2)  # (B, C, HW)
+        w = torch.softmax(torch.bmm(q, k) * (c**-0.5), dim=2)  # (B, HW_q, HW_k)
+        out = torch.bmm(v, w.transpose(1, 2)).reshape(x.shape)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv with LDM's asymmetric (right/bottom) zero padding."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(channels: int, dropout: float, attention: bool) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = AttnBlock(channels) if attention else nn.Identity()
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
+
+
+class Encoder(nn.Module):
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        mid_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        res, block_in = resolution, ch
+        for level, mult in enumerate(ch_mult):
+            down = nn.Module()
+            down.block, down.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult, dropout))
+                block_in = ch * mult
+                if res in attn_resolutions:
+                    down.attn.append(AttnBlock(block_in))
+            if level != len(ch_mult) - 1:
+                down.downsample = Downsample(block_in)
+                res //= 2
+            self.down.append(down)
+        self.mid = _mid(block_in, dropout, mid_attention)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for down in self.down:
+            for i, block in enumerate(down.block):
+                h = block(h)
+                if len(down.attn) > 0:
+                    h = down.attn[i](h)
+            if hasattr(down, "downsample"):
+                h = down.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(
+        self,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        z_channels: int,
+        dropout: float = 0.0,
+        mid_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = _mid(block_in, dropout, mid_attention)
+        ups: list[nn.Module] = []
+        for level in reversed(range(len(ch_mult))):
+            up = nn.Module()
+            up.block, up.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, ch * ch_mult[level], dropout))
+                block_in = ch * ch_mult[level]
+                if res in attn_resolutions:
+                    up.attn.append(AttnBlock(block_in))
+            if level != 0:
+                up.upsample = Upsample(block_in)
+                res *= 2
+            ups.insert(0, up)  # stored lowest level first, as LDM does
+        self.up = nn.ModuleList(ups)
+        self.norm_out = _norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for up in reversed(self.up):
+            for i, block in enumerate(up.block):
+                h = block(h)
+                if len(up.attn) > 0:
+                    h = up.attn[i](h)
+            if hasattr(up, "upsample"):
+                h = up.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook-entry quantiser with a straight-through gradient."""
+
+    def __init__(self, n_embed: int, embed_dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / n_embed, 1.0 / n_embed)
+
+    def indices(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) index of the nearest code for each latent vector of z (B, D, H, W)."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        codes = self.embedding.weight
+        # |z|^2 + |e|^2 - 2 z.e, the same expression as LDM so ties resolve identically
+        dist = (flat**2).sum(1, keepdim=True) + (codes**2).sum(1) - 2 * flat @ codes.t()
+        return dist.argmin(dim=1).reshape(z.shape[0], z.shape[2], z.shape[3])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        zq = self.embedding(self.indices(z)).permute(0, 3, 1, 2)
+        return z + (zq - z).detach()
+
+
+class VQGAN(nn.Module):
+    """VQ-f4 autoencoder: 3-channel image in [-1, 1] <-> `embed_dim`-channel latent at 1/4 the size."""
+
+    def __init__(self, ddconfig: Mapping[str, Any], n_embed: int, embed_dim: int) -> None:
+        super().__init__()
+        dd = dict(ddconfig)
+        if dd.get("double_z", False):
+            raise ValueError("ddconfig.double_z must be false for a VQ autoencoder")
+        attn_type = dd.get("attn_type", "vanilla")
+        if attn_type not in ("vanilla", "none"):
+            raise ValueError(f"ddconfig.attn_type {attn_type!r} is not supported (vanilla or none)")
+        common = {
+            "ch": dd["ch"],
+            "ch_mult": list(dd["ch_mult"]),
+            "num_res_blocks": int(dd["num_res_blocks"]),
+            "attn_resolutions": list(dd.get("attn_resolutions", [])),
+            "resolution": dd["resolution"],
+            "z_channels": dd["z_channels"],
+            "dropout": float(dd.get("dropout", 0.0)),
+            "mid_attention": attn_type == "vanilla",
+        }
+        self.encoder = Encoder(in_channels=dd["in_channels"], **common)
+        self.decoder = Decoder(out_ch=dd["out_ch"], **common)
+        self.quantize = VectorQuantizer(n_embed, embed_dim)
+        self.quant_conv = nn.Conv2d(dd["z_channels"], embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, dd["z_channels"], 1)
+        self.downsample_factor = 2 ** (len(common["ch_mult"]) - 1)
+
+    @classmethod
+    def from_resshift_config(cls, cfg: Mapping[str, Any]) -> VQGAN:
+        """Build from a ResShift `autoencoder_config` (its `params` dict, or the dict holding `params`)."""
+        params = cfg.get("params", cfg)
+        return cls(params["ddconfig"], int(params["n_embed"]), int(params["embed_dim"]))
+
+    def encode(self, img: torch.Tensor) -> torch.Tensor:
+        """Latent before quantisation, (B, embed_dim, H/f, W/f)."""
+        return self.quant_conv(self.encoder(img))
+
+    def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
+        """Quantise z to the nearest codes (unless quantize=False), then decode to an image."""
+        if quantize:
+            z = self.quantize(z)
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(img))
