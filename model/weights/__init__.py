@@ -1,0 +1,1 @@
+"""Vendored model weights shipped as package data (see README.md in this folder)."""
