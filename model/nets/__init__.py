@@ -2,6 +2,6 @@
 
 from .stats import model_stats
 from .unet import SwinUNet
-from .vqgan import VQGAN
+from .vqgan import VQGAN, decoder_graph, encoder_graph
 
-__all__ = ["SwinUNet", "VQGAN", "model_stats"]
+__all__ = ["SwinUNet", "VQGAN", "decoder_graph", "encoder_graph", "model_stats"]

@@ -21,17 +21,19 @@ def _gflops(fn: Any, *args: Any, **kwargs: Any) -> float:
 def model_stats(cfg: Mapping[str, Any], image_size: int = 256) -> dict[str, float]:
     """Parameter counts (millions) and GFLOPs (2 x multiply-adds, matmul/conv only, as counted by
     torch's FlopCounterMode) for one window: VQGAN encode at `image_size`^2 x 3, `steps` UNet
-    evaluations on the latent, VQGAN decode. Builds the networks with random weights on CPU."""
-    unet = SwinUNet.from_resshift_config(cfg["unet_config"]).eval()
-    ae = VQGAN.from_resshift_config(cfg["autoencoder_config"]).eval()
+    evaluations on the latent, VQGAN decode."""
+    # meta tensors: shapes only, so counting the base model costs no compute and no memory
+    with torch.device("meta"):
+        unet = SwinUNet.from_resshift_config(cfg["unet_config"]).eval()
+        ae = VQGAN.from_resshift_config(cfg["autoencoder_config"]).eval()
     diffusion = cfg.get("diffusion") or {}
     steps = int(diffusion.get("params", diffusion).get("steps", 15))
-    img = torch.zeros(1, 3, image_size, image_size)
     size = image_size // ae.downsample_factor
-    z = torch.zeros(1, ae.quantize.embedding.weight.shape[1], size, size)
-    lq = torch.zeros(1, 3, size, size)
+    img = torch.zeros(1, 3, image_size, image_size, device="meta")
+    z = torch.zeros(1, ae.quantize.embedding.weight.shape[1], size, size, device="meta")
+    lq = torch.zeros(1, 3, size, size, device="meta")
     enc = _gflops(ae.encode, img)
-    step = _gflops(unet, z, torch.zeros(1, dtype=torch.long), lq=lq)
+    step = _gflops(unet, z, torch.zeros(1, dtype=torch.long, device="meta"), lq=lq)
     dec = _gflops(ae.decode, z)
     return {
         "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,

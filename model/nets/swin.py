@@ -124,7 +124,7 @@ class SwinBlock(nn.Module):
         if self.shift > 0:
             h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(2, 3))
         mask = self.attn_mask
-        if mask is not None and (height, width) != (self.resolution, self.resolution):
+        if mask is not None and not torch.jit.is_tracing() and (height, width) != (self.resolution,) * 2:
             # eager-only path for other map sizes; exported graphs always use the buffer
             mask = shifted_window_mask(int(height), int(width), self.window, self.shift).to(x)
         h = self._merge(self.attn(self._partition(h), mask), height, width)

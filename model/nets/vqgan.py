@@ -250,3 +250,24 @@ class VQGAN(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(img))
+
+
+class _Bound(nn.Module):
+    """A VQGAN method as a module of its own, for tracing/exporting encode and decode separately."""
+
+    def __init__(self, vqgan: VQGAN, method: str) -> None:
+        super().__init__()
+        self.vqgan, self.method = vqgan, method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.vqgan, self.method)(x)
+
+
+def encoder_graph(vqgan: VQGAN) -> nn.Module:
+    """Module computing vqgan.encode (image -> unquantised latent), e.g. for torch.onnx.export."""
+    return _Bound(vqgan, "encode")
+
+
+def decoder_graph(vqgan: VQGAN) -> nn.Module:
+    """Module computing vqgan.decode (latent -> quantise -> image), e.g. for torch.onnx.export."""
+    return _Bound(vqgan, "decode")
