@@ -1,0 +1,480 @@
+"""The Helm chart renders to valid Kubernetes for the default and the GPU+KEDA+Ingress values, and
+the rendered objects carry what an operator relies on: GPUs, probes, security, ports, secrets."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import subprocess
+import sys
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from deploy_helpers import (
+    CHART,
+    GPU_VALUES,
+    KUBE_VERSION,
+    Manifest,
+    crd_validator,
+    find,
+    pod_specs,
+    render,
+    render_notes,
+)
+
+BUILTIN_GROUPS = {
+    "v1",
+    "apps",
+    "policy",
+    "networking.k8s.io",
+    "autoscaling",
+    "batch",
+    "rbac.authorization.k8s.io",
+}
+CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+
+
+def validate_all(objects: list[Manifest]) -> list[str]:
+    """Validate each object (strict: unknown fields are errors); returns 'Kind/name' of those checked."""
+    checked = []
+    for obj in objects:
+        group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else "v1"
+        if obj["kind"] in CUSTOM_KINDS:
+            # kubernetes-validate has no schemas for CRDs: use our own subset schemas instead.
+            validator = crd_validator(obj)
+            assert validator is not None, f"no schema under tests/deploy/schemas for {obj['kind']}"
+            validator(obj)
+        else:
+            assert group in BUILTIN_GROUPS, f"unexpected API group {obj['apiVersion']} ({obj['kind']})"
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        checked.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    return checked
+
+
+# ---- rendering, lint, validation ----
+
+
+def test_default_values_render_to_valid_kubernetes(default_objects: list[Manifest]) -> None:
+    checked = validate_all(default_objects)
+    kinds = {c.split("/")[0] for c in checked}
+    assert {
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+    } <= kinds
+    # Optional parts stay off by default.
+    assert not kinds & {"Ingress", "ScaledObject", "ServiceMonitor"}
+
+
+def test_gpu_keda_ingress_values_render_to_valid_kubernetes(gpu_objects: list[Manifest]) -> None:
+    checked = validate_all(gpu_objects)
+    kinds = {c.split("/")[0] for c in checked}
+    assert {"Ingress", "ScaledObject", "TriggerAuthentication", "ServiceMonitor"} <= kinds
+    # Both secrets come from existing Secrets: the chart must not create its own.
+    assert "Secret" not in kinds
+
+
+def test_strict_validation_catches_a_typo(default_objects: list[Manifest]) -> None:
+    # Guard against a validator that accepts anything: a misspelled field must fail.
+    deployment = copy.deepcopy(find(default_objects, "Deployment", "-gateway"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"periodSeconds": 5}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
+
+
+def test_crd_schema_rejects_numeric_trigger_metadata(gpu_objects: list[Manifest]) -> None:
+    scaled = copy.deepcopy(find(gpu_objects, "ScaledObject"))
+    scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 1  # KEDA wants strings
+    validator = crd_validator(scaled)
+    assert validator is not None
+    with pytest.raises(jsonschema.ValidationError):
+        validator(scaled)
+
+
+@pytest.mark.parametrize("values_file", [None, GPU_VALUES], ids=["default", "gpu-keda-ingress"])
+def test_helm_lint_passes_strict(values_file: Any) -> None:
+    values = yaml.safe_load(values_file.read_text()) if values_file else None
+    report = helm.lint(CHART, values, strict=True, namespace="imaging", kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == [], report
+    # Strict: warnings count as failures too; info-level hints are allowed.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+# ---- values schema ----
+
+
+def test_schema_rejects_bad_values() -> None:
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({})  # the defaults pass
+        for bad in (
+            {"gateway": {"replicas": "two"}},
+            {"worker": {"gpu": {"count": 0}}},
+            {"config": {"backend": "cuda"}},
+            {"config": {"aeTitle": "A_TITLE_LONGER_THAN_16"}},
+            {"gatway": {"replicas": 2}},  # typo in a top-level key
+            {"redis": {"auth": {"password": "p@ss/word"}}},  # would break the broker URL
+        ):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(bad)
+    report = helm.lint(CHART, {"gateway": {"replicas": "two"}})
+    assert any("replicas" in e for e in report["errors"])
+
+
+def test_grace_period_must_exceed_task_time_limit() -> None:
+    with pytest.raises(helm.HelmRenderError, match="must exceed config.taskTimeLimit"):
+        render({"config": {"taskTimeLimit": 3000}, "worker": {"terminationGracePeriodSeconds": 2500}})
+
+
+# ---- workers and GPUs ----
+
+
+def test_worker_requests_one_gpu_on_gpu_nodes(
+    gpu_objects: list[Manifest], gpu_values: dict[str, Any]
+) -> None:
+    worker = find(gpu_objects, "Deployment", "-worker")
+    pod = worker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["limits"]["memory"] == "32Gi"  # user limits merged, not replaced
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert container["args"] == ["worker"]
+    # KEDA owns the replica count: a fixed one would fight the autoscaler on every upgrade.
+    assert "replicas" not in worker["spec"]
+    # The gateway does not land on (or take) GPUs.
+    gateway = find(gpu_objects, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in gateway["containers"][0]["resources"].get("limits", {})
+
+
+def test_cpu_only_workers_request_no_gpu() -> None:
+    objects = render({"worker": {"gpu": {"enabled": False}}, "config": {"backend": "onnx"}})
+    container = find(objects, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert find(objects, "ConfigMap")["data"]["CINESR_BACKEND"] == "onnx"
+
+
+def test_termination_grace_exceeds_task_hard_limit(default_objects: list[Manifest]) -> None:
+    limit = int(find(default_objects, "ConfigMap")["data"]["CINESR_TASK_TIME_LIMIT"])
+    soft = int(find(default_objects, "ConfigMap")["data"]["CINESR_TASK_SOFT_TIME_LIMIT"])
+    assert soft < limit
+    grace = find(default_objects, "Deployment", "-worker")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
+    assert grace > limit
+
+
+def test_worker_startup_probe_allows_engine_builds(default_objects: list[Manifest]) -> None:
+    container = find(default_objects, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"][0]
+    startup = container["startupProbe"]
+    assert startup["exec"]["command"] == ["cinesr", "probe", "worker"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 15 * 60
+    assert container["readinessProbe"]["exec"]["command"] == ["cinesr", "probe", "worker"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    # Engines survive restarts on the shared volume; the heartbeat file lives on the writable /tmp.
+    assert mounts["/var/cache/cinesr/engines"]["name"] == "data"
+    assert mounts["/var/cache/cinesr/engines"]["subPath"] == "engine-cache"
+    env = find(default_objects, "ConfigMap")["data"]
+    assert env["CINESR_ENGINE_CACHE"] == "/var/cache/cinesr/engines"
+    assert env["CINESR_HEARTBEAT_FILE"].startswith("/tmp/")
+
+
+def test_keda_scales_workers_on_the_celery_list(gpu_objects: list[Manifest]) -> None:
+    scaled = find(gpu_objects, "ScaledObject")
+    worker = find(gpu_objects, "Deployment", "-worker")
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": worker["metadata"]["name"],
+    }
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 8)
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == "celery"
+    assert trigger["metadata"]["listLength"] == "1"
+    redis_service = find(gpu_objects, "Service", "-redis")["metadata"]["name"]
+    assert trigger["metadata"]["address"] == f"{redis_service}:6379"
+    auth = find(gpu_objects, "TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "cinesr-redis", "key": "password"}
+    ]
+
+
+# ---- gateway, services, ingress, monitoring ----
+
+
+def test_dicom_service_maps_104_to_the_listener(default_objects: list[Manifest]) -> None:
+    service = find(default_objects, "Service", "-dicom")
+    assert service["spec"]["type"] == "LoadBalancer"
+    (port,) = service["spec"]["ports"]
+    assert (port["port"], port["targetPort"], port["protocol"]) == (104, 11112, "TCP")
+    assert service["spec"]["loadBalancerSourceRanges"]
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "gateway"
+    gateway = find(default_objects, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "dicom", "containerPort": 11112, "protocol": "TCP"} in gateway["ports"]
+    rest = find(default_objects, "Service", "-gateway")
+    assert rest["spec"]["type"] == "ClusterIP"
+    assert rest["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_source_ranges_from_values(gpu_objects: list[Manifest]) -> None:
+    service = find(gpu_objects, "Service", "-dicom")
+    assert service["spec"]["loadBalancerSourceRanges"] == ["10.20.0.0/16"]
+    assert (
+        service["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-internal"] == "true"
+    )
+
+
+def test_gateway_probes(default_objects: list[Manifest]) -> None:
+    container = find(default_objects, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["serve"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["startupProbe"]["exec"]["command"] == ["cinesr", "probe", "dicom"]
+
+
+def test_every_container_has_all_three_probes(
+    default_objects: list[Manifest], gpu_objects: list[Manifest]
+) -> None:
+    for objects in (default_objects, gpu_objects):
+        for name, pod in pod_specs(objects):
+            for container in pod["containers"]:
+                for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                    assert probe in container, f"{name}/{container['name']} lacks {probe}"
+
+
+def test_ingress_and_service_monitor_target_the_rest_service(gpu_objects: list[Manifest]) -> None:
+    rest = find(gpu_objects, "Service", "-gateway")
+    ingress = find(gpu_objects, "Ingress")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "cinesr-tls", "hosts": ["cinesr.hospital.internal"]}]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": rest["metadata"]["name"], "port": {"name": "http"}}
+    monitor = find(gpu_objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    # The selector picks the REST Service only (the DICOM Service has no http port).
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [
+        s
+        for s in gpu_objects
+        if s["kind"] == "Service" and selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert [s["metadata"]["name"] for s in services] == [rest["metadata"]["name"]]
+
+
+def test_pod_disruption_budgets_cover_gateway_and_workers(default_objects: list[Manifest]) -> None:
+    for component in ("gateway", "worker"):
+        pdb = find(default_objects, "PodDisruptionBudget", f"-{component}")
+        workload = find(default_objects, "Deployment", f"-{component}")
+        assert pdb["spec"]["selector"]["matchLabels"] == workload["spec"]["selector"]["matchLabels"]
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_standard_labels_on_every_object(
+    default_objects: list[Manifest], gpu_objects: list[Manifest]
+) -> None:
+    for obj in default_objects + gpu_objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "cinesr"
+        assert labels["app.kubernetes.io/instance"] == "cinesr"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"].startswith("cinesr-")
+
+
+# ---- security ----
+
+
+def test_every_container_runs_locked_down(
+    default_objects: list[Manifest], gpu_objects: list[Manifest]
+) -> None:
+    for objects in (default_objects, gpu_objects):
+        for name, pod in pod_specs(objects):
+            assert pod["securityContext"]["runAsNonRoot"] is True, name
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+            assert pod["automountServiceAccountToken"] is False, name
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            for container in pod["containers"] + pod.get("initContainers", []):
+                ctx = container["securityContext"]
+                where = f"{name}/{container['name']}"
+                assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] > 0, where
+                assert ctx["readOnlyRootFilesystem"] is True, where
+                assert ctx["allowPrivilegeEscalation"] is False, where
+                assert ctx["capabilities"] == {"drop": ["ALL"]}, where
+                assert not ctx.get("privileged", False), where
+                # A read-only root needs a writable /tmp.
+                tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+                assert tmp and "emptyDir" in volumes[tmp[0]["name"]], where
+
+
+SECRET_TOKEN = "tok-7c4a1f0e9b2d4c6a8e1f"
+SECRET_PASSWORD = "redisPw-91d3b7e2f0a4"
+
+
+def test_secrets_never_leave_the_secret() -> None:
+    objects = render(
+        {
+            "apiTokens": {"tokens": [SECRET_TOKEN, SECRET_TOKEN + "b"]},
+            "redis": {"auth": {"password": SECRET_PASSWORD}},
+        }
+    )
+    secret = find(objects, "Secret")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data == {"api-tokens": f"{SECRET_TOKEN},{SECRET_TOKEN}b", "redis-password": SECRET_PASSWORD}
+    for obj in objects:
+        if obj["kind"] == "Secret":
+            continue
+        text = json.dumps(obj)
+        for value in (SECRET_TOKEN, SECRET_PASSWORD):
+            assert value not in text, f"{value!r} leaked into {obj['kind']}/{obj['metadata']['name']}"
+        if obj["kind"] == "ConfigMap":
+            assert not any("TOKEN" in key or "PASSWORD" in key or "BROKER" in key for key in obj["data"])
+
+
+def test_broker_url_is_assembled_in_the_pod(default_objects: list[Manifest]) -> None:
+    redis_service = find(default_objects, "Service", "-redis")["metadata"]["name"]
+    for component in ("gateway", "worker"):
+        container = find(default_objects, "Deployment", f"-{component}")["spec"]["template"]["spec"][
+            "containers"
+        ][0]
+        env = [e["name"] for e in container["env"]]
+        by_name = {e["name"]: e for e in container["env"]}
+        # $(VAR) expansion only sees variables defined earlier in the list.
+        assert env.index("CINESR_REDIS_PASSWORD") < env.index("CINESR_BROKER_URL")
+        assert by_name["CINESR_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+        assert (
+            by_name["CINESR_BROKER_URL"]["value"]
+            == f"redis://:$(CINESR_REDIS_PASSWORD)@{redis_service}:6379/0"
+        )
+    gateway = find(default_objects, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    tokens = {e["name"]: e for e in gateway["env"]}["CINESR_API_TOKENS"]
+    assert tokens["valueFrom"]["secretKeyRef"]["key"] == "api-tokens"
+
+
+def test_existing_secrets_are_referenced(gpu_objects: list[Manifest]) -> None:
+    gateway = find(gpu_objects, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in gateway["env"]}
+    assert env["CINESR_API_TOKENS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "cinesr-api-tokens",
+        "key": "tokens",
+    }
+    assert env["CINESR_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "cinesr-redis",
+        "key": "password",
+    }
+    redis = find(gpu_objects, "StatefulSet", "-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "cinesr-redis", "key": "password"} in [
+        e["valueFrom"]["secretKeyRef"] for e in redis["env"] if "valueFrom" in e
+    ]
+
+
+def test_generated_secrets_when_none_given(default_objects: list[Manifest]) -> None:
+    data = {k: base64.b64decode(v).decode() for k, v in find(default_objects, "Secret")["data"].items()}
+    assert len(data["api-tokens"]) == 40 and data["api-tokens"].isalnum()
+    assert len(data["redis-password"]) == 32 and data["redis-password"].isalnum()
+
+
+def test_external_redis_without_chart_redis() -> None:
+    objects = render(
+        {
+            "redis": {
+                "enabled": False,
+                "external": {"host": "redis.shared.svc", "port": 6380, "tls": True},
+                "auth": {"existingSecret": "shared-redis"},
+            }
+        }
+    )
+    assert not [o for o in objects if o["kind"] == "StatefulSet"]
+    worker = find(objects, "Deployment", "-worker")["spec"]["template"]["spec"]["containers"][0]
+    url = {e["name"]: e for e in worker["env"]}["CINESR_BROKER_URL"]["value"]
+    assert url == "rediss://:$(CINESR_REDIS_PASSWORD)@redis.shared.svc:6380/0"
+    validate_all(objects)
+
+
+# ---- redis and data ----
+
+
+def test_redis_persists_its_queue(default_objects: list[Manifest]) -> None:
+    redis = find(default_objects, "StatefulSet", "-redis")
+    script = redis["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "--appendonly yes" in script and "--maxmemory-policy noeviction" in script
+    assert "$REDIS_PASSWORD" in script and "requirepass" in script
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "redis-data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+
+
+def test_shared_data_volume(default_objects: list[Manifest]) -> None:
+    pvc = find(default_objects, "PersistentVolumeClaim", "-data")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for component in ("gateway", "worker"):
+        pod = find(default_objects, "Deployment", f"-{component}")["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert {"name": "data", "mountPath": "/data"} in pod["containers"][0]["volumeMounts"]
+    assert find(default_objects, "ConfigMap")["data"]["CINESR_DATA_DIR"] == "/data"
+
+
+def test_existing_claim_and_model_volume(gpu_objects: list[Manifest]) -> None:
+    objects = render({"persistence": {"existingClaim": "hospital-cinesr"}})
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    pod = find(objects, "Deployment", "-worker")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["data"]["persistentVolumeClaim"][
+        "claimName"
+    ] == "hospital-cinesr"
+    # GPU values mount the model bundle claim read-only and point MODEL_DIR at it.
+    pod = find(gpu_objects, "Deployment", "-worker")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["model"] == {
+        "name": "model",
+        "mountPath": "/models",
+        "readOnly": True,
+        "subPath": "base-v1",
+    }
+    assert find(gpu_objects, "ConfigMap")["data"]["CINESR_MODEL_DIR"] == "/models"
+
+
+def test_notes_tell_the_operator_where_to_point_pacs(gpu_values: dict[str, Any]) -> None:
+    notes = render_notes(gpu_values)
+    assert 'AE title "CINESR", port 104' in notes
+    assert "10.20.0.0/16" in notes
+    assert "https://cinesr.hospital.internal/docs" in notes
+    assert "scaled by KEDA between 1 and 8 pods" in notes
+    assert "WARNING" in render_notes()  # default: any calling AE is accepted
+
+
+def test_rendered_manifests_pass_the_kubernetes_validate_cli(
+    tmp_path: Any, gpu_objects: list[Manifest]
+) -> None:
+    # The same check an operator can run by hand: kubernetes-validate --strict on a file.
+    builtin = [o for o in gpu_objects if o["kind"] not in CUSTOM_KINDS]
+    manifest = tmp_path / "rendered.yaml"
+    manifest.write_text(yaml.safe_dump_all(builtin))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "-k",
+            KUBE_VERSION,
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
