@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import GPU_VALUES, Manifest, load_values, render
+
+# pytest runs with --import-mode=importlib, which puts no test folder on sys.path: add this one so the
+# test modules here can import their helpers.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from deploy_helpers import GPU_VALUES, Manifest, load_values, render  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -53,9 +53,7 @@ def load_values(path: Path) -> dict[str, Any]:
 def find(objects: list[Manifest], kind: str, name_suffix: str = "") -> Manifest:
     """The one object of `kind` whose name ends with `name_suffix`."""
     matches = [o for o in objects if o["kind"] == kind and o["metadata"]["name"].endswith(name_suffix)]
-    assert len(matches) == 1, (
-        f"expected one {kind} *{name_suffix}, got {[o['metadata']['name'] for o in matches]}"
-    )
+    assert len(matches) == 1, f"expected one {kind} *{name_suffix}, got {[o['metadata']['name'] for o in matches]}"
     return matches[0]
 
 

@@ -138,9 +138,7 @@ def test_grace_period_must_exceed_task_time_limit() -> None:
 # ---- workers and GPUs ----
 
 
-def test_worker_requests_one_gpu_on_gpu_nodes(
-    gpu_objects: list[Manifest], gpu_values: dict[str, Any]
-) -> None:
+def test_worker_requests_one_gpu_on_gpu_nodes(gpu_objects: list[Manifest], gpu_values: dict[str, Any]) -> None:
     worker = find(gpu_objects, "Deployment", "-worker")
     pod = worker["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -168,9 +166,7 @@ def test_termination_grace_exceeds_task_hard_limit(default_objects: list[Manifes
     limit = int(find(default_objects, "ConfigMap")["data"]["CINESR_TASK_TIME_LIMIT"])
     soft = int(find(default_objects, "ConfigMap")["data"]["CINESR_TASK_SOFT_TIME_LIMIT"])
     assert soft < limit
-    grace = find(default_objects, "Deployment", "-worker")["spec"]["template"]["spec"][
-        "terminationGracePeriodSeconds"
-    ]
+    grace = find(default_objects, "Deployment", "-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > limit
 
 
@@ -206,9 +202,7 @@ def test_keda_scales_workers_on_the_celery_list(gpu_objects: list[Manifest]) -> 
     assert trigger["metadata"]["address"] == f"{redis_service}:6379"
     auth = find(gpu_objects, "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
-    assert auth["spec"]["secretTargetRef"] == [
-        {"parameter": "password", "name": "cinesr-redis", "key": "password"}
-    ]
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "cinesr-redis", "key": "password"}]
 
 
 # ---- gateway, services, ingress, monitoring ----
@@ -231,9 +225,7 @@ def test_dicom_service_maps_104_to_the_listener(default_objects: list[Manifest])
 def test_source_ranges_from_values(gpu_objects: list[Manifest]) -> None:
     service = find(gpu_objects, "Service", "-dicom")
     assert service["spec"]["loadBalancerSourceRanges"] == ["10.20.0.0/16"]
-    assert (
-        service["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-internal"] == "true"
-    )
+    assert service["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-internal"] == "true"
 
 
 def test_gateway_probes(default_objects: list[Manifest]) -> None:
@@ -244,9 +236,7 @@ def test_gateway_probes(default_objects: list[Manifest]) -> None:
     assert container["startupProbe"]["exec"]["command"] == ["cinesr", "probe", "dicom"]
 
 
-def test_every_container_has_all_three_probes(
-    default_objects: list[Manifest], gpu_objects: list[Manifest]
-) -> None:
+def test_every_container_has_all_three_probes(default_objects: list[Manifest], gpu_objects: list[Manifest]) -> None:
     for objects in (default_objects, gpu_objects):
         for name, pod in pod_specs(objects):
             for container in pod["containers"]:
@@ -267,9 +257,7 @@ def test_ingress_and_service_monitor_target_the_rest_service(gpu_objects: list[M
     # The selector picks the REST Service only (the DICOM Service has no http port).
     selector = monitor["spec"]["selector"]["matchLabels"]
     services = [
-        s
-        for s in gpu_objects
-        if s["kind"] == "Service" and selector.items() <= s["metadata"]["labels"].items()
+        s for s in gpu_objects if s["kind"] == "Service" and selector.items() <= s["metadata"]["labels"].items()
     ]
     assert [s["metadata"]["name"] for s in services] == [rest["metadata"]["name"]]
 
@@ -282,9 +270,7 @@ def test_pod_disruption_budgets_cover_gateway_and_workers(default_objects: list[
         assert pdb["spec"]["maxUnavailable"] == 1
 
 
-def test_standard_labels_on_every_object(
-    default_objects: list[Manifest], gpu_objects: list[Manifest]
-) -> None:
+def test_standard_labels_on_every_object(default_objects: list[Manifest], gpu_objects: list[Manifest]) -> None:
     for obj in default_objects + gpu_objects:
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "cinesr"
@@ -296,9 +282,7 @@ def test_standard_labels_on_every_object(
 # ---- security ----
 
 
-def test_every_container_runs_locked_down(
-    default_objects: list[Manifest], gpu_objects: list[Manifest]
-) -> None:
+def test_every_container_runs_locked_down(default_objects: list[Manifest], gpu_objects: list[Manifest]) -> None:
     for objects in (default_objects, gpu_objects):
         for name, pod in pod_specs(objects):
             assert pod["securityContext"]["runAsNonRoot"] is True, name
@@ -345,18 +329,13 @@ def test_secrets_never_leave_the_secret() -> None:
 def test_broker_url_is_assembled_in_the_pod(default_objects: list[Manifest]) -> None:
     redis_service = find(default_objects, "Service", "-redis")["metadata"]["name"]
     for component in ("gateway", "worker"):
-        container = find(default_objects, "Deployment", f"-{component}")["spec"]["template"]["spec"][
-            "containers"
-        ][0]
+        container = find(default_objects, "Deployment", f"-{component}")["spec"]["template"]["spec"]["containers"][0]
         env = [e["name"] for e in container["env"]]
         by_name = {e["name"]: e for e in container["env"]}
         # $(VAR) expansion only sees variables defined earlier in the list.
         assert env.index("CINESR_REDIS_PASSWORD") < env.index("CINESR_BROKER_URL")
         assert by_name["CINESR_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
-        assert (
-            by_name["CINESR_BROKER_URL"]["value"]
-            == f"redis://:$(CINESR_REDIS_PASSWORD)@{redis_service}:6379/0"
-        )
+        assert by_name["CINESR_BROKER_URL"]["value"] == f"redis://:$(CINESR_REDIS_PASSWORD)@{redis_service}:6379/0"
     gateway = find(default_objects, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
     tokens = {e["name"]: e for e in gateway["env"]}["CINESR_API_TOKENS"]
     assert tokens["valueFrom"]["secretKeyRef"]["key"] == "api-tokens"
@@ -431,9 +410,7 @@ def test_existing_claim_and_model_volume(gpu_objects: list[Manifest]) -> None:
     objects = render({"persistence": {"existingClaim": "hospital-cinesr"}})
     assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
     pod = find(objects, "Deployment", "-worker")["spec"]["template"]["spec"]
-    assert {v["name"]: v for v in pod["volumes"]}["data"]["persistentVolumeClaim"][
-        "claimName"
-    ] == "hospital-cinesr"
+    assert {v["name"]: v for v in pod["volumes"]}["data"]["persistentVolumeClaim"]["claimName"] == "hospital-cinesr"
     # GPU values mount the model bundle claim read-only and point MODEL_DIR at it.
     pod = find(gpu_objects, "Deployment", "-worker")["spec"]["template"]["spec"]
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
@@ -455,9 +432,7 @@ def test_notes_tell_the_operator_where_to_point_pacs(gpu_values: dict[str, Any])
     assert "WARNING" in render_notes()  # default: any calling AE is accepted
 
 
-def test_rendered_manifests_pass_the_kubernetes_validate_cli(
-    tmp_path: Any, gpu_objects: list[Manifest]
-) -> None:
+def test_rendered_manifests_pass_the_kubernetes_validate_cli(tmp_path: Any, gpu_objects: list[Manifest]) -> None:
     # The same check an operator can run by hand: kubernetes-validate --strict on a file.
     builtin = [o for o in gpu_objects if o["kind"] not in CUSTOM_KINDS]
     manifest = tmp_path / "rendered.yaml"
