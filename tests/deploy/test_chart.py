@@ -13,6 +13,7 @@ from typing import Any
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 from deploy_helpers import (
@@ -39,7 +40,7 @@ BUILTIN_GROUPS = {
 CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
 
 
-def validate_all(objects: list[Manifest]) -> list[str]:
+def validate_all(objects: list[Manifest], kube_version: str = KUBE_VERSION) -> list[str]:
     """Validate each object (strict: unknown fields are errors); returns 'Kind/name' of those checked."""
     checked = []
     for obj in objects:
@@ -51,7 +52,7 @@ def validate_all(objects: list[Manifest]) -> list[str]:
             validator(obj)
         else:
             assert group in BUILTIN_GROUPS, f"unexpected API group {obj['apiVersion']} ({obj['kind']})"
-            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            kubernetes_validate.validate(obj, kube_version, strict=True)
         checked.append(f"{obj['kind']}/{obj['metadata']['name']}")
     return checked
 
@@ -59,8 +60,13 @@ def validate_all(objects: list[Manifest]) -> list[str]:
 # ---- rendering, lint, validation ----
 
 
-def test_default_values_render_to_valid_kubernetes(default_objects: list[Manifest]) -> None:
-    checked = validate_all(default_objects)
+# The oldest version Chart.yaml admits (kubeVersion >=1.27), the reference one, and the newest shipped.
+KUBE_VERSIONS = ["1.27.0", KUBE_VERSION, kubernetes_validate.utils.latest_version()]
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_default_values_render_to_valid_kubernetes(default_objects: list[Manifest], kube_version: str) -> None:
+    checked = validate_all(default_objects, kube_version)
     kinds = {c.split("/")[0] for c in checked}
     assert {
         "Deployment",
@@ -76,8 +82,9 @@ def test_default_values_render_to_valid_kubernetes(default_objects: list[Manifes
     assert not kinds & {"Ingress", "ScaledObject", "ServiceMonitor"}
 
 
-def test_gpu_keda_ingress_values_render_to_valid_kubernetes(gpu_objects: list[Manifest]) -> None:
-    checked = validate_all(gpu_objects)
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_gpu_keda_ingress_values_render_to_valid_kubernetes(gpu_objects: list[Manifest], kube_version: str) -> None:
+    checked = validate_all(gpu_objects, kube_version)
     kinds = {c.split("/")[0] for c in checked}
     assert {"Ingress", "ScaledObject", "TriggerAuthentication", "ServiceMonitor"} <= kinds
     # Both secrets come from existing Secrets: the chart must not create its own.
@@ -453,3 +460,20 @@ def test_rendered_manifests_pass_the_kubernetes_validate_cli(tmp_path: Any, gpu_
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_only_cinesr_pods_and_keda_reach_redis(default_objects: list[Manifest], gpu_objects: list[Manifest]) -> None:
+    policy = find(default_objects, "NetworkPolicy", "-redis")
+    redis = find(default_objects, "StatefulSet", "-redis")
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    allowed = {e["key"]: e["values"] for e in peer["podSelector"]["matchExpressions"]}
+    assert allowed == {"app.kubernetes.io/instance": ["cinesr"], "app.kubernetes.io/component": ["gateway", "worker"]}
+    # Every pod that needs the broker matches the rule.
+    for component in ("gateway", "worker"):
+        labels = find(default_objects, "Deployment", f"-{component}")["spec"]["template"]["metadata"]["labels"]
+        assert all(labels[key] in values for key, values in allowed.items())
+    # With KEDA on, its operator namespace may read the queue length too.
+    keda_rule = find(gpu_objects, "NetworkPolicy", "-redis")["spec"]["ingress"][0]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in keda_rule["from"]
