@@ -206,7 +206,8 @@ def test_keda_scales_workers_on_the_celery_list(gpu_objects: list[Manifest]) -> 
     assert trigger["metadata"]["listName"] == "celery"
     assert trigger["metadata"]["listLength"] == "1"
     redis_service = find(gpu_objects, "Service", "-redis")["metadata"]["name"]
-    assert trigger["metadata"]["address"] == f"{redis_service}:6379"
+    # Resolvable from KEDA's namespace, not only from ours.
+    assert trigger["metadata"]["address"] == f"{redis_service}.imaging.svc:6379"
     auth = find(gpu_objects, "TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "cinesr-redis", "key": "password"}]
@@ -296,6 +297,11 @@ def test_every_container_runs_locked_down(default_objects: list[Manifest], gpu_o
             assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
             assert pod["automountServiceAccountToken"] is False, name
             volumes = {v["name"]: v for v in pod["volumes"]}
+            # Pod Security Standard "restricted": no host namespaces, only these volume types.
+            assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+            for volume in volumes.values():
+                kinds = set(volume) - {"name"}
+                assert kinds <= {"persistentVolumeClaim", "emptyDir", "configMap", "secret", "projected"}, name
             for container in pod["containers"] + pod.get("initContainers", []):
                 ctx = container["securityContext"]
                 where = f"{name}/{container['name']}"
@@ -304,6 +310,7 @@ def test_every_container_runs_locked_down(default_objects: list[Manifest], gpu_o
                 assert ctx["allowPrivilegeEscalation"] is False, where
                 assert ctx["capabilities"] == {"drop": ["ALL"]}, where
                 assert not ctx.get("privileged", False), where
+                assert all("hostPort" not in port for port in container.get("ports", [])), where
                 # A read-only root needs a writable /tmp.
                 tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
                 assert tmp and "emptyDir" in volumes[tmp[0]["name"]], where
