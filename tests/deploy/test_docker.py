@@ -226,6 +226,26 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
         assert dockerignored(unwanted, patterns), unwanted
 
 
+def test_copied_sources_are_in_the_build_context() -> None:
+    # Every file a Dockerfile COPYs from the context exists and survives .dockerignore.
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for dockerfile in DOCKERFILES.values():
+        _, stages = read_dockerfile(dockerfile)
+        for stage in stages:
+            for copy in stage.all("COPY"):
+                if "--from=" in copy:
+                    continue
+                sources = [a for a in copy.split() if not a.startswith("--")][:-1]
+                for source in sources:
+                    source = source.rstrip("/")
+                    # README.md belongs to pyproject's metadata: a missing one breaks every install, not
+                    # only the images, and is caught there.
+                    if source != "README.md":
+                        assert (REPO / source).exists(), f"{dockerfile.name}: COPY {source} is missing"
+                    assert not dockerignored(source, patterns), f"{dockerfile.name}: {source} is dockerignored"
+
+
 # ---- compose ----
 
 
