@@ -1,0 +1,258 @@
+"""Ingest benchmark: our DICOM listener (durable writes) against dcmtk storescp, side by side.
+
+Generates a study of 300 MR instances (256x256, 16 bit) with pydicom into a temporary folder and
+sends it with dcmtk ``storescu`` to
+
+  (a) the CineSR listener (journal durability: fdatasync before every success status),
+  (b) the CineSR listener with per-file durability (fsync + directory fsync per instance),
+  (c) dcmtk ``storescp`` (no fsync),
+
+repetitions interleaved, each into an empty folder, every dcmtk process with TCP_NODELAY=1 (dcmtk
+leaves Nagle's algorithm on otherwise). Then 4 storescu senders at once (each its own study) to our
+listener, checking that every instance arrives, once. Prints a table and writes
+bench/results/ingest-<date>.json with the machine, git commit and versions.
+
+    .venv/bin/python bench/ingest.py [--instances 300] [--repeats 7] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pynetdicom
+from cinesr.service.listener import ListenerConfig, start_listener
+from cinesr.service.store import InstanceStore
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def make_study(folder: Path, instances: int, rows: int = 256, cols: int = 256, seed: int = 0) -> list[Path]:
+    """A synthetic MR study: one series of ``instances`` 16-bit images, Explicit VR LE."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for i in range(instances):
+        sop = generate_uid()
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientName, ds.PatientID = "Bench^Ingest", "BENCH0001"
+        ds.Modality, ds.InstanceNumber, ds.SeriesNumber = "MR", i + 1, 1
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = rng.integers(0, 4096, (rows, cols), dtype=np.uint16).tobytes()
+        path = folder / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def send(port: int, folder: Path, aet: str = "BENCH") -> float:
+    """storescu the whole folder over one association; return wall seconds."""
+    t0 = time.perf_counter()
+    result = subprocess.run(["storescu", "-aet", aet, "-aec", "CINESR", "127.0.0.1", str(port), str(folder),
+                             "+sd"], env=DCMTK_ENV, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed: {result.stderr[-500:]}")
+    return elapsed
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def run_storescp(study: Path, work: Path) -> float:
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "-od", str(out), str(port)], env=DCMTK_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        elapsed = send(port, study)
+    finally:
+        proc.terminate()
+        proc.wait()
+    count = len(list(out.iterdir()))
+    shutil.rmtree(out)
+    if count != len(list(study.iterdir())):
+        raise RuntimeError(f"storescp stored {count} files")
+    return elapsed
+
+
+def run_ours(study: Path, work: Path, durability: str) -> tuple[float, float]:
+    """Seconds until storescu finished, and until every file is visible in the store."""
+    root = work / f"ours-{durability}"
+    store = InstanceStore(root, durability=durability, min_free_fraction=0.0, min_free_bytes=0)
+    handle = start_listener(ListenerConfig(port=0), store)
+    try:
+        t0 = time.perf_counter()
+        elapsed = send(handle.port, study)
+        store.flush()
+        visible = time.perf_counter() - t0
+    finally:
+        handle.stop()
+        store.close()
+    count = sum(1 for _ in (root / "instances").rglob("*.dcm"))
+    shutil.rmtree(root)
+    if count != len(list(study.iterdir())):
+        raise RuntimeError(f"our listener stored {count} files")
+    return elapsed, visible
+
+
+def run_concurrent(work: Path, senders: int, per_sender: int) -> dict[str, object]:
+    studies = [make_study(work / f"concurrent-{i}", per_sender, seed=i + 1) for i in range(senders)]
+    root = work / "ours-concurrent"
+    store = InstanceStore(root, min_free_fraction=0.0, min_free_bytes=0)
+    handle = start_listener(ListenerConfig(port=0), store)
+    try:
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(["storescu", "-aet", f"SENDER{i}", "-aec", "CINESR", "127.0.0.1",
+                                   str(handle.port), str(paths[0].parent), "+sd"], env=DCMTK_ENV,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for i, paths in enumerate(studies)]
+        codes = [p.wait() for p in procs]
+        elapsed = time.perf_counter() - t0
+        store.flush()
+    finally:
+        handle.stop()
+        store.close()
+    expected = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for paths in studies for p in paths}
+    stored = [p.stem for p in (root / "instances").rglob("*.dcm")]
+    ok = all(c == 0 for c in codes) and set(stored) == expected and len(stored) == len(expected)
+    return {"senders": senders, "instances": len(expected), "stored": len(stored),
+            "unique_stored": len(set(stored)), "storescu_exit_codes": codes, "seconds": round(elapsed, 4),
+            "lost": len(expected - set(stored)), "ok": ok}
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    except OSError:
+        return "absent"
+    for line in out.splitlines():
+        if "$dcmtk" in line:
+            return line.split("v", 1)[-1].split()[0]
+    return out.strip().splitlines()[0] if out.strip() else "unknown"
+
+
+def machine() -> dict[str, object]:
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--concurrent-senders", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--no-write", action="store_true", help="print only, no JSON file")
+    args = parser.parse_args()
+    if shutil.which("storescu") is None or shutil.which("storescp") is None:
+        print("dcmtk (storescu, storescp) is not installed", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="cinesr-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        work = Path(tmp)
+        study = work / "study"
+        make_study(study, args.instances)
+        # warm-up: page cache, imports, first segment/file creation paths
+        run_storescp(study, work)
+        run_ours(study, work, "journal")
+        times: dict[str, list[float]] = {"ours_journal": [], "ours_journal_visible": [], "ours_file": [],
+                                         "storescp": []}
+        for _ in range(args.repeats):  # interleaved so that load changes hit all alike
+            t, v = run_ours(study, work, "journal")
+            times["ours_journal"].append(t)
+            times["ours_journal_visible"].append(v)
+            times["ours_file"].append(run_ours(study, work, "file")[0])
+            times["storescp"].append(run_storescp(study, work))
+        concurrent = run_concurrent(work, args.concurrent_senders, args.instances // args.concurrent_senders)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["storescp"] / med["ours_journal"]  # throughput ratio ours / storescp
+    ratio_file = med["storescp"] / med["ours_file"]
+    print(f"{args.instances} MR instances 256x256x16 bit, storescu -> receiver, median of {args.repeats}:")
+    for k, v in times.items():
+        print(f"  {k:22s} median {med[k]:.3f} s   runs {' '.join(f'{x:.3f}' for x in v)}")
+    print(f"  throughput ratio ours(journal)/storescp = {ratio:.2f}   ours(file)/storescp = {ratio_file:.2f}")
+    print(f"  {args.concurrent_senders} concurrent senders: {concurrent}")
+    result = {
+        "benchmark": "ingest",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "instances": args.instances, "matrix": [256, 256], "bits": 16, "repeats": args.repeats,
+        "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "median_seconds": {k: round(v, 4) for k, v in med.items()},
+        "throughput_ratio_ours_vs_storescp": round(ratio, 3),
+        "throughput_ratio_ours_file_durability_vs_storescp": round(ratio_file, 3),
+        "acceptance_ratio_min": 0.8, "acceptance_met": ratio >= 0.8 and bool(concurrent["ok"]),
+        "concurrent": concurrent,
+        "notes": "times are storescu wall clock (process start to exit, one association) with TCP_NODELAY=1; "
+                 "ours_journal: success after fdatasync of a write-ahead journal record; "
+                 "ours_journal_visible: until every .dcm file is renamed into place; "
+                 "ours_file: success after fdatasync + rename + directory fsync per instance; "
+                 "storescp does not fsync.",
+        "machine": machine(), "git_commit": git_commit(),
+        "versions": {"python": platform.python_version(), "pynetdicom": pynetdicom.__version__,
+                     "pydicom": pydicom.__version__, "dcmtk": _version(["storescp", "--version"])},
+    }
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"ingest-{datetime.now(timezone.utc):%Y-%m-%d}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0 if result["acceptance_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

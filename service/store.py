@@ -1,0 +1,827 @@
+"""Durable store of received DICOM instances.
+
+Layout: ``<root>/instances/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, each file being the
+bytes as received (128-byte preamble, ``DICM``, a file meta group built from the C-STORE request,
+then the encoded dataset exactly as it came off the wire). Nothing is decoded or re-encoded.
+
+Durability ("success only after the bytes are on stable storage") has two strategies:
+
+``journal`` (default)
+    The instance is appended to a preallocated write-ahead journal and ``fdatasync``-ed (one
+    device flush, shared by concurrent associations: group commit); a background applier then
+    writes the file (temp name, rename) and, in batches, fsyncs files and directories before the
+    journal segment is dropped. On open, records not yet checkpointed are replayed. Measured on
+    ext4/virtio: ~0.2 ms per instance against ~0.55 ms for a per-file fsync + directory fsync.
+``file``
+    Temp file, ``fdatasync``, rename, directory fsync (group-committed across threads), then
+    success. Simpler; the file is visible when ``put`` returns.
+
+Either way a visible ``.dcm`` file is complete (rename is atomic) and a crash loses only
+instances that were never acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import shutil
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+LOGGER = logging.getLogger(__name__)
+
+Durability = Literal["journal", "file"]
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1435.1"  # CineSR implementation class
+IMPLEMENTATION_VERSION_NAME = "CINESR_010"
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidDataset(ValueError):
+    """The received dataset cannot be parsed or lacks the UIDs needed to file it."""
+
+
+class StoreFull(OSError):
+    """Free disk space is below the configured watermark; nothing was written."""
+
+
+def is_valid_uid(uid: str) -> bool:
+    """A DICOM UID usable as a path component: digits and dots, at most 64 characters."""
+    return 0 < len(uid) <= 64 and _UID_RE.match(uid) is not None
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """What the store knows about one instance; ``duplicate`` marks one it already had."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    transfer_syntax: str
+    path: Path
+    duplicate: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Minimal parse of an encoded dataset: walk the element structure (without decoding values) to
+# check it is complete, and pick out the handful of attributes needed to file it.
+
+_WANTED = {
+    0x00080016: "sop_class_uid",
+    0x00080018: "sop_instance_uid",
+    0x00080060: "modality",
+    0x0020000D: "study_uid",
+    0x0020000E: "series_uid",
+}
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                       b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Walker:
+    """Structural walk of an encoded dataset in one transfer syntax; values are not decoded."""
+
+    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool) -> None:
+        self.buf = buf
+        self.end = len(buf)
+        self.implicit = implicit
+        self.hdr = struct.Struct("<HH" if little else ">HH")
+        self.u16 = struct.Struct("<H" if little else ">H")
+        self.u32 = struct.Struct("<I" if little else ">I")
+        self.found: dict[str, str] = {}
+
+    def _tag_len(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+        """(tag, vr, value length, value offset) of the element at ``pos``."""
+        if pos + 8 > self.end:
+            raise InvalidDataset(f"truncated element header at byte {pos}")
+        group, elem = self.hdr.unpack_from(self.buf, pos)
+        tag = group << 16 | elem
+        if group == 0xFFFE or implicit:  # item tags never carry a VR
+            return tag, None, self.u32.unpack_from(self.buf, pos + 4)[0], pos + 8
+        vr = bytes(self.buf[pos + 4:pos + 6])
+        if vr in _LONG_VRS:
+            if pos + 12 > self.end:
+                raise InvalidDataset(f"truncated element header at byte {pos}")
+            return tag, vr, self.u32.unpack_from(self.buf, pos + 8)[0], pos + 12
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            raise InvalidDataset(f"invalid VR at byte {pos}")
+        return tag, vr, self.u16.unpack_from(self.buf, pos + 6)[0], pos + 8
+
+    def dataset(self, pos: int, implicit: bool, top: bool, stop_at_item_end: bool) -> int:
+        """Walk elements from ``pos``; return the offset after the dataset (or item delimiter)."""
+        last_tag = -1
+        while pos < self.end:
+            tag, vr, length, value = self._tag_len(pos, implicit)
+            if tag == _ITEM_END:
+                if not stop_at_item_end:
+                    raise InvalidDataset(f"unexpected item delimiter at byte {pos}")
+                return value
+            if tag <= last_tag and top:
+                raise InvalidDataset(f"elements out of order at byte {pos}")
+            last_tag = tag
+            if length == _UNDEFINED:
+                # a sequence, an encapsulated pixel data element, or UN holding implicit VR LE
+                nested_implicit = implicit or vr == b"UN"
+                pos = self.items(value, nested_implicit, encapsulated=vr in (b"OB", b"OW"))
+                continue
+            pos = value + length
+            if pos > self.end:
+                raise InvalidDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end")
+            if top and tag in _WANTED:
+                raw = bytes(self.buf[value:pos])
+                self.found[_WANTED[tag]] = raw.decode("ascii", "replace").strip("\0 ")
+        if stop_at_item_end:
+            raise InvalidDataset("item without delimiter at end of data")
+        return pos
+
+    def items(self, pos: int, implicit: bool, encapsulated: bool) -> int:
+        """Walk the items of an undefined-length element up to its sequence delimiter."""
+        while True:
+            tag, _vr, length, value = self._tag_len(pos, True)
+            if tag == _SEQ_END:
+                return value
+            if tag != _ITEM:
+                raise InvalidDataset(f"expected an item at byte {pos}")
+            if length == _UNDEFINED and not encapsulated:
+                pos = self.dataset(value, implicit, top=False, stop_at_item_end=True)
+            elif length == _UNDEFINED:
+                raise InvalidDataset("undefined-length fragment in encapsulated pixel data")
+            else:
+                pos = value + length
+                if pos > self.end:
+                    raise InvalidDataset("item runs past the end of the data")
+
+
+def scan_dataset(data: bytes | memoryview, transfer_syntax: str) -> dict[str, str]:
+    """Check an encoded dataset is structurally complete; return the attributes used for filing.
+
+    Raises InvalidDataset for truncated or malformed data.
+    """
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
+        try:
+            data = zlib.decompress(bytes(data), -15)
+        except zlib.error as exc:
+            raise InvalidDataset(f"cannot inflate deflated dataset: {exc}") from None
+        transfer_syntax = EXPLICIT_VR_LE
+    if len(data) < 8:
+        raise InvalidDataset("empty dataset")
+    walker = _Walker(data, transfer_syntax == IMPLICIT_VR_LE, transfer_syntax != EXPLICIT_VR_BE)
+    try:
+        walker.dataset(0, walker.implicit, top=True, stop_at_item_end=False)
+    except struct.error as exc:
+        raise InvalidDataset(f"truncated dataset: {exc}") from None
+    return walker.found
+
+
+# --------------------------------------------------------------------------------------------
+# File meta information, built directly as bytes (explicit VR little endian, group 0002).
+
+
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr in (b"UI", b"OB") else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 2, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                    source_ae: str = "") -> bytes:
+    """Preamble + ``DICM`` + file meta group (PS3.10) for an instance."""
+    body = b"".join([
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", sop_class_uid.encode()),
+        _meta_element(0x0003, b"UI", sop_instance_uid.encode()),
+        _meta_element(0x0010, b"UI", transfer_syntax.encode()),
+        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
+        _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode()),
+    ] + ([_meta_element(0x0016, b"AE", source_ae.strip().encode("ascii", "replace")[:16])]
+         if source_ae.strip() else []))
+    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
+
+
+# --------------------------------------------------------------------------------------------
+# Write-ahead journal.
+
+_REC_MAGIC = b"CSRJ"
+_REC_HEAD = struct.Struct("<4sQII")  # magic, segment sequence number, payload length, crc32(payload)
+_STR_HEAD = struct.Struct("<HHHHHH")  # lengths of the six text fields
+_ZEROS = bytes(1 << 20)
+
+
+def _encode_payload(info: StoredInstance, file_bytes: list[bytes | memoryview]) -> tuple[list[bytes | memoryview],
+                                                                                         int, int]:
+    """Record payload parts, their total length and crc32."""
+    texts = [s.encode() for s in (info.study_uid, info.series_uid, info.sop_instance_uid,
+                                  info.sop_class_uid, info.modality, info.transfer_syntax)]
+    head = _STR_HEAD.pack(*(len(t) for t in texts)) + b"".join(texts)
+    crc = zlib.crc32(head)
+    length = len(head)
+    for part in file_bytes:
+        crc = zlib.crc32(part, crc)
+        length += len(part)
+    return [head, *file_bytes], length, crc
+
+
+def _decode_records(buf: bytes, seq: int) -> Iterator[tuple[list[str], bytes]]:
+    pos = 0
+    while pos + _REC_HEAD.size <= len(buf):
+        magic, rec_seq, length, crc = _REC_HEAD.unpack_from(buf, pos)
+        start = pos + _REC_HEAD.size
+        payload = buf[start:start + length]
+        # End of the written part: zeros, a stale record of a recycled segment (older sequence
+        # number), or a torn record that was never acknowledged.
+        if magic != _REC_MAGIC or rec_seq != seq or len(payload) != length or zlib.crc32(payload) != crc:
+            return
+        lens = _STR_HEAD.unpack_from(payload, 0)
+        off = _STR_HEAD.size
+        texts = []
+        for n in lens:
+            texts.append(payload[off:off + n].decode())
+            off += n
+        yield texts, payload[off:]
+        pos = start + length
+
+
+def _zero_fill(path: Path, size: int) -> None:
+    """Create a segment whose blocks are written (zeros): later overwrites change no metadata, so
+    fdatasync is one data write + flush instead of an ext4 journal commit (~0.2 vs ~0.4 ms)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, _ZEROS[:min(left, len(_ZEROS))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Journal:
+    """Append-only segments of written (zero-filled, then recycled) blocks.
+
+    ``append`` returns once the record is on disk. Segments are named ``<seq>.wal``; every record
+    carries its segment's sequence number, so a recycled segment's old records end the scan.
+    """
+
+    def __init__(self, directory: Path, segment_size: int, spares: int = 1) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.segment_size = segment_size
+        self.max_spares = spares
+        self._lock = threading.Lock()  # order of appends, segment rotation
+        self._sync_lock = threading.Lock()  # one fdatasync at a time; waiters share it
+        existing = sorted(int(p.stem) for p in self.dir.glob("*.wal"))
+        self._seq = (existing[-1] + 1) if existing else 1
+        self._fd = -1
+        self._tail = 0
+        self._size = 0
+        self._written = 0  # (segment, offset) high-water mark, as a single comparable int
+        self._synced = 0
+        self._current = 0
+        # records per segment not yet checkpointed as files; a segment can go when it has none
+        self.outstanding: dict[int, int] = {}
+        self._spares = [p for p in self.dir.glob("*.spare") if p.stat().st_size == segment_size]
+        for p in self.dir.glob("*.spare"):
+            if p not in self._spares:
+                p.unlink()
+
+    def prepare(self) -> None:
+        """Zero-fill the spare segments up front (at start, not while instances stream in)."""
+        n = 0
+        while len(self._spares) < self.max_spares + 1:
+            path = self.dir / f"prepared-{os.getpid()}-{n}.spare"
+            n += 1
+            if path.exists():
+                continue
+            _zero_fill(path, self.segment_size)
+            self._spares.append(path)
+        _fsync_dir(self.dir)
+
+    def segments(self) -> list[Path]:
+        return sorted(self.dir.glob("*.wal"), key=lambda p: int(p.stem))
+
+    def _retire(self, seg: int) -> None:
+        """A segment with every record checkpointed: keep it as a spare or delete it."""
+        path = self.dir / f"{seg:012d}.wal"
+        if len(self._spares) < self.max_spares and path.exists() and path.stat().st_size == self.segment_size:
+            spare = self.dir / f"recycled-{seg}.spare"
+            os.rename(path, spare)
+            self._spares.append(spare)
+        else:
+            path.unlink(missing_ok=True)
+
+    def _open_segment(self, min_size: int) -> None:
+        if self._fd >= 0:
+            os.fdatasync(self._fd)  # the old segment's records are all durable before we leave it
+            os.close(self._fd)
+            if self.outstanding.get(self._current, 0) <= 0:  # all checkpointed already
+                self.outstanding.pop(self._current, None)
+                self._retire(self._current)
+        path = self.dir / f"{self._seq:012d}.wal"
+        if min_size <= self.segment_size and self._spares:
+            os.rename(self._spares.pop(), path)
+            fd = os.open(path, os.O_RDWR)
+            size = self.segment_size
+        else:  # no spare ready (or a huge record): slower, unwritten extents
+            size = max(self.segment_size, min_size)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.posix_fallocate(fd, 0, size)
+            os.fsync(fd)
+        _fsync_dir(self.dir)
+        self._fd, self._tail, self._size = fd, 0, size
+        self._current = self._seq
+        self._seq += 1
+
+    def append(self, payload: list[bytes | memoryview], length: int, crc: int) -> tuple[int, int]:
+        """Write a record durably; return (segment sequence number, offset of the record)."""
+        with self._lock:
+            if self._fd < 0 or self._tail + _REC_HEAD.size + length > self._size:
+                self._open_segment(_REC_HEAD.size + length)
+            offset = self._tail
+            os.pwritev(self._fd, [_REC_HEAD.pack(_REC_MAGIC, self._current, length, crc), *payload], offset)
+            self._tail += _REC_HEAD.size + length
+            mark = (self._current << 40) | self._tail
+            self.outstanding[self._current] = self.outstanding.get(self._current, 0) + 1
+            self._written = mark
+            fd, segment = self._fd, self._current
+        # Group commit: one fdatasync covers every record written before it started.
+        with self._sync_lock:
+            if self._synced < mark:
+                target = self._written
+                if fd == self._fd:
+                    os.fdatasync(fd)
+                # else the segment was rotated, which fdatasync-ed it already
+                self._synced = max(self._synced, target)
+        return segment, offset
+
+    @property
+    def current_segment(self) -> int:
+        return self._current if self._fd >= 0 else -1
+
+    def release(self, segments: dict[int, int]) -> None:
+        """Mark records as checkpointed; retire segments left with none (except the current)."""
+        with self._lock:
+            done = []
+            for seg, count in segments.items():
+                self.outstanding[seg] -= count
+                if self.outstanding[seg] <= 0 and seg != self._current:
+                    done.append(seg)
+            for seg in done:
+                del self.outstanding[seg]
+                self._retire(seg)
+        if done:
+            _fsync_dir(self.dir)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+                if self.outstanding.get(self._current, 0) <= 0:  # everything checkpointed
+                    self.outstanding.pop(self._current, None)
+                    self._retire(self._current)
+                    _fsync_dir(self.dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A journalled instance waiting to become a file: where its file bytes lie in the journal."""
+
+    info: StoredInstance
+    segment: int
+    offset: int
+    length: int
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class InstanceStore:
+    """Received instances on disk, durable before ``put`` returns.
+
+    Parameters
+    ----------
+    root
+        Data directory; instances go under ``root/instances``, the journal under ``root/journal``.
+    durability
+        ``"journal"`` (default, fastest) or ``"file"``; see the module docstring.
+    min_free_fraction, min_free_bytes
+        Disk watermark: ``put`` refuses (StoreFull) when, after writing, less than this would be free.
+    on_instance
+        Called with a StoredInstance for every newly stored (not duplicate) instance, once its file
+        is visible. More callbacks can be added with ``subscribe``.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, durability: Durability = "journal",
+                 min_free_fraction: float = 0.05, min_free_bytes: int = 1 << 30,
+                 segment_size: int = 64 << 20, apply_idle_seconds: float = 0.05,
+                 apply_max_backlog: int = 256,
+                 on_instance: Callable[[StoredInstance], None] | None = None) -> None:
+        if durability not in ("journal", "file"):
+            raise ValueError(f"durability must be 'journal' or 'file', not {durability!r}")
+        self.root = Path(root)
+        self.instances_dir = self.root / "instances"
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        self.durability = durability
+        # The applier waits for a pause in arrivals (or a large backlog) before writing files, so
+        # that while instances stream in the only work per instance is one journal append.
+        self.apply_idle_seconds = apply_idle_seconds
+        self.apply_max_backlog = apply_max_backlog
+        self._last_put = 0.0
+        self.min_free_fraction = min_free_fraction
+        self.min_free_bytes = min_free_bytes
+        self._callbacks: list[Callable[[StoredInstance], None]] = [on_instance] if on_instance else []
+        self._lock = threading.Lock()
+        self._index: dict[str, Path] = {}  # SOPInstanceUID -> final path (stored or in the journal)
+        self._known_dirs: set[Path] = set()
+        self._dir_sync: dict[Path, list[int]] = {}  # dir -> [renames done, renames synced]
+        self._dir_sync_lock = threading.Lock()
+        self._dir_locks: dict[Path, threading.Lock] = {}
+        self._scan_existing()
+        self._journal: _Journal | None = None
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._applier: threading.Thread | None = None
+        if durability == "journal":
+            self._journal = _Journal(self.root / "journal", segment_size)
+            self._recover()
+            self._journal.prepare()
+            self._applier = threading.Thread(target=self._apply_loop, name="cinesr-store-applier",
+                                             daemon=True)
+            self._applier.start()
+
+    # ---- lookups ---------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[StoredInstance], None]) -> None:
+        """Call ``callback(StoredInstance)`` for every newly stored instance."""
+        self._callbacks.append(callback)
+
+    def unsubscribe(self, callback: Callable[[StoredInstance], None]) -> None:
+        if callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+    def studies(self) -> list[str]:
+        return sorted(p.name for p in self.instances_dir.iterdir() if p.is_dir() and is_valid_uid(p.name))
+
+    def series(self, study_uid: str) -> list[str]:
+        study = self._study_dir(study_uid)
+        if not study.is_dir():
+            return []
+        return sorted(p.name for p in study.iterdir() if p.is_dir() and is_valid_uid(p.name))
+
+    def instances(self, study_uid: str, series_uid: str) -> list[Path]:
+        """Paths of the stored instances of a series (complete files only)."""
+        series = self._series_dir(study_uid, series_uid)
+        if not series.is_dir():
+            return []
+        return sorted(p for p in series.iterdir() if p.suffix == ".dcm" and not p.name.startswith("."))
+
+    def instance_path(self, sop_instance_uid: str) -> Path | None:
+        """Where an instance is (or, still in the journal, will be) stored; None if unknown."""
+        with self._lock:
+            return self._index.get(sop_instance_uid)
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        return self.instance_path(sop_instance_uid) is not None
+
+    def remove_series(self, study_uid: str, series_uid: str) -> int:
+        """Delete a series' files (retention); return how many instances were removed."""
+        self.flush()
+        paths = self.instances(study_uid, series_uid)
+        with self._lock:
+            for p in paths:
+                self._index.pop(p.stem, None)
+        shutil.rmtree(self._series_dir(study_uid, series_uid), ignore_errors=True)
+        return len(paths)
+
+    def remove_study(self, study_uid: str) -> int:
+        """Delete a study's files (retention); return how many instances were removed."""
+        removed = sum(self.remove_series(study_uid, s) for s in self.series(study_uid))
+        shutil.rmtree(self._study_dir(study_uid), ignore_errors=True)
+        return removed
+
+    def _study_dir(self, study_uid: str) -> Path:
+        if not is_valid_uid(study_uid):
+            raise ValueError(f"invalid StudyInstanceUID {study_uid!r}")
+        return self.instances_dir / study_uid
+
+    def _series_dir(self, study_uid: str, series_uid: str) -> Path:
+        if not is_valid_uid(series_uid):
+            raise ValueError(f"invalid SeriesInstanceUID {series_uid!r}")
+        return self._study_dir(study_uid) / series_uid
+
+    def _scan_existing(self) -> None:
+        for study in os.scandir(self.instances_dir):
+            if not study.is_dir():
+                continue
+            for series in os.scandir(study.path):
+                if not series.is_dir():
+                    continue
+                for entry in os.scandir(series.path):
+                    if entry.name.endswith(".dcm") and not entry.name.startswith("."):
+                        self._index[entry.name[:-4]] = Path(entry.path)
+                    elif entry.name.startswith(".") and ".tmp" in entry.name:
+                        os.unlink(entry.path)  # leftover of an interrupted write; never acknowledged
+
+    # ---- storing ---------------------------------------------------------------------------
+
+    def check_space(self, needed: int = 0) -> None:
+        """Raise StoreFull if writing ``needed`` more bytes would cross the watermark."""
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        total = st.f_blocks * st.f_frsize
+        factor = 2 if self.durability == "journal" else 1  # journal + file until checkpoint
+        after = free - factor * needed
+        if after < self.min_free_bytes or (total and after / total < self.min_free_fraction):
+            raise StoreFull(f"free disk space below watermark ({free} bytes free)")
+
+    def put(self, dataset: bytes | memoryview, transfer_syntax: str, sop_class_uid: str = "",
+            sop_instance_uid: str = "", source_ae: str = "") -> StoredInstance:
+        """Store one encoded dataset durably; return its record.
+
+        ``sop_class_uid``/``sop_instance_uid`` default to the values inside the dataset (a C-STORE
+        passes the request's Affected SOP Class/Instance UIDs). Raises InvalidDataset (nothing
+        stored) or StoreFull (nothing written).
+        """
+        found = scan_dataset(dataset, transfer_syntax)
+        sop_instance_uid = sop_instance_uid or found.get("sop_instance_uid", "")
+        sop_class_uid = sop_class_uid or found.get("sop_class_uid", "")
+        study_uid = found.get("study_uid", "")
+        series_uid = found.get("series_uid", "")
+        for name, uid in (("SOPInstanceUID", sop_instance_uid), ("SOPClassUID", sop_class_uid),
+                          ("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
+            if not is_valid_uid(uid):
+                raise InvalidDataset(f"missing or invalid {name}")
+        path = self.instances_dir / study_uid / series_uid / f"{sop_instance_uid}.dcm"
+        info = StoredInstance(study_uid, series_uid, sop_instance_uid, sop_class_uid,
+                              found.get("modality", ""), transfer_syntax, path)
+        with self._lock:
+            known = self._index.get(sop_instance_uid)
+            if known is not None:
+                return StoredInstance(**{**info.__dict__, "path": known, "duplicate": True})
+            self._index[sop_instance_uid] = path  # reserve: a concurrent duplicate is skipped
+        try:
+            self.check_space(len(dataset) + 512)
+            parts = [file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, source_ae), dataset]
+            if self._journal is not None:
+                payload, length, crc = _encode_payload(info, parts)
+                segment, offset = self._journal.append(payload, length, crc)
+                self._last_put = time.monotonic()
+                # The applier copies the file bytes out of the journal (page cache), so the caller's
+                # buffer is free for reuse as soon as put returns.
+                head = _REC_HEAD.size + len(payload[0])
+                self._queue.put(_Pending(info, segment, offset + head, length - len(payload[0])))
+            else:
+                self._write_file_durably(path, parts)
+                self._notify(info)
+        except BaseException:
+            with self._lock:
+                self._index.pop(sop_instance_uid, None)
+            raise
+        return info
+
+    def put_file(self, path: str | os.PathLike[str], source_ae: str = "") -> StoredInstance:
+        """Store a DICOM Part 10 file (its dataset bytes as they are)."""
+        data = Path(path).read_bytes()
+        if data[128:132] != b"DICM":
+            raise InvalidDataset(f"{path} is not a DICOM Part 10 file")
+        group_len = struct.unpack_from("<I", data, 140)[0]
+        meta_end = 144 + group_len
+        meta = data[144:meta_end]
+        dataset = memoryview(data)[meta_end:]
+        ts = _meta_value(meta, 0x0010)
+        # the dataset's own UIDs win over the file meta's (they can disagree in the wild)
+        found = scan_dataset(dataset, ts)
+        return self.put(dataset, ts, found.get("sop_class_uid") or _meta_value(meta, 0x0002),
+                        found.get("sop_instance_uid") or _meta_value(meta, 0x0003), source_ae)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every acknowledged instance is visible as a file; False on timeout."""
+        if self._journal is None:
+            return True
+        marker = _Pending(None, -1, 0, 0)  # type: ignore[arg-type]
+        self._queue.put(marker)
+        return marker.done.wait(timeout)
+
+    def close(self) -> None:
+        """Materialise and checkpoint everything, then stop the applier."""
+        if self._applier is not None and self._applier.is_alive():
+            self._queue.put(None)
+            self._applier.join()
+        if self._journal is not None:
+            self._journal.close()
+
+    def __enter__(self) -> InstanceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- writing files ---------------------------------------------------------------------
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        created = not directory.is_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        if created:  # make the new directory entries themselves durable
+            _fsync_dir(directory.parent)
+            _fsync_dir(directory.parent.parent)
+        self._known_dirs.add(directory)
+
+    def _write_tmp_and_rename(self, path: Path, parts: list[bytes | memoryview], sync: bool) -> int:
+        """Write to a hidden temp name, optionally fdatasync, rename into place; return the fd."""
+        self._ensure_dir(path.parent)
+        tmp = path.parent / f".{path.name}.tmp{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.writev(fd, parts)
+            if sync:
+                os.fdatasync(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return fd
+
+    def _write_file_durably(self, path: Path, parts: list[bytes | memoryview]) -> None:
+        os.close(self._write_tmp_and_rename(path, parts, sync=True))
+        directory = path.parent
+        # Group commit of the directory fsync: one fsync covers every rename done before it.
+        with self._dir_sync_lock:
+            counts = self._dir_sync.setdefault(directory, [0, 0])
+            counts[0] += 1
+            mine = counts[0]
+            lock = self._dir_locks.setdefault(directory, threading.Lock())
+        with lock:
+            if counts[1] < mine:
+                with self._dir_sync_lock:
+                    target = counts[0]
+                _fsync_dir(directory)
+                counts[1] = max(counts[1], target)
+
+    def _notify(self, info: StoredInstance) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(info)
+            except Exception:  # a consumer's bug must not fail the C-STORE
+                LOGGER.exception("instance callback failed for SOPInstanceUID %s", info.sop_instance_uid)
+
+    # ---- journal applier -------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Replay journal records that were acknowledged but not yet checkpointed."""
+        assert self._journal is not None
+        segments = self._journal.segments()
+        replayed = 0
+        fds: list[int] = []
+        for seg in segments:
+            for texts, file_bytes in _decode_records(seg.read_bytes(), int(seg.stem)):
+                study, series, sop, sop_class, modality, ts = texts
+                if not (is_valid_uid(study) and is_valid_uid(series) and is_valid_uid(sop)):
+                    continue
+                path = self.instances_dir / study / series / f"{sop}.dcm"
+                fds.append(self._write_tmp_and_rename(path, [file_bytes], sync=False))
+                self._index[sop] = path
+                replayed += 1
+        self._checkpoint(fds)
+        for seg in segments:
+            self._journal._retire(int(seg.stem))
+        if segments:
+            _fsync_dir(self._journal.dir)
+            LOGGER.info("replayed %d journalled instances from %d segments", replayed, len(segments))
+
+    def _checkpoint(self, fds: list[int]) -> None:
+        """Make materialised files and their directory entries durable."""
+        for fd in fds:
+            os.fdatasync(fd)
+            os.close(fd)
+        for directory in self._known_dirs:
+            _fsync_dir(directory)
+
+    def _apply_loop(self) -> None:
+        assert self._journal is not None
+        fds: list[int] = []
+        dirs: set[Path] = set()
+        segments_in_batch: dict[int, int] = {}
+        markers: list[_Pending] = []
+        segment_fds: dict[int, int] = {}
+        stopping = False
+        while True:
+            try:
+                item = self._queue.get(timeout=0.2 if fds else None)
+            except queue.Empty:
+                item = "idle"  # type: ignore[assignment]
+            if item is None:
+                stopping = True
+            elif isinstance(item, _Pending) and item.info is None:
+                markers.append(item)
+            elif isinstance(item, _Pending):
+                while (time.monotonic() - self._last_put < self.apply_idle_seconds
+                       and self._queue.qsize() < self.apply_max_backlog):
+                    time.sleep(self.apply_idle_seconds / 2)
+                try:
+                    fds.append(self._copy_out(item, segment_fds))
+                    dirs.add(item.info.path.parent)
+                    segments_in_batch[item.segment] = segments_in_batch.get(item.segment, 0) + 1
+                    self._notify(item.info)
+                except OSError:
+                    # The journal still holds it; the next start replays it.
+                    LOGGER.exception("could not materialise %s", item.info.sop_instance_uid)
+            # Checkpoint when idle, at a flush/close request, or when the batch is large.
+            idle = item == "idle" or self._queue.empty()
+            if fds and (item == "idle" or stopping or markers or len(fds) >= 512 or
+                        (idle and any(s != self._journal.current_segment for s in segments_in_batch))):
+                self._checkpoint_batch(fds, dirs, segments_in_batch)
+                fds, dirs, segments_in_batch = [], set(), {}
+                for seg in [s for s in segment_fds if s not in self._journal.outstanding]:
+                    os.close(segment_fds.pop(seg))  # retired: its blocks may be recycled
+            if markers and not fds:
+                for marker in markers:
+                    marker.done.set()
+                markers = []
+            if stopping and self._queue.empty():
+                if fds:
+                    self._checkpoint_batch(fds, dirs, segments_in_batch)
+                for fd in segment_fds.values():
+                    os.close(fd)
+                return
+
+    def _copy_out(self, item: _Pending, segment_fds: dict[int, int]) -> int:
+        """Write an instance's file from its journal record; return the open file descriptor."""
+        assert self._journal is not None
+        src = segment_fds.get(item.segment)
+        if src is None:
+            src = segment_fds[item.segment] = os.open(self._journal.dir / f"{item.segment:012d}.wal", os.O_RDONLY)
+        path = item.info.path
+        self._ensure_dir(path.parent)
+        tmp = path.parent / f".{path.name}.tmp{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            offset, left = item.offset, item.length
+            while left > 0:  # in-kernel copy from the page cache; no bytes through Python
+                n = os.copy_file_range(src, fd, left, offset)
+                if n <= 0:
+                    raise OSError(f"journal record of {item.info.sop_instance_uid} is short")
+                offset += n
+                left -= n
+            os.rename(tmp, path)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return fd
+
+    def _checkpoint_batch(self, fds: list[int], dirs: set[Path], segments: dict[int, int]) -> None:
+        assert self._journal is not None
+        t0 = time.perf_counter()
+        for fd in fds:
+            os.fdatasync(fd)
+            os.close(fd)
+        for directory in dirs:
+            _fsync_dir(directory)
+        self._journal.release(segments)
+        LOGGER.debug("checkpointed %d instances in %.1f ms", len(fds), 1000 * (time.perf_counter() - t0))
+
+
+def _meta_value(meta: bytes, elem: int) -> str:
+    """A text value from an explicit-VR-LE file meta group (after the group length)."""
+    pos = 0
+    while pos + 8 <= len(meta):
+        _group, e, vr = struct.unpack_from("<HH2s", meta, pos)
+        if vr in _LONG_VRS:
+            length = struct.unpack_from("<I", meta, pos + 8)[0]
+            value = pos + 12
+        else:
+            length = struct.unpack_from("<H", meta, pos + 6)[0]
+            value = pos + 8
+        if e == elem:
+            return meta[value:value + length].decode("ascii", "replace").strip("\0 ")
+        pos = value + length
+    return ""
