@@ -484,3 +484,48 @@ def test_only_cinesr_pods_and_keda_reach_redis(default_objects: list[Manifest], 
     # With KEDA on, its operator namespace may read the queue length too.
     keda_rule = find(gpu_objects, "NetworkPolicy", "-redis")["spec"]["ingress"][0]
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in keda_rule["from"]
+
+
+VARIANTS = {
+    "no-workers": {"worker": {"enabled": False}},
+    "external-redis-no-auth": {"redis": {"enabled": False, "auth": {"enabled": False}, "external": {"host": "r.svc"}}},
+    "engine-cache-emptydir": {"worker": {"engineCache": {"useDataVolume": False}}},
+    "engine-cache-claim": {"worker": {"engineCache": {"existingClaim": "engines"}}},
+    "dicom-clusterip": {"gateway": {"dicomService": {"type": "ClusterIP"}}},
+    "keda-scale-to-zero": {"keda": {"enabled": True, "minReplicaCount": 0}, "redis": {"auth": {"enabled": False}}},
+    "digests": {"gateway": {"image": {"digest": "sha256:" + "a" * 64}}, "config": {"extra": {"max_windows": 64}}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_value_variants_render_valid(name: str) -> None:
+    objects = render(VARIANTS[name])
+    validate_all(objects)
+    workers = [o for o in objects if o["metadata"]["name"].endswith("-worker")]
+    pods = dict(pod_specs(objects))
+    if name == "no-workers":
+        assert workers == []
+    elif name == "external-redis-no-auth":
+        env = {e["name"]: e for e in pods["cinesr-worker"]["containers"][0]["env"]}
+        assert env["CINESR_BROKER_URL"] == {"name": "CINESR_BROKER_URL", "value": "redis://r.svc:6379/0"}
+        assert "CINESR_REDIS_PASSWORD" not in env
+        secret = find(objects, "Secret")
+        assert set(secret["data"]) == {"api-tokens"}
+        assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
+    elif name.startswith("engine-cache"):
+        volumes = {v["name"]: v for v in pods["cinesr-worker"]["volumes"]}
+        expected = "emptyDir" if name.endswith("emptydir") else "persistentVolumeClaim"
+        assert expected in volumes["engine-cache"]
+    elif name == "dicom-clusterip":
+        spec = find(objects, "Service", "-dicom")["spec"]
+        assert spec["type"] == "ClusterIP" and "loadBalancerSourceRanges" not in spec
+        assert "externalTrafficPolicy" not in spec
+    elif name == "keda-scale-to-zero":
+        scaled = find(objects, "ScaledObject")
+        assert scaled["spec"]["minReplicaCount"] == 0
+        assert "authenticationRef" not in scaled["spec"]["triggers"][0]
+        assert not [o for o in objects if o["kind"] == "TriggerAuthentication"]
+    elif name == "digests":
+        image = pods["cinesr-gateway"]["containers"][0]["image"]
+        assert image == "ghcr.io/cinesr/cinesr-gateway@sha256:" + "a" * 64
+        assert find(objects, "ConfigMap")["data"]["CINESR_MAX_WINDOWS"] == "64"
