@@ -529,3 +529,32 @@ def test_value_variants_render_valid(name: str) -> None:
         image = pods["cinesr-gateway"]["containers"][0]["image"]
         assert image == "ghcr.io/cinesr/cinesr-gateway@sha256:" + "a" * 64
         assert find(objects, "ConfigMap")["data"]["CINESR_MAX_WINDOWS"] == "64"
+
+
+def test_service_settings_accept_the_configmap(gpu_objects: list[Manifest], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The settings the pods get are ones the real Settings class parses, with the intended values.
+    from cinesr.service.settings import Settings
+
+    data = find(gpu_objects, "ConfigMap")["data"]
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.ae_title == "CINESR"
+    assert (settings.dicom_port, settings.http_port) == (11112, 8000)
+    assert str(settings.data_dir) == "/data"
+    assert settings.allowed_calling_aets == ["PACS01", "MRSCANNER1"]
+    assert (settings.pacs_ae_title, settings.pacs_host, settings.pacs_port) == ("PACS01", "pacs.hospital.internal", 104)
+    assert settings.auto_process is True and settings.series_stable_seconds == 10
+    assert str(settings.model_dir) == "/models" and settings.backend == "tensorrt"
+
+
+def test_service_settings_accept_the_default_configmap(
+    default_objects: list[Manifest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cinesr.service.settings import Settings
+
+    for name, value in find(default_objects, "ConfigMap")["data"].items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.allowed_calling_aets == [] and not settings.pacs_configured
+    assert settings.model_dir is None and settings.backend == "auto"
