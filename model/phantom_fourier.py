@@ -174,7 +174,7 @@ def area_curve(p: FourierParams, phase: np.ndarray) -> np.ndarray:
     grid = np.linspace(0.0, 1.0, 721)
     g = _mixture(p, grid)
     lo, hi = g.min(), g.max()
-    norm = (_mixture(p, np.asarray(phase, dtype=np.float64)) - lo) / (hi - lo)
+    norm = np.clip((_mixture(p, np.mod(np.asarray(phase, dtype=np.float64), 1.0)) - lo) / (hi - lo), 0.0, 1.0)
     return 1.0 - (1.0 - p.es_area) * norm
 
 
