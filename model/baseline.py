@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
+import torch
 
 from .flow import interpolate_cine
 
@@ -11,13 +11,19 @@ from .flow import interpolate_cine
 def bicubic_up(frames: np.ndarray, factor: int = 4) -> np.ndarray:
     """(..., H, W) -> (..., factor*H, factor*W), bicubic with pixel centres aligned (half-pixel convention).
 
+    Keys' cubic with a = -0.5 (as MATLAB's imresize and PIL; it reproduces linear ramps exactly), the same
+    kernel family as the bicubic degradation in cinesr.model.degrade.
+
     The output's first pixel centre sits (factor-1)/(2*factor) input pixels before the input's first centre;
     the derived-series writer moves ImagePositionPatient accordingly.
     """
     frames = np.asarray(frames, dtype=np.float32)
     flat = frames.reshape(-1, *frames.shape[-2:])
     h, w = flat.shape[-2:]
-    out = np.stack([cv2.resize(f, (w * factor, h * factor), interpolation=cv2.INTER_CUBIC) for f in flat])
+    with torch.no_grad():
+        out = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(flat))[:, None],
+                                              scale_factor=factor, mode="bicubic", antialias=True,
+                                              align_corners=False)[:, 0].numpy()
     return out.reshape(*frames.shape[:-2], h * factor, w * factor)
 
 

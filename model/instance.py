@@ -71,6 +71,7 @@ def set_pixels(ds: Dataset, stored: np.ndarray, *, bits_stored: int = 16) -> Non
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 1 if signed else 0
     ds.PixelData = np.ascontiguousarray(stored.astype("<i2" if signed else "<u2")).tobytes()
+    ds["PixelData"].VR = "OW"  # 16-bit words; avoids the ambiguous 'OB or OW' when the header was copied
 
 
 def now_da_tm() -> tuple[str, str]:
@@ -119,7 +120,7 @@ def new_mr_image(identity: Dataset, *, series_uid: str, sop_uid: str, series_num
     if trigger_time is not None and np.isfinite(trigger_time):
         ds.TriggerTime = round(float(trigger_time), 3)
     if nominal_interval:
-        ds.NominalInterval = round(float(nominal_interval), 3)
+        ds.NominalInterval = int(round(float(nominal_interval)))  # IS
     ds.CardiacNumberOfImages = cardiac_images
     ds.SliceThickness = round(float(slice_thickness), 4)
     ds.PixelSpacing = [round(float(s), 6) for s in pixel_spacing]

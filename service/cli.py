@@ -1,0 +1,170 @@
+"""The `cinesr` command line. User mistakes end in one line on stderr and a non-zero exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from cinesr.model.errors import CineSRError
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .logs import configure_logging
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="CineSR: 4x spatial and 8x temporal super-resolution of cardiac cine MRI, DICOM in and out.")
+err = Console(stderr=True)
+out = Console()
+
+class UsageError(CineSRError):
+    """A command-line mistake (bad option combination, missing file)."""
+
+
+def _progress(disable: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, disable=disable, transient=False)
+
+
+@app.callback()
+def _root(
+    log_level: Annotated[str, typer.Option(help="Log level for the JSON logs on stderr.")] = "WARNING",
+    config: Annotated[Path | None, typer.Option(help="Settings file (YAML or KEY=VALUE); the environment wins.",
+                                                envvar="CINESR_CONFIG")] = None,
+) -> None:
+    configure_logging(log_level)
+    if config is not None:
+        os.environ["CINESR_CONFIG"] = str(config)
+
+
+@app.command()
+def superresolve(
+    inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders (one or more cine series).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the derived series.")],
+    method: Annotated[str, typer.Option(help="model (the learned CineSR model) or baseline (optical flow + "
+                                             "bicubic).")] = "baseline",
+    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Super-resolve cine series offline: one derived series per input series is written to OUTPUT."""
+    from cinesr.model.cine import read_series
+    from cinesr.worker.derived import Derivation, write_derived_series
+    from cinesr.worker.pipeline import BaselineMethod, superresolve_series
+
+    if method != "baseline":
+        raise UsageError(f"unknown method {method!r} (available: baseline)")
+    sr_method = BaselineMethod()
+    series_list = read_series(inputs)  # validates everything before anything is written
+    derivation = Derivation(sr_method.name, sr_method.version, sr_method.parameters())
+    created_output = not output.exists()
+    written: list[Path] = []
+    summary = []
+    try:
+        with _progress(quiet or json_summary) as bar:
+            for series in series_list:
+                task = bar.add_task(f"series …{series.series_uid[-12:]}", total=sr_method.units(series))
+                result = superresolve_series(series, sr_method,
+                                             lambda done, total, task=task: bar.update(task, completed=done))
+                write_task = bar.add_task("  writing", total=sum(len(f) for f in result.frames))
+                derived = write_derived_series(series, result.frames, output, derivation,
+                                               lambda done, total, t=write_task: bar.update(t, completed=done))
+                written.append(derived.folder)
+                summary.append({
+                    "input_series_uid": series.series_uid, "output_series_uid": derived.series_uid,
+                    "folder": str(derived.folder), "instances": len(derived.files),
+                    "input_shape": list(series.shape),
+                    "output_shape": [len(result.frames), *result.frames[0].shape],
+                    "seconds": round(result.timings["compute"], 3),
+                })
+    except BaseException:
+        for folder in written:  # nothing partial: a failed run leaves the output folder as it was
+            shutil.rmtree(folder, ignore_errors=True)
+        if created_output:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+    if json_summary:
+        out.print_json(json.dumps({"method": sr_method.name, "series": summary}))
+    else:
+        for item in summary:
+            out.print(f"{item['instances']} instances ({'x'.join(map(str, item['output_shape']))}) -> "
+                      f"{item['folder']}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def phantom(
+    output: Annotated[Path, typer.Argument(help="Folder to write <patient>/truth (and lowres) series into.")],
+    patients: Annotated[int, typer.Option(min=1, help="Number of synthetic patients.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first patient; patient k uses seed+k.")] = 0,
+    slices: Annotated[int, typer.Option(min=1)] = 3,
+    frames: Annotated[int, typer.Option(min=2, help="Frames per cardiac cycle (ground truth).")] = 32,
+    size: Annotated[int, typer.Option(min=32, help="Matrix size of the ground truth.")] = 256,
+    generator: Annotated[str, typer.Option(help="Phantom generator.")] = "sax",
+    degraded: Annotated[bool, typer.Option("--degraded", help="Also write the low-resolution acquisition "
+                                                              "(every 8th frame, 4x smaller) as <patient>/lowres.")]
+    = False,
+    truth: Annotated[bool, typer.Option(" /--no-truth", help="Skip the ground-truth series.")] = True,
+) -> None:
+    """Write synthetic short-axis cardiac cine studies as DICOM."""
+    from cinesr.model.acquisition import write_phantom
+    from cinesr.model.phantom import GENERATORS, make_study
+
+    if generator not in GENERATORS:
+        raise UsageError(f"unknown generator {generator!r} (available: {', '.join(GENERATORS)})")
+    if frames % 8 and degraded:
+        raise UsageError("--frames must be a multiple of 8 for --degraded (every 8th frame is kept)")
+    if size % 4 and degraded:
+        raise UsageError("--size must be a multiple of 4 for --degraded")
+    if not (truth or degraded):
+        raise UsageError("nothing to write: --no-truth without --degraded")
+    with _progress(False) as bar:
+        task = bar.add_task("phantoms", total=patients)
+        for k in range(patients):
+            study = make_study(seed + k, slices=slices, frames=frames, size=size, generator=generator)
+            for series in write_phantom(study, output, seed=seed + k, truth=truth, lowres=degraded):
+                out.print(f"{series.role}: {len(series.files)} instances -> {series.folder}", soft_wrap=True,
+                          highlight=False)
+            bar.update(task, advance=1)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"cinesr: error: {message}", highlight=False, soft_wrap=True)
+    raise SystemExit(code)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user mistakes into one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except (CineSRError, ValidationError) as exc:
+        _fail(str(exc).splitlines()[0] if isinstance(exc, CineSRError) else _settings_error(exc), 2)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if isinstance(exc, _CLICK_ERROR):  # usage mistakes: missing argument, bad option value
+            _fail(exc.format_message().replace("\n", " "), getattr(exc, "exit_code", 2))
+        if os.environ.get("CINESR_DEBUG"):
+            traceback.print_exc()
+        _fail(f"{type(exc).__name__}: {exc} (set CINESR_DEBUG=1 for the traceback)", 1)
+
+
+# typer bundles its own click; its usage errors all derive from this base.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _settings_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    name = ".".join(str(p) for p in first.get("loc", ()))
+    return f"invalid setting CINESR_{name.upper()}: {first.get('msg')}"
+
+
+if __name__ == "__main__":
+    main()
