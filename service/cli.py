@@ -138,6 +138,9 @@ def _fail(message: str, code: int) -> None:
 
 def main() -> None:
     """Entry point: run the app, turning user mistakes into one line and exit code 2."""
+    from .commands import load_all
+
+    load_all()
     try:
         app(standalone_mode=False)
     except (CineSRError, ValidationError) as exc:

@@ -1,0 +1,82 @@
+"""CineSR settings: environment variables with the prefix CINESR_, or a config file.
+
+The config file (YAML or .env style) is named by CINESR_CONFIG; the environment wins over it.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Backend = Literal["auto", "tensorrt", "onnx", "torch"]
+
+
+class Settings(BaseSettings):
+    """Every knob of a running CineSR; see ARCHITECTURE.md section 5."""
+
+    model_config = SettingsConfigDict(env_prefix="CINESR_", extra="ignore")
+
+    ae_title: str = Field("CINESR", max_length=16)
+    dicom_port: int = Field(11112, ge=0, le=65535)
+    http_port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Path("./cinesr-data")
+    broker_url: str = ""
+    # NoDecode: the environment gives these as comma lists, not JSON.
+    allowed_calling_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    pacs_ae_title: str = ""
+    pacs_host: str = ""
+    pacs_port: int = Field(0, ge=0, le=65535)
+    series_stable_seconds: float = Field(10.0, ge=0)
+    auto_process: bool = True
+    model_dir: Path | None = None  # None: the bundled model
+    backend: Backend = "auto"
+
+    @field_validator("allowed_calling_aets", "api_tokens", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        # Operators write lists as "A,B" in the environment; JSON lists also work.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def pacs_configured(self) -> bool:
+        return bool(self.pacs_ae_title and self.pacs_host and self.pacs_port)
+
+
+def _file_values(path: Path) -> dict[str, object]:
+    text = path.read_text()
+    data = yaml.safe_load(text) if path.suffix in {".yaml", ".yml"} else None
+    if data is None:
+        data = {}
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, val = line.partition("=")
+                data[key.strip()] = val.strip()
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings")
+    # Accept both AE_TITLE and ae_title (and CINESR_AE_TITLE) spellings.
+    return {str(k).lower().removeprefix("cinesr_"): v for k, v in data.items()}
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Settings from the environment, over values from a config file if one is named."""
+    config_file = config_file or (Path(os.environ["CINESR_CONFIG"]) if os.environ.get("CINESR_CONFIG") else None)
+    base = _file_values(config_file) if config_file else {}
+    # The environment wins: drop file values that the environment sets.
+    base = {k: v for k, v in base.items() if f"CINESR_{k.upper()}" not in os.environ}
+    return Settings(**base)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (a FastAPI dependency too)."""
+    return load_settings()
