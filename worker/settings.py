@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     auto_process: bool = True
     model_dir: Path | None = None  # None: the bundled model
     backend: Backend = "auto"
+    # --- workers (issue 7) ---
+    heartbeat_file: Path = Path("/tmp/cinesr/heartbeat")  # written once the engine is loaded; probes read it
+    engine_cache: Path | None = None  # TensorRT plans (per GPU, TensorRT version, bundle); None: a temp folder
+    task_soft_time_limit: float = Field(1800.0, gt=0)  # seconds: the task is told to stop (SoftTimeLimitExceeded)
+    task_time_limit: float = Field(2100.0, gt=0)  # seconds: the worker child is killed; must exceed the soft one
+    # --- end workers ---
 
     @field_validator("allowed_calling_aets", "api_tokens", mode="before")
     @classmethod
