@@ -43,8 +43,19 @@ class Settings(BaseSettings):
     task_soft_time_limit: float = Field(1800.0, gt=0)  # seconds: the task is told to stop (SoftTimeLimitExceeded)
     task_time_limit: float = Field(2100.0, gt=0)  # seconds: the worker child is killed; must exceed the soft one
     # --- end workers ---
+    # --- service: PACS export/pull, gateway, routing (issue 6) ---
+    default_method: Literal["auto", "model", "baseline"] = "auto"  # auto: model if it loads, else baseline
+    export_batch_size: int = Field(64, ge=1)  # instances sent per association
+    export_retries: int = Field(5, ge=0)  # further attempts after the first, exponential backoff
+    export_backoff_seconds: float = Field(2.0, ge=0)  # first wait; doubles each attempt
+    retrieve_method: Literal["move", "get"] = "move"  # C-MOVE to our own AE, or C-GET on one association
+    retrieve_timeout_seconds: float = Field(600.0, gt=0)
+    # extra destinations for the REST `destination` field: comma list of AE@host:port
+    destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    retention_hours: float = Field(24.0, ge=0)  # ineligible series / non-image instances kept this long
+    # --- end service ---
 
-    @field_validator("allowed_calling_aets", "api_tokens", mode="before")
+    @field_validator("allowed_calling_aets", "api_tokens", "destinations", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         # Operators write lists as "A,B" in the environment; JSON lists also work.
