@@ -1,0 +1,23 @@
+"""Inference engines behind one interface (encode, denoise step / sampling loop, decode).
+
+    from cinesr.worker.engines import create_engine
+    engine = create_engine(backend="auto", device="auto", model=None)  # None: the bundled model
+"""
+
+from .base import Engine, EngineUnavailable, Geometry, LoadedModel, SamplerPlan, draw_noise, load_model
+from .select import AUTO_ORDER, BACKENDS, DEVICES, candidates, create_engine
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "DEVICES",
+    "Engine",
+    "EngineUnavailable",
+    "Geometry",
+    "LoadedModel",
+    "SamplerPlan",
+    "candidates",
+    "create_engine",
+    "draw_noise",
+    "load_model",
+]

@@ -1,0 +1,302 @@
+"""The inference-engine interface shared by the torch, onnxruntime and TensorRT backends.
+
+An engine runs the three graphs of the model at the pipeline's fixed shapes:
+
+    encode(images (B, 3, 256, 256) in [-1, 1])  -> latents (B, 3, 64, 64)
+    denoise(x_scaled, t (B,) int64, lq (B, 3, 64, 64)) -> x0 prediction (B, 3, 64, 64)
+    decode(latents) -> images (B, 3, 256, 256)
+
+and the whole residual-shifting sampling loop on top of them (`sample`, `superresolve`). Tensors cross
+the interface as torch tensors (CPU or the engine's CUDA device); the start and per-step noise is drawn
+by the caller and handed in, so every backend computes the same chain for the same seed, whatever the
+batch composition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from cinesr.model.configs import load_config
+from cinesr.model.diffusion import Schedule, upsample_lq
+from cinesr.model.nets import VQGAN, SwinUNet
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Fixed shapes of one window: lq (3, lq_size^2) -> image (3, (sf*lq_size)^2); latent at lq size."""
+
+    lq_size: int = 64
+    sf: int = 4
+    channels: int = 3
+    latent_channels: int = 3
+    latent_factor: int = 4  # VQGAN downsampling
+
+    @property
+    def image_size(self) -> int:
+        return self.lq_size * self.sf
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.latent_factor
+
+    def shapes(self, batch: int | str = "B") -> dict[str, list[int | str]]:
+        lat = [batch, self.latent_channels, self.latent_size, self.latent_size]
+        img = [batch, self.channels, self.image_size, self.image_size]
+        return {
+            "encoder.images": img,
+            "encoder.latents": lat,
+            "unet.x": lat,
+            "unet.t": [batch],
+            "unet.lq": [batch, self.channels, self.lq_size, self.lq_size],
+            "unet.x0": lat,
+            "decoder.latents": lat,
+            "decoder.images": img,
+        }
+
+
+@dataclass
+class LoadedModel:
+    """Networks + schedule of one model, and where they came from (for cache keys and model.json)."""
+
+    config: dict[str, Any]
+    unet: SwinUNet
+    vqgan: VQGAN
+    schedule: Schedule
+    geometry: Geometry
+    source: dict[str, Any]  # {"kind": "bundle"|"config", "path"/"name", "sha256", "version"}
+    bundle_dir: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # the bundle's model.json, if any
+
+    @property
+    def weights_hash(self) -> str:
+        return str(self.source["sha256"])
+
+
+def state_hash(*modules: torch.nn.Module) -> str:
+    """sha256 over the parameters and buffers of modules (names, shapes, bytes): identifies weights."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, value in sorted(module.state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _geometry(cfg: Mapping[str, Any], vqgan: VQGAN) -> Geometry:
+    ucfg = cfg["unet_config"].get("params", cfg["unet_config"])
+    diffusion = cfg.get("diffusion") or {}
+    sf = int(diffusion.get("params", diffusion).get("sf", 4))
+    lq_size = int(ucfg.get("lq_size") or ucfg["image_size"])
+    return Geometry(
+        lq_size=lq_size,
+        sf=sf,
+        channels=int(ucfg.get("out_channels", 3)),
+        latent_channels=int(ucfg.get("in_channels", 3)),
+        latent_factor=vqgan.downsample_factor,
+    )
+
+
+def _from_config(cfg: dict[str, Any], seed: int, source: dict[str, Any]) -> LoadedModel:
+    # seeded initialisation without touching the caller's global RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = SwinUNet.from_resshift_config(cfg["unet_config"]).eval()
+        vqgan = VQGAN.from_resshift_config(cfg["autoencoder_config"]).eval()
+    for p in [*unet.parameters(), *vqgan.parameters()]:
+        p.requires_grad_(False)
+    source = {**source, "sha256": state_hash(unet, vqgan)}
+    return LoadedModel(cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), _geometry(cfg, vqgan), source)
+
+
+def _from_bundle(path: Path) -> LoadedModel:
+    """The one place that knows the bundle format (model/bundle.py, written alongside this)."""
+    from cinesr.model import bundle as bundle_mod  # type: ignore[attr-defined]
+
+    b = bundle_mod.load_bundle(path)
+    unet, vqgan, cfg = b.unet.eval(), b.vqgan.eval(), dict(b.config)
+    cfg.setdefault("diffusion", {})
+    meta = json.loads((path / "model.json").read_text()) if (path / "model.json").is_file() else {}
+    source = {
+        "kind": "bundle",
+        "path": str(path),
+        "version": str(meta.get("version", "")),
+        "sha256": state_hash(unet, vqgan),
+    }
+    return LoadedModel(
+        cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), _geometry(cfg, vqgan), source, path, meta
+    )
+
+
+def default_model() -> str | Path:
+    """The bundled trained tiny model where it exists, else the tiny config (random, seeded weights)."""
+    bundled = Path(__file__).resolve().parents[2] / "model" / "bundles" / "tiny"
+    return bundled if (bundled / "model.json").is_file() else "tiny"
+
+
+def load_model(model: str | Path | Mapping[str, Any] | LoadedModel | None = None, seed: int = 0) -> LoadedModel:
+    """A model bundle folder (with model.json), a config name ('tiny', 'base'), a config YAML path or a
+    config dict (random weights seeded with `seed`), or None for `default_model()`."""
+    if isinstance(model, LoadedModel):
+        return model
+    if model is None:
+        model = default_model()
+    if isinstance(model, Mapping):
+        return _from_config(dict(model), seed, {"kind": "config", "name": str(model.get("name", "custom"))})
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model.json").is_file():
+            raise ValueError(f"{path}: not a model bundle (no model.json)")
+        return _from_bundle(path)
+    cfg = load_config(model)
+    return _from_config(cfg, seed, {"kind": "config", "name": str(cfg.get("name", model)), "seed": seed})
+
+
+class EngineUnavailable(RuntimeError):
+    """A backend cannot run here (library missing, no GPU, ...); the message says why."""
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """ResShift's ancestral sampler as per-step constants, in the order the steps run (t = T-1 .. 0).
+
+    x_T = y + start_scale * noise[0];  for k, t:  x0 = net(x * c_in[k], t, lq);
+    x = a[k] * x + b[k] * x0 + sigma[k] * noise[k + 1]   (sigma = 0 at t = 0, which draws no noise).
+    Same arithmetic as cinesr.model.diffusion.sample with the noise drawn in the same order.
+    """
+
+    timesteps: tuple[int, ...]
+    c_in: tuple[float, ...]
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+    sigma: tuple[float, ...]
+    start_scale: float
+
+    @classmethod
+    def from_schedule(cls, schedule: Schedule, steps: int | None = None) -> SamplerPlan:
+        """The plan over all T steps, or over `steps` of them evenly spaced (ResShift's timestep
+        respacing: the network still sees the original step indices, the chain jumps between them)."""
+        total = schedule.steps
+        n = total if steps is None else int(steps)
+        if not 1 <= n <= total:
+            raise ValueError(f"steps must be in 1..{total} for this model, got {n}")
+        keep = sorted({round(float(v)) for v in torch.linspace(0, total - 1, n)})
+        idx = torch.tensor(keep)
+        etas = schedule.etas[idx]
+        prev = torch.cat([etas.new_zeros(1), etas[:-1]])
+        var = schedule.kappa**2 * prev / etas * (etas - prev)
+        order = list(reversed(range(len(keep))))
+        # c_in as diffusion.scale_input computes it (float32 eta), so both agree to rounding
+        etas32 = etas.float()
+        return cls(
+            timesteps=tuple(keep[j] for j in order),
+            c_in=tuple(float(1.0 / torch.sqrt(etas32[j] * schedule.kappa**2 + 1)) for j in order),
+            a=tuple(float((prev / etas)[j]) for j in order),
+            b=tuple(float(((etas - prev) / etas)[j]) for j in order),
+            sigma=tuple(float(torch.sqrt(var[j])) if j > 0 else 0.0 for j in order),
+            start_scale=schedule.kappa * float(torch.sqrt(etas[-1])),
+        )
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+
+def draw_noise(
+    shape: tuple[int, ...], steps: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(steps, *shape) standard normal noise: [0] starts the chain, [k] is drawn after step k-1.
+
+    Drawn one step at a time from `generator` in the order diffusion.sample draws it."""
+    return torch.stack([torch.randn(shape, generator=generator, dtype=dtype) for _ in range(steps)])
+
+
+class Engine(ABC):
+    """One backend running one model on one device. Subclasses implement encode/denoise/decode; the
+    sampling loop here works for all of them, and backends may replace it with a faster one."""
+
+    name: str = "engine"
+
+    def __init__(self, model: LoadedModel, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.geometry = model.geometry
+        self.plan = SamplerPlan.from_schedule(model.schedule)
+
+    @property
+    def preferred_batch(self) -> int:
+        """Windows per call that run fastest: 1 on CPU (a 256x256 window's activations already
+        overflow the caches; measured slower per window at 2 and 4), 8 on a GPU."""
+        return 8 if self.device.type == "cuda" else 1
+
+    def set_steps(self, steps: int | None) -> None:
+        """Sample with `steps` of the model's T steps (None: all of them)."""
+        plan = SamplerPlan.from_schedule(self.model.schedule, steps)
+        if plan != self.plan:
+            self.plan = plan
+            self._plan_changed()
+
+    def _plan_changed(self) -> None:  # noqa: B027 - optional hook
+        """Drop anything captured for the previous plan (CUDA graphs)."""
+
+    # -- the three graphs -------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images in [-1, 1] -> (B, 3, S/4, S/4) unquantised latents."""
+
+    @abstractmethod
+    def denoise(self, x_scaled: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        """One UNet evaluation: scaled latent, (B,) int64 step, lq frames -> x0 prediction."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> quantise -> (B, 3, S, S) images."""
+
+    # -- the loop -----------------------------------------------------------------------------
+    def sample(
+        self, y: torch.Tensor, lq: torch.Tensor, noise: torch.Tensor, on_step: StepCallback | None = None
+    ) -> torch.Tensor:
+        """The whole sampling loop from the shift target y (latent of the upsampled lq); noise is
+        (steps, B, C, h, w) as from draw_noise. Returns the final latent on the engine's device."""
+        p = self.plan
+        y, lq, noise = (v.to(self.device) for v in (y, lq, noise))
+        x = y + p.start_scale * noise[0].to(y.dtype)
+        for k, t in enumerate(p.timesteps):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=self.device)
+            x0 = self.denoise(x * p.c_in[k], tt, lq)
+            x = p.a[k] * x + p.b[k] * x0
+            if p.sigma[k] > 0:
+                x = x + p.sigma[k] * noise[k + 1].to(x.dtype)
+            if on_step is not None:
+                on_step(k + 1, p.steps)
+        return x
+
+    def superresolve(
+        self, lq: torch.Tensor, noise: torch.Tensor, on_step: StepCallback | None = None
+    ) -> torch.Tensor:
+        """(B, 3, 64, 64) lq windows in [-1, 1] -> (B, 3, 256, 256) on the CPU, float32."""
+        lq = lq.to(self.device, torch.float32)
+        y = self.encode(upsample_lq(lq, self.geometry.sf))
+        z = self.sample(y, lq, noise, on_step)
+        return self.decode(z).float().cpu()
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What runs where (for logs, bench JSON and the job record)."""
+        return {"backend": self.name, "device": str(self.device), "model": self.model.source}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory / sessions."""
