@@ -1,0 +1,110 @@
+"""Torch inference with a model bundle: batches of 3-frame low-resolution windows -> 4x larger windows.
+
+A window is 3 consecutive (flow-interpolated) cine frames as the 3 channels, in [0, 1]. The VQGAN
+encodes the bicubic-upsampled window (the shift target y), the 15-step residual-shifting sampler
+runs the Swin-UNet conditioned on the window, and the VQGAN decodes the result.
+
+The networks work on `lq_size` x `lq_size` windows (64 for the bundled configs). Other sizes are
+handled here: smaller inputs are reflect-padded, larger ones are cut into overlapping tiles whose
+outputs are blended with a smooth weight, so any (h, w) >= 2 works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .bundle import ModelBundle
+from .diffusion import sample, sample_deterministic, unet_denoiser, upsample_lq
+
+Progress = Callable[[int, int], None]  # (windows done, windows total)
+
+
+def _tiles(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, length) with at least `overlap` overlap."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride)) + [length - tile]
+    return sorted(set(starts))
+
+
+def _blend_weight(size: int, scale: int) -> torch.Tensor:
+    """(size*scale,)^2 weight: a raised cosine that stays positive at the borders (tiles overlap)."""
+    n = size * scale
+    ramp = 0.5 - 0.5 * torch.cos((torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 * torch.pi)
+    w = ramp.clamp_min(1e-3)
+    return w[:, None] * w[None, :]
+
+
+@torch.no_grad()
+def _run_windows(
+    bundle: ModelBundle,
+    lq: torch.Tensor,
+    generator: torch.Generator,
+    deterministic: bool,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """(B, 3, s, s) windows in [-1, 1] on the bundle's device -> (B, 3, 4s, 4s) in [-1, 1]."""
+    schedule = bundle.schedule
+    y = bundle.autoencoder.encode(upsample_lq(lq, bundle.scale))
+    noise = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+    if deterministic:
+        z = sample_deterministic(unet_denoiser(bundle.unet), y, lq, schedule, noise=noise, on_step=on_step)
+    else:
+        # per-step noise is drawn on the CPU generator, so a seed gives the same noise on any device
+        z = sample(unet_denoiser(bundle.unet), y, lq, schedule, noise=noise, generator=generator, on_step=on_step)
+    return bundle.autoencoder.decode(z).clamp(-1.0, 1.0)
+
+
+def superresolve_windows(
+    bundle: ModelBundle,
+    windows: np.ndarray | torch.Tensor,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    deterministic: bool = False,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Super-resolve (B, 3, h, w) windows in [0, 1] -> (B, 3, 4h, 4w) float32 in [0, 1].
+
+    `seed` fixes the sampler's noise: the same inputs and seed give the same output on the same
+    device. `deterministic=True` uses the noise-free DDIM-like sampler instead of ResShift's
+    ancestral one. `progress(done, total)` is called after each batch of windows.
+    """
+    x = torch.as_tensor(np.asarray(windows, dtype=np.float32) if isinstance(windows, np.ndarray) else windows)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, h, w) windows, got {tuple(x.shape)}")
+    x = x.float().clamp(0.0, 1.0) * 2.0 - 1.0
+    b, _, h, w = x.shape
+    size, sf = bundle.lq_size, bundle.scale
+    # reflect-pad small inputs up to the network size (reflect needs pad < dim: repeat if necessary)
+    while x.shape[-2] < size or x.shape[-1] < size:
+        ph, pw = max(0, min(size - x.shape[-2], x.shape[-2] - 1)), max(0, min(size - x.shape[-1], x.shape[-1] - 1))
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
+    hp, wp = x.shape[-2:]
+    rows, cols = _tiles(hp, size, size // 4), _tiles(wp, size, size // 4)
+    tiles = [(r, c) for r in rows for c in cols]
+    weight = _blend_weight(size, sf) if len(tiles) > 1 else torch.ones(size * sf, size * sf)
+    out = torch.zeros(b, 3, hp * sf, wp * sf)
+    norm = torch.zeros(1, 1, hp * sf, wp * sf)
+    device = bundle.device
+    generator = torch.Generator().manual_seed(int(seed))
+    total, done = b * len(tiles), 0
+    jobs = [(i, r, c) for i in range(b) for r, c in tiles]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        batch = torch.stack([x[i, :, r : r + size, c : c + size] for i, r, c in chunk]).to(device)
+        result = _run_windows(bundle, batch, generator, deterministic).float().cpu()
+        for (i, r, c), tile in zip(chunk, result, strict=True):
+            out[i, :, r * sf : (r + size) * sf, c * sf : (c + size) * sf] += tile * weight
+            if i == 0:
+                norm[0, 0, r * sf : (r + size) * sf, c * sf : (c + size) * sf] += weight
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
+    out = out / norm
+    out = out[:, :, : h * sf, : w * sf]
+    return ((out + 1.0) / 2.0).clamp(0.0, 1.0).numpy().astype(np.float32)
