@@ -1,0 +1,234 @@
+"""Talking to the PACS as an SCU: C-STORE of derived series (several instances per association) and C-FIND.
+
+Failures to reach the peer raise PacsUnavailable (transient); a per-instance refusal is an outcome, not an
+exception: the caller records it and decides. Logs carry UIDs and AE titles, never patient attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from .errors import NotConfigured, PacsUnavailable
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+LOGGER = logging.getLogger(__name__)
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+VERIFICATION = "1.2.840.10008.1.1"
+# C-STORE statuses that mean "stored" (success, and the warnings coercion / elements discarded / mismatch)
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_NODE_RE = re.compile(r"^\s*([^@\s]{1,16})@([^:\s]+):(\d{1,5})\s*$")
+
+
+@dataclass(frozen=True)
+class DicomNode:
+    """A remote application entity."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def parse_node(text: str) -> DicomNode:
+    """'AE@host:port' -> DicomNode."""
+    match = _NODE_RE.match(text)
+    if not match:
+        raise NotConfigured(f"invalid DICOM node {text!r} (expected AE@host:port)")
+    return DicomNode(match.group(1), match.group(2), int(match.group(3)))
+
+
+def pacs_node(settings: Settings) -> DicomNode | None:
+    """The configured PACS, or None."""
+    if not settings.pacs_configured:
+        return None
+    return DicomNode(settings.pacs_ae_title, settings.pacs_host, settings.pacs_port)
+
+
+def destinations(settings: Settings) -> dict[str, DicomNode]:
+    """Every destination a job may name: the PACS and the DESTINATIONS list, by AE title."""
+    nodes = {n.ae_title: n for n in (parse_node(t) for t in getattr(settings, "destinations", []) or [])}
+    pacs = pacs_node(settings)
+    if pacs is not None:
+        nodes.setdefault(pacs.ae_title, pacs)
+    return nodes
+
+
+def destination_node(settings: Settings, destination: str | None) -> DicomNode | None:
+    """Where a job's results go: the named destination, else the PACS; None when nothing is configured."""
+    if destination:
+        nodes = destinations(settings)
+        if destination not in nodes:
+            raise NotConfigured(f"unknown destination {destination!r} (configured: {', '.join(nodes) or 'none'})")
+        return nodes[destination]
+    return pacs_node(settings)
+
+
+def _ae(calling_ae: str, timeout: float):  # noqa: ANN202 - pynetdicom's AE
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = min(timeout, 10)
+    return ae
+
+
+def _associate(ae, node: DicomNode):  # noqa: ANN001, ANN202
+    try:
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    except (OSError, RuntimeError) as exc:  # e.g. unresolvable host name
+        raise PacsUnavailable(f"cannot reach {node}: {exc}") from exc
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            reason = "association rejected"
+        elif assoc.is_aborted:
+            reason = "association aborted"
+        else:
+            reason = "no association (connection refused or timed out)"
+        raise PacsUnavailable(f"{node}: {reason}")
+    return assoc
+
+
+def echo(node: DicomNode, calling_ae: str, timeout: float = 10) -> bool:
+    """C-ECHO: True when the node answers with success."""
+    ae = _ae(calling_ae, timeout)
+    ae.add_requested_context(VERIFICATION)
+    try:
+        assoc = _associate(ae, node)
+    except PacsUnavailable:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+
+
+@dataclass
+class StoreOutcome:
+    """What one association (or a whole send) achieved."""
+
+    acknowledged: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
+
+
+def _store_batch(node: DicomNode, calling_ae: str, items: list[tuple[str, Dataset]], timeout: float) -> StoreOutcome:
+    ae = _ae(calling_ae, timeout)
+    contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in items})
+    by_class: dict[str, list[str]] = {}
+    for sop_class, ts in contexts:
+        by_class.setdefault(sop_class, []).append(ts)
+    for sop_class, syntaxes in by_class.items():
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = _associate(ae, node)
+    outcome = StoreOutcome()
+    try:
+        for uid, ds in items:
+            try:
+                status = assoc.send_c_store(ds)
+            except (ValueError, RuntimeError) as exc:  # no accepted context for this class/syntax
+                outcome.failures[uid] = f"not sent: {exc}"
+                continue
+            if not status:  # empty status: the association was aborted or timed out
+                raise PacsUnavailable(f"{node}: association lost while storing")
+            code = int(status.Status)
+            if code in _STORED:
+                outcome.acknowledged.append(uid)
+            else:
+                outcome.failures[uid] = f"status 0x{code:04X} {status.get('ErrorComment', '')}".strip()
+    except PacsUnavailable as exc:
+        exc.outcome = outcome  # type: ignore[attr-defined]  # what got through before the loss
+        raise
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcome
+
+
+def store_files(node: DicomNode, files: Iterable[Path], calling_ae: str, batch_size: int = 64,
+                timeout: float = 30, on_batch: Callable[[StoreOutcome], None] | None = None) -> StoreOutcome:
+    """C-STORE every file, batch_size instances per association.
+
+    on_batch is called after each association with its outcome, so progress survives a later failure.
+    Raises PacsUnavailable when an association cannot be made or is lost (after reporting what got through).
+    """
+    total = StoreOutcome()
+    items: list[tuple[str, Dataset]] = []
+
+    def flush() -> None:
+        try:
+            outcome = _store_batch(node, calling_ae, items, timeout)
+        except PacsUnavailable as exc:
+            partial = getattr(exc, "outcome", None)
+            if partial is not None and on_batch is not None and (partial.acknowledged or partial.failures):
+                on_batch(partial)
+            raise
+        total.acknowledged += outcome.acknowledged
+        total.failures.update(outcome.failures)
+        if on_batch is not None:
+            on_batch(outcome)
+        items.clear()
+
+    for path in files:
+        ds = pydicom.dcmread(path)
+        items.append((str(ds.SOPInstanceUID), ds))
+        if len(items) >= batch_size:
+            flush()
+    if items:
+        flush()
+    LOGGER.info("stored %d instances at %s (%d refused)", len(total.acknowledged), node, len(total.failures))
+    return total
+
+
+def find(node: DicomNode, calling_ae: str, level: str, keys: dict[str, str], returned: Iterable[str],
+         timeout: float = 30) -> list[Dataset]:
+    """C-FIND (Study Root) at `level` with matching `keys`; the identifiers of every match."""
+    ae = _ae(calling_ae, timeout)
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    query = Dataset()
+    query.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+    for keyword in returned:
+        if keyword not in query:
+            setattr(query, keyword, "")
+    assoc = _associate(ae, node)
+    matches: list[Dataset] = []
+    try:
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+            if not status:
+                raise PacsUnavailable(f"{node}: association lost during C-FIND")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01) and identifier is not None:
+                matches.append(identifier)
+            elif code not in (0x0000, 0xFF00, 0xFF01):
+                raise PacsUnavailable(f"{node}: C-FIND failed with status 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return matches
+
+
+def find_study_series(node: DicomNode, study_uid: str, calling_ae: str, timeout: float = 30) -> list[dict[str, str]]:
+    """Series of a study at the PACS: [{series_uid, modality, instances}]; [] when the PACS does not have it."""
+    matches = find(node, calling_ae, "SERIES", {"StudyInstanceUID": study_uid},
+                   ["SeriesInstanceUID", "Modality", "NumberOfSeriesRelatedInstances"], timeout)
+    series = []
+    for ds in matches:
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if uid:
+            series.append({"series_uid": uid, "modality": str(ds.get("Modality", "") or ""),
+                           "instances": str(ds.get("NumberOfSeriesRelatedInstances", "") or "")})
+    return series

@@ -1,0 +1,242 @@
+"""The task bodies: process one series of a job, export one derived series. Plain functions, no Celery.
+
+Both are idempotent. process_series writes the derived series with UIDs derived from the input UIDs, the
+method and its parameters, so a re-run after a crash replaces the same folder with the same UIDs.
+export_series skips instances the destination already acknowledged, so a retry resends only the rest.
+
+Where things are (ARCHITECTURE section 2): inputs DATA_DIR/instances/<study>/<series>/, outputs
+DATA_DIR/outputs/<job_id>/<derived SeriesInstanceUID>/.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from cinesr.model.errors import CineSRError
+
+from .errors import ExportFailed, NotConfigured, PacsUnavailable, PermanentError, SeriesNotEligible
+from .jobs import Job, JobStore, open_job_store
+from .pacs import StoreOutcome, destination_node, store_files
+from .settings import Settings
+
+LOGGER = logging.getLogger(__name__)
+
+COMPUTE_SHARE = 0.8  # share of a series' progress for computing; the rest is the export
+METHODS = ("model", "baseline")
+
+
+def instances_dir(settings: Settings, study_uid: str, series_uid: str) -> Path:
+    return Path(settings.data_dir) / "instances" / study_uid / series_uid
+
+
+def outputs_dir(settings: Settings, job_id: str) -> Path:
+    return Path(settings.data_dir) / "outputs" / job_id
+
+
+# ---- methods ------------------------------------------------------------------------------------
+
+_METHOD_CACHE: dict[tuple[Any, ...], Any] = {}
+_METHOD_LOCK = threading.Lock()
+
+
+def model_available() -> bool:
+    """Whether the learned method's code is installed (the model itself may still fail to load)."""
+    try:
+        import cinesr.worker.engines.select  # noqa: F401
+        import cinesr.worker.modelsr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_method_name(requested: str | None, settings: Settings) -> str:
+    """'model' or 'baseline' for a job's params.method (None: the DEFAULT_METHOD setting; auto: model when its
+    code is installed)."""
+    name = requested or getattr(settings, "default_method", "auto") or "auto"
+    if name == "auto":
+        return "model" if model_available() else "baseline"
+    if name not in METHODS:
+        raise PermanentError(f"unknown method {name!r} (available: {', '.join(METHODS)})")
+    return name
+
+
+def make_method(name: str | None, steps: int | None, settings: Settings) -> Any:
+    """The SR method object (cinesr.worker.pipeline.Method) for a job; the model engine is loaded once per
+    process and reused (keyed by bundle, backend and steps)."""
+    from .pipeline import BaselineMethod
+
+    resolved = resolve_method_name(name, settings)
+    if resolved == "baseline":
+        return BaselineMethod()
+    key = ("model", str(settings.model_dir or ""), settings.backend, steps)
+    with _METHOD_LOCK:
+        if key not in _METHOD_CACHE:
+            try:
+                from .engines.select import create_engine
+                from .modelsr import ModelMethod
+
+                engine = create_engine(settings.backend, "auto", settings.model_dir)
+                _METHOD_CACHE[key] = ModelMethod(engine, steps=steps or 15)
+            except ImportError as exc:
+                raise PermanentError(f"the model method is not installed: {exc}") from exc
+            except (ValueError, RuntimeError, OSError) as exc:  # EngineUnavailable is a RuntimeError
+                raise PermanentError(f"the model could not be loaded: {exc}") from exc
+        return _METHOD_CACHE[key]
+
+
+# ---- processing ---------------------------------------------------------------------------------
+
+def _progress_writer(jobs: JobStore, job_id: str, series_uid: str, interval: float = 0.5) -> Any:
+    """A pipeline progress callback writing at most every `interval` seconds to the job record."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= interval or done >= total:
+            last[0] = now
+            jobs.update_series(job_id, series_uid, progress=round(COMPUTE_SHARE * 0.9 * done / max(total, 1), 4))
+    return report
+
+
+def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
+    """Super-resolve one series of a job into DATA_DIR/outputs/<job_id>/ and record the result.
+
+    Raises SeriesNotEligible / PermanentError for inputs that cannot work (recorded in the job first);
+    anything else propagates for the task runner (the job keeps the series `running` until retried).
+    """
+    from cinesr.model.cine import read_series
+
+    from .derived import Derivation, write_derived_series
+    from .pipeline import superresolve_series
+
+    jobs = open_job_store(settings)
+    try:
+        job = jobs.get(job_id)
+        entry = job.entry(series_uid)
+        if entry.output_series_uid and entry.status in ("processed", "exporting", "succeeded") and \
+                (outputs_dir(settings, job_id) / entry.output_series_uid).is_dir():
+            LOGGER.info("series %s of job %s already processed", series_uid, job_id)
+            return
+        jobs.update_series(job_id, series_uid, status="running", progress=0.0, error=None)
+        try:
+            folder = instances_dir(settings, job.study_uid, series_uid)
+            if not folder.is_dir() or not any(folder.glob("*.dcm")):
+                raise SeriesNotEligible(f"no instances of series {series_uid} in the instance store")
+            t0 = time.perf_counter()
+            try:
+                found = read_series(folder)
+            except CineSRError as exc:
+                raise SeriesNotEligible(str(getattr(exc, "reason", exc))) from exc
+            series = next((s for s in found if s.series_uid == series_uid), None)
+            if series is None:
+                raise SeriesNotEligible(f"series {series_uid} not found in its folder")
+            jobs.add_timing(job_id, "load", time.perf_counter() - t0, series_uid)
+            method = make_method(job.params.method, job.params.steps, settings)
+            result = superresolve_series(series, method, _progress_writer(jobs, job_id, series_uid))
+            jobs.add_timing(job_id, "compute", result.timings["compute"], series_uid)
+            t0 = time.perf_counter()
+            derivation = Derivation(method.name, method.version, method.parameters())
+            derived = write_derived_series(series, result.frames, outputs_dir(settings, job_id), derivation)
+            jobs.add_timing(job_id, "write", time.perf_counter() - t0, series_uid)
+        except PermanentError as exc:
+            jobs.update_series(job_id, series_uid, status="failed", error=str(exc))
+            raise
+        jobs.update_series(job_id, series_uid, status="processed", output_series_uid=derived.series_uid,
+                           instances_total=len(derived.files), instances_sent=0, acknowledged=[],
+                           export_failures={}, progress=COMPUTE_SHARE)
+        LOGGER.info("job %s: series %s -> %s (%d instances)", job_id, series_uid, derived.series_uid,
+                    len(derived.files))
+    finally:
+        jobs.close()
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+
+
+def export_series(job_id: str, series_uid: str, settings: Settings, sleep: Any = time.sleep) -> None:
+    """C-STORE the derived series of one job series to its destination (the PACS unless the job names one).
+
+    Instances already acknowledged are skipped. Unreachable destination or refused instances are retried
+    EXPORT_RETRIES times with exponential backoff from EXPORT_BACKOFF_SECONDS; if some are still not stored
+    the series is marked failed with the reason and ExportFailed is raised. With no destination configured
+    the derived series stays in DATA_DIR/outputs and the series succeeds.
+    """
+    jobs = open_job_store(settings)
+    try:
+        job = jobs.get(job_id)
+        entry = job.entry(series_uid)
+        if entry.status == "failed" and not entry.output_series_uid:
+            return  # processing failed; nothing to send
+        if not entry.output_series_uid:
+            raise PermanentError(f"series {series_uid} of job {job_id} has no derived series to export")
+        folder = outputs_dir(settings, job_id) / entry.output_series_uid
+        files = sorted(folder.glob("*.dcm"))
+        if not files:
+            error = f"derived series {entry.output_series_uid} is missing from {folder}"
+            jobs.update_series(job_id, series_uid, status="failed", error=error)
+            raise PermanentError(error)
+        try:
+            node = destination_node(settings, job.params.destination)
+        except NotConfigured as exc:
+            jobs.update_series(job_id, series_uid, status="failed", error=str(exc))
+            raise
+        if node is None:
+            LOGGER.info("job %s: no destination configured; derived series kept in %s", job_id, folder)
+            jobs.update_series(job_id, series_uid, status="succeeded", progress=1.0, error=None)
+            return
+        _send(jobs, job, series_uid, files, node, settings, sleep)
+    finally:
+        jobs.close()
+
+
+def _send(jobs: JobStore, job: Job, series_uid: str, files: list[Path], node: Any, settings: Settings,
+          sleep: Any) -> None:
+    job_id = job.job_id
+    done = set(job.entry(series_uid).acknowledged)
+    pending = [(p, uid) for p in files if (uid := _sop_uid(p)) not in done]
+    total = len(files)
+    jobs.update_series(job_id, series_uid, status="exporting", error=None, instances_total=total)
+
+    def record(outcome: StoreOutcome) -> None:
+        updated = jobs.acknowledge(job_id, series_uid, outcome.acknowledged, outcome.failures)
+        sent = updated.entry(series_uid).instances_sent
+        jobs.update_series(job_id, series_uid,
+                           progress=round(COMPUTE_SHARE + (1 - COMPUTE_SHARE) * 0.99 * sent / max(total, 1), 4))
+
+    retries = int(getattr(settings, "export_retries", 5))
+    backoff = float(getattr(settings, "export_backoff_seconds", 2.0))
+    batch = int(getattr(settings, "export_batch_size", 64))
+    reason = ""
+    t0 = time.perf_counter()
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        if attempt:
+            wait = backoff * 2 ** (attempt - 1)
+            LOGGER.warning("job %s: export of %d instances to %s failed (%s); retry %d/%d in %.1f s", job_id,
+                           len(pending), node, reason, attempt, retries, wait)
+            sleep(wait)
+        try:
+            outcome = store_files(node, [p for p, _ in pending], settings.ae_title, batch, on_batch=record)
+            if outcome.failures:
+                reason = "; ".join(f"{uid}: {why}" for uid, why in list(outcome.failures.items())[:3])
+                reason = f"{len(outcome.failures)} instances refused by {node} ({reason})"
+        except PacsUnavailable as exc:
+            reason = str(exc)
+        acknowledged = set(jobs.get(job_id).entry(series_uid).acknowledged)
+        pending = [(p, uid) for p, uid in pending if uid not in acknowledged]
+    jobs.add_timing(job_id, "export", time.perf_counter() - t0, series_uid)
+    if pending:
+        error = f"export to {node} failed after {retries + 1} attempts: {reason}"
+        jobs.update_series(job_id, series_uid, status="failed", error=error)
+        raise ExportFailed(error)
+    jobs.update_series(job_id, series_uid, status="succeeded", progress=1.0, error=None)
+    LOGGER.info("job %s: derived series of %s stored at %s (%d instances)", job_id, series_uid, node, total)
