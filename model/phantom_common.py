@@ -118,7 +118,7 @@ def slice_offsets(n: int, lv_length_mm: float, thickness_mm: float, first_mm: fl
     """
     if n == 1:
         return np.array([first_mm + 0.35 * lv_length_mm])
-    spacing = max(thickness_mm + 2.0, 0.78 * lv_length_mm / (n - 1))
+    spacing = max(thickness_mm + 2.0, 0.66 * lv_length_mm / (n - 1))
     return first_mm + spacing * np.arange(n)
 
 

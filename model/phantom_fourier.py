@@ -130,7 +130,7 @@ def sample_params(rng: np.random.Generator) -> FourierParams:
         rv_power=u(0.5, 1.2),
         rv_wall=u(2.0, 4.5),
         rv_es_area=u(0.35, 0.65),
-        fat_width=u(0.0, 4.0),
+        fat_width=u(0.0, 3.0),
         fat_angle=u(-np.pi, np.pi),
         heart_xy=np.array([u(-30.0, 30.0), u(-30.0, 20.0)]),
         psi=np.deg2rad(u(-25.0, 25.0)),
@@ -214,7 +214,9 @@ def _chest(p: FourierParams, rng: np.random.Generator, x: np.ndarray, y: np.ndar
     c, s = np.cos(p.psi), np.sin(p.psi)
     dx, dy = x - p.heart_xy[0], y - p.heart_xy[1]
     X, Y = c * dx + s * dy, -s * dx + c * dy
-    tex = _synth(X, Y, _waves(rng, 24, 3.0, 60.0))
+    # texture synthesised on every other sample (3 mm shortest wavelength needs no finer grid)
+    tex = _synth(X[::2, ::2], Y[::2, ::2], _waves(rng, 24, 3.0, 60.0))
+    tex = np.repeat(np.repeat(tex, 2, axis=0), 2, axis=1)[: x.shape[0], : x.shape[1]]
     bx, by = X - p.body_xy[0], Y - p.body_xy[1]
     th = np.arctan2(by / p.body_ab[1], bx / p.body_ab[0])
     rho = np.hypot(bx / p.body_ab[0], by / p.body_ab[1]) / _fourier_radius(th, p.body_fd)
@@ -222,8 +224,9 @@ def _chest(p: FourierParams, rng: np.random.Generator, x: np.ndarray, y: np.ndar
     img[rho < 1.0] = p.fat
     img[rho < 1.0 - p.fat_layer * p.wall_mm / p.body_ab.mean()] = p.muscle_sig
     inner = rho < 1.0 - p.wall_mm / p.body_ab.mean()
-    # mediastinal soft tissue where nothing else is, then organ blobs, lungs and liver
-    img[inner] = p.muscle_sig * 0.9
+    # inside the chest wall: aerated lung by default (the heart is mostly framed by lung), then
+    # organ blobs, the explicit lungs (darker still) and the liver
+    img[inner] = p.lung_sig * 1.6 + 0.02
     grow = 1.0 + 0.4 * min(z / 80.0, 1.0)
     for blob in p.blobs:
         img[_in_ellipse(X, Y, blob[:5]) & inner] = blob[5]
@@ -255,14 +258,14 @@ class _Profiles:
         span = np.clip(1.0 - (np.angle(np.exp(1j * (th - p.rv_centre))) / p.rv_half) ** 2, 0.0, 1.0)
         self.rv = (span**p.rv_power).astype(np.float32)
         self.rv_wall = (p.rv_wall * span**0.25).astype(np.float32)
-        self.fat = (p.fat_width * np.clip(np.cos(th - p.fat_angle), 0.0, 1.0) ** 2).astype(np.float32)
+        self.fat = (p.fat_width * np.clip(np.cos(th - p.fat_angle), 0.0, 1.0) ** 6).astype(np.float32)
 
     def index(self, theta: np.ndarray) -> np.ndarray:
         return ((theta + np.pi) * (self.n / (2 * np.pi))).astype(np.int32) % self.n
 
 
 def _heart(p: FourierParams, prof: _Profiles, x: np.ndarray, y: np.ndarray, z: float, phase: float,
-           bg: np.ndarray, tex: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+           bg: np.ndarray, tex: np.ndarray, tex_step: float) -> np.ndarray:
     area = float(area_curve(p, phase))
     c = (1.0 - area) / (1.0 - p.es_area)
     c_rv = (1.0 - float(area_curve(p, phase - p.rv_lag))) / (1.0 - p.es_area)
@@ -292,9 +295,12 @@ def _heart(p: FourierParams, prof: _Profiles, x: np.ndarray, y: np.ndarray, z: f
     rv_k = max(0.0, 1.0 - zf / 0.75) * (1.0 - c_rv * (1.0 - p.rv_es_area))
     rv_top = r_epi + p.rv_depth * rv_k * prof.rv[k]
     rv_out = rv_top + prof.rv_wall[k] * (rv_k > 0.05)
-    # texture moves with the heart (translation; the small rocking is ignored for speed)
-    phase_shift = np.exp(-1j * (tex[0][:, 0] * ox + tex[0][:, 1] * oy))
-    blood_tex = 1.0 + 0.03 * np.real(np.tensordot(phase_shift, tex[1], axes=1)).astype(np.float32)
+    # texture moves with the heart: a window of a larger static field, shifted by the translation
+    # to the nearest supersampled pixel (the small rocking is ignored)
+    pad = (tex.shape[0] - x.shape[0]) // 2
+    si = pad - int(round((oy - p.heart_xy[1]) / tex_step))
+    sj = pad - int(round((ox - p.heart_xy[0]) / tex_step))
+    blood_tex = tex[si:si + x.shape[0], sj:sj + x.shape[1]]
     img = np.where(r < rv_out + prof.fat[k], p.fat, bg)
     img = np.where(r < rv_out, p.myo * blood_tex, img)
     img = np.where((r >= r_epi) & (r < rv_top), p.blood * 0.96 * blood_tex, img)
@@ -339,10 +345,13 @@ def render(p: FourierParams, rng: np.random.Generator, slices: int, frames: int,
     bias = bias.astype(np.float32)
 
     prof = _Profiles(p)
-    # blood/muscle texture: complex plane waves on the crop grid, shifted with the heart per frame
-    waves = _waves(rng, 8, 2.0, 12.0)
-    fields = np.stack([a * np.exp(1j * (kx * xc + ky * yc + ph)) for kx, ky, ph, a in waves]).astype(np.complex64)
-    tex = (waves[:, :2], fields)
+    # blood/muscle texture: plane waves on the crop grid plus a margin for the heart's translation
+    step = pixel / sup
+    pad = int(np.ceil((abs(p.lissajous[0]) + abs(p.lissajous[1])) / step)) + 2
+    ty, tx = np.meshgrid(yc[0, 0] + step * np.arange(-pad, yc.shape[0] + pad),
+                         xc[0, 0] + step * np.arange(-pad, xc.shape[1] + pad), indexing="ij")
+    tex = 1.0 + 0.03 * _synth(tx.astype(np.float32), ty.astype(np.float32), _waves(rng, 8, 2.0, 12.0))
+    tex = tex.astype(np.float32)
     out = np.empty((slices, frames, size, size), np.float32)
     for s, z in enumerate(zs):
         bg = _chest(p, rng, x, y, float(z))
@@ -350,7 +359,7 @@ def render(p: FourierParams, rng: np.random.Generator, slices: int, frames: int,
         low_bg = area_downsample(bg, sup)
         for t in range(frames):
             frame = low_bg.copy()
-            heart = _heart(p, prof, xc, yc, float(z), t / frames, bg_crop, tex)
+            heart = _heart(p, prof, xc, yc, float(z), t / frames, bg_crop, tex, step)
             frame[i0 // sup:i1 // sup, j0 // sup:j1 // sup] = area_downsample(heart, sup)
             out[s, t] = ndimage.gaussian_filter(frame, p.psf_px, mode="nearest") * bias
     # Rician magnitude: independent complex Gaussian noise per pixel

@@ -63,6 +63,11 @@ class SaxParams:
     trab: np.ndarray  # (k, 3)
     trab_amp: float
     septal_extra: float
+    phenotype: str  # "normal", "dilated", "hypertrophic" or "infarct"
+    akinesia: float  # 0 = normal regional motion; 1 = the sector does not contract at all
+    akinesia_angle: float
+    akinesia_width: float  # von Mises concentration of the sector
+    scar_thinning: float  # fraction of wall lost in the sector
     pap_angles: np.ndarray
     pap_radius: np.ndarray
     rv_depth: float  # RV cavity thickness at its widest point, end-diastole
@@ -127,6 +132,14 @@ def sample_params(rng: np.random.Generator) -> SaxParams:
     rf_end = max(rf_end, es_ms + ivr_ms + 60.0)
     a_start_ms = max(a_start_ms, rf_end + 10.0)
     fov = u(280.0, 350.0)
+    # a share of patients with the phenotypes a cine model must not smooth away
+    phenotype = str(rng.choice(["normal", "dilated", "hypertrophic", "infarct"], p=[0.55, 0.15, 0.15, 0.15]))
+    r0, h0, es_area = u(23.0, 31.0), u(7.0, 11.0), u(0.30, 0.50)
+    if phenotype == "dilated":
+        r0, h0, es_area = u(31.0, 38.0), u(5.5, 8.0), u(0.55, 0.78)
+    elif phenotype == "hypertrophic":
+        r0, h0, es_area = u(19.0, 25.0), u(12.0, 17.0), u(0.15, 0.35)
+    infarct = phenotype == "infarct"
     thickness = float(rng.choice([6.0, 7.0, 8.0, 8.0, 10.0]))
     length = u(72.0, 95.0)
     k_harm = np.arange(3, 6)
@@ -151,14 +164,14 @@ def sample_params(rng: np.random.Generator) -> SaxParams:
         t_rf=rf_end / rr,
         t_a0=a_start_ms / rr,
         t_a1=a_end_ms / rr,
-        es_area=u(0.30, 0.50),
+        es_area=es_area,
         e_fraction=u(0.55, 0.78),
         diastasis_fraction=u(0.03, 0.10),
         ejection_skew=u(1.3, 2.0),
         rv_delay=u(0.01, 0.04),
         rv_es_area=u(0.40, 0.60),
-        r0=u(23.0, 31.0),
-        h0=u(7.0, 11.0),
+        r0=r0,
+        h0=h0,
         length=length,
         z_eq=u(8.0, 20.0),
         apex_gain=u(0.2, 0.9),
@@ -168,6 +181,11 @@ def sample_params(rng: np.random.Generator) -> SaxParams:
         trab=trab,
         trab_amp=u(0.3, 1.0),
         septal_extra=u(0.0, 0.25),
+        phenotype=phenotype,
+        akinesia=u(0.6, 1.0) if infarct else 0.0,
+        akinesia_angle=u(-np.pi, np.pi),
+        akinesia_width=u(1.5, 4.0),
+        scar_thinning=u(0.3, 0.55) if infarct else 0.0,
         pap_angles=np.array([np.deg2rad(-40.0 + rng.normal(0, 12)), np.deg2rad(105.0 + rng.normal(0, 12))]),
         pap_radius=u(3.5, 6.0, 2),
         rv_depth=u(17.0, 30.0),
@@ -210,7 +228,7 @@ def sample_params(rng: np.random.Generator) -> SaxParams:
         kspace_read=u(0.80, 1.0),
         phase_axis=int(rng.integers(0, 2)),
         bias_coef=rng.normal(0.0, 0.18, 5),
-        bias_radial=u(0.1, 0.6),
+        bias_radial=u(0.05, 0.45),
     )
 
 
@@ -330,16 +348,21 @@ class _Chest:
         px, py = X - p.spine_xy[0], Y - p.spine_xy[1]
         paint(coverage(ellipse_sd(px, py - 10.0, 62.0, 38.0), pixel, 2.0) * inside,
               p.muscle_sig * (1.0 + 0.08 * medium))
-        # lung vessels: small bright dots, painted locally
-        for _ in range(40):
+        # lung vessels: short tubes radiating from the hila, thicker and brighter near the mediastinum
+        hila = np.array([[-45.0, 25.0], [50.0, 35.0]])
+        for _ in range(70):
             cx = rng.uniform(-a, a) + p.body_xy[0]
             cy = rng.uniform(-b, b) + p.body_xy[1]
-            r = rng.uniform(1.0, 3.2)
-            if np.hypot(cx, cy) < 65.0:  # keep the heart region clean
+            if np.hypot(cx, cy) < 62.0:  # keep the heart region clean
                 continue
-            win = window(cx, cy, r + 2.0)
-            d = np.hypot(X[win] - cx, Y[win] - cy)
-            paint(coverage(d - r, pixel, 1.5) * inside[win], rng.uniform(0.15, 0.4), win)
+            hx, hy = hila[int(cx > 0)]
+            dist = np.hypot(cx - hx, cy - hy)
+            r = float(np.clip(4.0 - dist / 45.0 + rng.normal(0.0, 0.4), 0.6, 3.5))
+            length = rng.uniform(1.0, 4.0) * r
+            win = window(cx, cy, length + r + 2.0)
+            ux, uy = rotate(X[win] - cx, Y[win] - cy, np.arctan2(cy - hy, cx - hx) + rng.normal(0.0, 0.3))
+            sd = ellipse_sd(ux, uy, length + r, r)
+            paint(coverage(sd, pixel, 1.3) * inside[win], p.blood * rng.uniform(0.15, 0.45) * (0.6 + r / 8), win)
         # ribs sit along the inner chest wall, anterior and lateral
         for ang in rng.uniform(-np.pi, 0.2, int(rng.integers(8, 14))):
             rr = (np.abs(np.cos(ang) / a) ** pw + np.abs(np.sin(ang) / b) ** pw) ** (-1.0 / pw)
@@ -407,7 +430,11 @@ class _Tables:
                                   + von_mises_bump(theta, p.rv_ins[1] + 0.3, 12.0))
         self.fat = _AngleTable(p.fat_harm, p.fat0 - 1.0 + grooves)
         self.fat.values = np.maximum(self.fat.values, 0.0)
-        self.wall = (1.0 + p.septal_extra * von_mises_bump(theta, np.pi, 2.0)).astype(np.float32)
+        sector = von_mises_bump(theta, p.akinesia_angle, p.akinesia_width)
+        thin = 1.0 - p.scar_thinning * sector
+        # wall "area" per sector (r_epi^2 - r_endo^2 scales like thickness^2 for thin walls)
+        self.wall = ((1.0 + p.septal_extra * von_mises_bump(theta, np.pi, 2.0)) * thin**2).astype(np.float32)
+        self.motion = (1.0 - p.akinesia * sector).astype(np.float32)  # share of normal contraction
 
 
 def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, z: float, phase: float, pixel: float,
@@ -422,7 +449,7 @@ def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, z: float, 
     r_endo_ed, r_epi_ed = _lv_radii(p, z0)
     # apical segments contract more (exponent > 1 keeps area == 1 at ED, so still periodic)
     a_slice = area ** (1.0 + p.apex_gain * min(z0 / p.length, 1.0))
-    r_n = r_endo_ed * np.sqrt(a_slice)
+    r_n = r_endo_ed * np.sqrt(a_slice)  # normally contracting segments
     delta = r_epi_ed**2 - r_endo_ed**2
     r_epi_n = np.sqrt(r_n**2 + delta)
     # translation (systolic shift + tiny periodic wobble) and twist (base and apex opposite)
@@ -434,10 +461,14 @@ def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, z: float, 
     r = np.hypot(u, w)
     k = _AngleTable.index(np.arctan2(w, u))
     shape = 1.0 + tabs.ecc[k] + tabs.shape.values[k]
+    if p.akinesia > 0.0:  # an infarcted sector keeps (part of) its diastolic radius
+        r_loc = r_endo_ed * np.sqrt(1.0 - (1.0 - a_slice) * tabs.motion[k])
+    else:
+        r_loc = r_n
     # trabeculae: fine radial irregularity of the endocardium, compacted in systole
-    r_endo = r_n * shape + (p.trab_amp * (1.0 - 0.7 * c) * (r_n > 4.0)) * tabs.trab.values[k]
+    r_endo = r_loc * shape + (p.trab_amp * (1.0 - 0.7 * c) * (r_n > 4.0)) * tabs.trab.values[k]
     # myocardial area per angular sector is conserved: the wall thickens as the cavity shrinks
-    r_epi = shape * np.sqrt(r_n**2 + delta * tabs.wall[k])
+    r_epi = shape * np.sqrt(r_loc**2 + delta * tabs.wall[k])
     sd_endo = r - r_endo
     sd_epi = r - r_epi
     # papillary muscles: radially elongated blobs hanging off the wall, present mid-ventricle
@@ -530,9 +561,20 @@ def render(p: SaxParams, rng: np.random.Generator, slices: int, frames: int, siz
         bg = chest.image[i0:i1, j0:j1]
         tex = chest.fine[i0:i1, j0:j1]
         apex_sign = 1.0 if z > 0.5 * p.length else -1.0
+        # the slice profile integrates anatomy over its thickness (partial volume): average
+        # sub-slices, as many as the radii change by across the slab (1 at mid-ventricle)
+        half_t = 0.5 * p.thickness_mm
+        lo, hi = _lv_radii(p, max(float(z) - half_t, 0.0)), _lv_radii(p, float(z) + half_t)
+        rv = [np.sqrt(max(0.0, 1.0 - (zz / p.rv_length) ** 2)) for zz in (max(float(z) - half_t, 0.0), z + half_t)]
+        change = max(abs(lo[0] - hi[0]), abs(lo[1] - hi[1]), p.rv_depth * abs(rv[0] - rv[1]))
+        n_sub = int(np.clip(np.ceil(change / (0.8 * pixel)), 1, 6))
+        subs = float(z) + p.thickness_mm * ((np.arange(n_sub) + 0.5) / n_sub - 0.5)
         for t, ph in enumerate(phases):
             out[s, t] = chest.image
-            out[s, t, i0:i1, j0:j1] = _heart(p, tabs, xc, yc, float(z), float(ph), pixel, bg, tex, apex_sign)
+            heart = _heart(p, tabs, xc, yc, float(subs[0]), float(ph), pixel, bg, tex, apex_sign)
+            for zz in subs[1:]:
+                heart += _heart(p, tabs, xc, yc, float(zz), float(ph), pixel, bg, tex, apex_sign)
+            out[s, t, i0:i1, j0:j1] = heart / n_sub
     out *= bias
     return _acquire(p, rng, out), zs, bias, pixel
 
@@ -554,8 +596,9 @@ def _acquire(p: SaxParams, rng: np.random.Generator, clean: np.ndarray) -> np.nd
     signal = sfft.irfft2(sfft.rfft2(clean, workers=1) * win_r, s=(size_y, size_x), workers=1)
     # white complex k-space noise through the same window: image noise std = p.noise per channel
     scale = p.noise / np.sqrt(float(np.mean(win**2)))
-    noise = rng.standard_normal((2,) + clean.shape, dtype=np.float32)
-    kn = (noise[0] + 1j * noise[1]).astype(np.complex64)
-    kn *= scale * win
-    noise_img = sfft.ifft2(kn, norm="ortho", workers=1)
-    return np.abs(signal + noise_img).astype(np.float32)
+    # real and imaginary parts drawn straight into a complex64 buffer (no float64 temporaries)
+    kn = rng.standard_normal(clean.shape + (2,), dtype=np.float32).view(np.complex64)[..., 0]
+    kn *= (scale * win).astype(np.float32)
+    image = sfft.ifft2(kn, norm="ortho", workers=1, overwrite_x=True)
+    image += signal
+    return np.abs(image).astype(np.float32)

@@ -102,7 +102,8 @@ def test_motion_curve_is_periodic_and_physiological(generator: str, seed: int) -
     curve = motion_curve(seed, phase, generator)
     assert curve.max() <= 1.0 + 1e-12
     assert curve.max() == pytest.approx(1.0, abs=1e-3)
-    assert 0.2 <= curve.min() <= 0.6  # ejection fraction of the slice area 40-80 %
+    # end-systolic area 12-80 % of end-diastolic: normal, hypertrophic and dilated ventricles
+    assert 0.12 <= curve.min() <= 0.8
     assert curve[0] > 0.95  # the R wave (first frame) is at or near end-diastole
     es = phase[np.argmin(curve)]
     assert 0.2 <= es <= 0.47  # systole is the fast first part of the cycle
@@ -116,9 +117,9 @@ def test_sax_curve_has_filling_diastasis_and_atrial_kick(seed: int) -> None:
     curve = motion_curve(seed, phase, "sax")
     sv = 1.0 - curve.min()
     es = int(np.argmin(curve))
-    # rapid filling: within 0.3 of R-R after end-systole, more than half the stroke area returns
-    after = curve[min(es + 600, 1600)]
-    assert after - curve.min() > 0.5 * sv
+    # rapid filling: before the atrial kick (phase 0.8) more than half of the stroke area is back
+    assert es < 1000
+    assert curve[1600] - curve.min() > 0.5 * sv
     # atrial kick: a late rise over the last fifth of the cycle, from a level below end-diastole
     assert curve[-2] - curve[1600] > 0.03
     # isovolumic contraction: flat just after the R wave
