@@ -28,6 +28,7 @@ from cinesr.service.store import (
     IMPLEMENTATION_VERSION_NAME,
     InstanceStore,
     InvalidDataset,
+    MissingAttributes,
     StoredInstance,
     StoreFull,
 )
@@ -46,7 +47,7 @@ LOGGER = logging.getLogger(__name__)
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION = "1.2.840.10008.1.1"
 
-# Transfer syntaxes we accept, in our order of preference when a context proposes several.
+# Transfer syntaxes we accept (the proposer's order decides among them).
 TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
@@ -65,7 +66,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
 )
-_TS_RANK = {ts: i for i, ts in enumerate(TRANSFER_SYNTAXES)}
+_TS_RANK = frozenset(TRANSFER_SYNTAXES)
 
 STORAGE_SOP_CLASSES: frozenset[str] = frozenset(str(uid) for uid in _STORAGE_CLASSES.values())
 _STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1."  # every standard storage SOP class, present and future
@@ -74,6 +75,7 @@ _STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1."  # every standard storage SOP class
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC210
+DATASET_DOES_NOT_MATCH = 0xA900
 PROCESSING_FAILURE = 0x0110
 UNRECOGNIZED_OPERATION = 0x0211
 
@@ -244,6 +246,7 @@ class _Association:
         self.calling_ae = ""
         self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract, transfer syntax)
         self.header = bytearray(6)
+        self.writer = listener.store.open_writer()
 
     # ---- negotiation -----------------------------------------------------------------------
 
@@ -264,6 +267,7 @@ class _Association:
         rq.decode(bytes(self.header) + bytes(body))
         request = rq.to_primitive()
         self.calling_ae = request.calling_ae_title.strip()
+        self.writer.source_ae = self.calling_ae
         called = request.called_ae_title.strip()
         config = self.config
         if request.application_context_name != APPLICATION_CONTEXT:
@@ -301,7 +305,9 @@ class _Association:
             else:
                 offered = [str(ts) for ts in proposed.transfer_syntax if str(ts) in _TS_RANK]
                 if offered:
-                    chosen = min(offered, key=_TS_RANK.__getitem__)
+                    # The proposer's first choice: usually the syntax its data is already in, so it
+                    # needs no conversion and we store the bytes as they were made.
+                    chosen = offered[0]
                     result.result = 0x00
                     result.transfer_syntax = [chosen]
                     self.contexts[proposed.context_id] = (abstract, chosen)
@@ -343,6 +349,7 @@ class _Association:
         command_bytes = bytearray()
         command: dict[int, bytes] | None = None
         context_id = 0
+        streaming = False
         sock.settimeout(config.network_timeout)
         while True:
             _recv_exact(sock, header_view)
@@ -387,6 +394,7 @@ class _Association:
                             command = None
                             sock.settimeout(config.network_timeout)
                         else:
+                            streaming = self._begin(command, context_id)
                             sock.settimeout(config.dimse_timeout)
                     continue
                 if command is None or pc_id != context_id:
@@ -398,6 +406,12 @@ class _Association:
                 with memoryview(buffer) as view:
                     _recv_exact(sock, view[filled:filled + size])
                     filled += size
+                    if streaming and not control & 0x02:
+                        try:
+                            self.writer.feed(view[:filled])
+                        except OSError as exc:  # e.g. disk full: answered at the last fragment
+                            LOGGER.warning("streaming to the journal failed: %s", exc)
+                            streaming = False
                     if control & 0x02:
                         self._handle(command, context_id, view[:filled])
                         filled = 0
@@ -405,6 +419,18 @@ class _Association:
                         sock.settimeout(config.network_timeout)
                 if filled == 0 and len(buffer) > 64 << 20:
                     buffer = bytearray(1 << 18)  # don't keep a huge buffer for the next message
+
+    def _begin(self, command: dict[int, bytes], context_id: int) -> bool:
+        """A C-STORE request arrived: start streaming its dataset into the store."""
+        if _us(command.get(0x0100)) != _C_STORE_RQ:
+            return False
+        try:
+            self.writer.begin(self.contexts[context_id][1], _uid_text(command.get(0x0002)),
+                              _uid_text(command.get(0x1000)))
+            return True
+        except OSError as exc:
+            LOGGER.warning("cannot stream to the journal: %s", exc)
+            return False
 
     def _respond(self, context_id: int, command_field: int, message_id: int, status: int,
                  sop_class: str, sop_instance: str = "", comment: str = "") -> None:
@@ -432,8 +458,11 @@ class _Association:
             status, comment = CANNOT_UNDERSTAND, "C-STORE without a dataset"
         else:
             try:
-                stored = self.listener.store.put(data, transfer_syntax, sop_class or abstract, sop_instance,
-                                                 self.calling_ae)
+                if not self.writer.transfer_syntax:  # not begun (e.g. streaming failed to start)
+                    self.writer.begin(transfer_syntax, sop_class or abstract, sop_instance)
+                stored = self.writer.commit(data)
+            except MissingAttributes as exc:
+                status, comment = DATASET_DOES_NOT_MATCH, str(exc)
             except InvalidDataset as exc:
                 status, comment = CANNOT_UNDERSTAND, str(exc)
             except StoreFull:
@@ -540,6 +569,11 @@ class DicomListener:
             except OSError:
                 pass
         finally:
+            if assoc is not None:
+                try:
+                    assoc.writer.close()
+                except OSError:
+                    LOGGER.exception("closing the journal writer failed")
             if admitted:
                 with self._lock:
                     self._active -= 1

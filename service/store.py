@@ -55,6 +55,10 @@ class InvalidDataset(ValueError):
     """The received dataset cannot be parsed or lacks the UIDs needed to file it."""
 
 
+class MissingAttributes(InvalidDataset):
+    """The dataset parses but lacks a UID needed to file it (Study/Series/SOP Instance)."""
+
+
 class StoreFull(OSError):
     """Free disk space is below the configured watermark; nothing was written."""
 
@@ -219,44 +223,68 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
 
 # --------------------------------------------------------------------------------------------
 # Write-ahead journal.
+#
+# A segment file: a 4 KiB header block (magic, sequence number, random nonce), then records.
+# A record: header, then the payload = the instance's file bytes followed by a text block (the UIDs
+# used to file it). An association owns one segment at a time and streams each dataset into it as
+# the PDUs arrive (with early writeback), so at the end of a C-STORE only the tail, the record
+# header and one flush remain. The nonce in every record keeps stale or crafted bytes (an older
+# use of a recycled segment, an aborted record's data) from ever parsing as a record.
 
+_SEG_MAGIC = b"CSRS"
+_SEG_HEAD = struct.Struct("<4sQQ")  # magic, sequence number, nonce
+_SEG_DATA = 4096  # records start after the header block
 _REC_MAGIC = b"CSRJ"
-_REC_HEAD = struct.Struct("<4sQII")  # magic, segment sequence number, payload length, crc32(payload)
-_STR_HEAD = struct.Struct("<HHHHHH")  # lengths of the six text fields
+_REC_HEAD = struct.Struct("<4sQQII")  # magic, sequence, nonce, payload length, crc32(payload)
+_STR_HEAD = struct.Struct("<IHHHHHH")  # file-bytes length, then the lengths of the six text fields
 _ZEROS = bytes(1 << 20)
 
+try:  # start writeback of streamed data at once, so the final flush has little left to write
+    import ctypes
 
-def _encode_payload(info: StoredInstance, file_bytes: list[bytes | memoryview]) -> tuple[list[bytes | memoryview],
-                                                                                         int, int]:
-    """Record payload parts, their total length and crc32."""
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+
+    def _start_writeback(fd: int, offset: int, length: int) -> None:
+        _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE: asynchronous
+except (OSError, AttributeError):  # not Linux: fdatasync alone still makes it durable
+    def _start_writeback(fd: int, offset: int, length: int) -> None:
+        return None
+
+
+def _text_block(file_length: int, info: StoredInstance) -> bytes:
     texts = [s.encode() for s in (info.study_uid, info.series_uid, info.sop_instance_uid,
                                   info.sop_class_uid, info.modality, info.transfer_syntax)]
-    head = _STR_HEAD.pack(*(len(t) for t in texts)) + b"".join(texts)
-    crc = zlib.crc32(head)
-    length = len(head)
-    for part in file_bytes:
-        crc = zlib.crc32(part, crc)
-        length += len(part)
-    return [head, *file_bytes], length, crc
+    return _STR_HEAD.pack(file_length, *(len(t) for t in texts)) + b"".join(texts)
 
 
-def _decode_records(buf: bytes, seq: int) -> Iterator[tuple[list[str], bytes]]:
-    pos = 0
+def _decode_segment(buf: bytes) -> Iterator[tuple[list[str], bytes]]:
+    """Committed records of a segment file."""
+    if len(buf) < _SEG_DATA:
+        return
+    magic, seq, nonce = _SEG_HEAD.unpack_from(buf, 0)
+    if magic != _SEG_MAGIC:
+        return
+    pos = _SEG_DATA
     while pos + _REC_HEAD.size <= len(buf):
-        magic, rec_seq, length, crc = _REC_HEAD.unpack_from(buf, pos)
+        magic, rec_seq, rec_nonce, length, crc = _REC_HEAD.unpack_from(buf, pos)
         start = pos + _REC_HEAD.size
         payload = buf[start:start + length]
-        # End of the written part: zeros, a stale record of a recycled segment (older sequence
-        # number), or a torn record that was never acknowledged.
-        if magic != _REC_MAGIC or rec_seq != seq or len(payload) != length or zlib.crc32(payload) != crc:
+        # End of the committed part: zeros, a stale record, or a torn one (never acknowledged).
+        if (magic != _REC_MAGIC or rec_seq != seq or rec_nonce != nonce or len(payload) != length
+                or zlib.crc32(payload) != crc):
             return
-        lens = _STR_HEAD.unpack_from(payload, 0)
-        off = _STR_HEAD.size
+        text_start = len(payload) - struct.unpack_from("<I", payload, len(payload) - 4)[0]
+        file_length, *lens = _STR_HEAD.unpack_from(payload, text_start)
+        if file_length != text_start:
+            return
+        off = text_start + _STR_HEAD.size
         texts = []
         for n in lens:
             texts.append(payload[off:off + n].decode())
             off += n
-        yield texts, payload[off:]
+        yield texts, payload[:file_length]
         pos = start + length
 
 
@@ -273,131 +301,193 @@ def _zero_fill(path: Path, size: int) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Segment:
+    seq: int
+    fd: int
+    size: int
+    nonce: int
+    tail: int = _SEG_DATA
+    outstanding: int = 0  # committed records not yet checkpointed as files
+    owned: bool = False
+
+
 class _Journal:
-    """Append-only segments of written (zero-filled, then recycled) blocks.
+    """Segments of the write-ahead journal; each is owned by at most one writer at a time."""
 
-    ``append`` returns once the record is on disk. Segments are named ``<seq>.wal``; every record
-    carries its segment's sequence number, so a recycled segment's old records end the scan.
-    """
-
-    def __init__(self, directory: Path, segment_size: int, spares: int = 1) -> None:
+    def __init__(self, directory: Path, segment_size: int, spares: int) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_size = segment_size
         self.max_spares = spares
-        self._lock = threading.Lock()  # order of appends, segment rotation
-        self._sync_lock = threading.Lock()  # one fdatasync at a time; waiters share it
-        existing = sorted(int(p.stem) for p in self.dir.glob("*.wal"))
-        self._seq = (existing[-1] + 1) if existing else 1
-        self._fd = -1
-        self._tail = 0
-        self._size = 0
-        self._written = 0  # (segment, offset) high-water mark, as a single comparable int
-        self._synced = 0
-        self._current = 0
-        # records per segment not yet checkpointed as files; a segment can go when it has none
-        self.outstanding: dict[int, int] = {}
+        self.lock = threading.Lock()
+        existing = [int(p.stem) for p in self.dir.glob("*.wal")]
+        self._seq = max(existing, default=0) + 1
+        self.active: dict[int, _Segment] = {}
         self._spares = [p for p in self.dir.glob("*.spare") if p.stat().st_size == segment_size]
         for p in self.dir.glob("*.spare"):
             if p not in self._spares:
                 p.unlink()
+        self._spare_n = 0
 
-    def prepare(self) -> None:
-        """Zero-fill the spare segments up front (at start, not while instances stream in)."""
-        n = 0
-        while len(self._spares) < self.max_spares + 1:
-            path = self.dir / f"prepared-{os.getpid()}-{n}.spare"
-            n += 1
+    def segment_files(self) -> list[Path]:
+        return sorted(self.dir.glob("*.wal"), key=lambda p: int(p.stem))
+
+    def prepare_spares(self) -> None:
+        """Zero-fill spare segments (at start, or when idle; never while instances stream in)."""
+        made = False
+        while len(self._spares) < self.max_spares:
+            path = self.dir / f"prepared-{os.getpid()}-{self._spare_n}.spare"
+            self._spare_n += 1
             if path.exists():
                 continue
             _zero_fill(path, self.segment_size)
-            self._spares.append(path)
-        _fsync_dir(self.dir)
+            with self.lock:
+                self._spares.append(path)
+            made = True
+        if made:
+            _fsync_dir(self.dir)
 
-    def segments(self) -> list[Path]:
-        return sorted(self.dir.glob("*.wal"), key=lambda p: int(p.stem))
-
-    def _retire(self, seg: int) -> None:
-        """A segment with every record checkpointed: keep it as a spare or delete it."""
-        path = self.dir / f"{seg:012d}.wal"
-        if len(self._spares) < self.max_spares and path.exists() and path.stat().st_size == self.segment_size:
-            spare = self.dir / f"recycled-{seg}.spare"
-            os.rename(path, spare)
-            self._spares.append(spare)
-        else:
-            path.unlink(missing_ok=True)
-
-    def _open_segment(self, min_size: int) -> None:
-        if self._fd >= 0:
-            os.fdatasync(self._fd)  # the old segment's records are all durable before we leave it
-            os.close(self._fd)
-            if self.outstanding.get(self._current, 0) <= 0:  # all checkpointed already
-                self.outstanding.pop(self._current, None)
-                self._retire(self._current)
-        path = self.dir / f"{self._seq:012d}.wal"
+    def _activate(self, min_size: int) -> _Segment:
+        """A new segment (caller holds the lock): a spare if one is ready, else fallocate."""
+        seq = self._seq
+        self._seq += 1
+        path = self.dir / f"{seq:012d}.wal"
         if min_size <= self.segment_size and self._spares:
             os.rename(self._spares.pop(), path)
             fd = os.open(path, os.O_RDWR)
             size = self.segment_size
-        else:  # no spare ready (or a huge record): slower, unwritten extents
+        else:  # no spare ready, or a huge instance: unwritten extents, slower flushes
             size = max(self.segment_size, min_size)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             os.posix_fallocate(fd, 0, size)
-            os.fsync(fd)
+        nonce = int.from_bytes(os.urandom(8), "little")
+        os.pwrite(fd, _SEG_HEAD.pack(_SEG_MAGIC, seq, nonce).ljust(_SEG_DATA, b"\0"), 0)
+        os.fsync(fd)
         _fsync_dir(self.dir)
-        self._fd, self._tail, self._size = fd, 0, size
-        self._current = self._seq
-        self._seq += 1
+        segment = _Segment(seq, fd, size, nonce)
+        self.active[seq] = segment
+        return segment
 
-    def append(self, payload: list[bytes | memoryview], length: int, crc: int) -> tuple[int, int]:
-        """Write a record durably; return (segment sequence number, offset of the record)."""
-        with self._lock:
-            if self._fd < 0 or self._tail + _REC_HEAD.size + length > self._size:
-                self._open_segment(_REC_HEAD.size + length)
-            offset = self._tail
-            os.pwritev(self._fd, [_REC_HEAD.pack(_REC_MAGIC, self._current, length, crc), *payload], offset)
-            self._tail += _REC_HEAD.size + length
-            mark = (self._current << 40) | self._tail
-            self.outstanding[self._current] = self.outstanding.get(self._current, 0) + 1
-            self._written = mark
-            fd, segment = self._fd, self._current
-        # Group commit: one fdatasync covers every record written before it started.
-        with self._sync_lock:
-            if self._synced < mark:
-                target = self._written
-                if fd == self._fd:
-                    os.fdatasync(fd)
-                # else the segment was rotated, which fdatasync-ed it already
-                self._synced = max(self._synced, target)
-        return segment, offset
+    def acquire(self, min_free: int) -> _Segment:
+        """An active segment with at least ``min_free`` bytes left, owned by the caller."""
+        with self.lock:
+            free = [s for s in self.active.values() if not s.owned and s.size - s.tail >= min_free]
+            segment = max(free, key=lambda s: s.size - s.tail) if free else self._activate(min_free + _SEG_DATA)
+            segment.owned = True
+            return segment
 
-    @property
-    def current_segment(self) -> int:
-        return self._current if self._fd >= 0 else -1
+    def give_back(self, segment: _Segment) -> None:
+        with self.lock:
+            segment.owned = False
+            self._maybe_retire(segment)
 
-    def release(self, segments: dict[int, int]) -> None:
-        """Mark records as checkpointed; retire segments left with none (except the current)."""
-        with self._lock:
-            done = []
-            for seg, count in segments.items():
-                self.outstanding[seg] -= count
-                if self.outstanding[seg] <= 0 and seg != self._current:
-                    done.append(seg)
-            for seg in done:
-                del self.outstanding[seg]
-                self._retire(seg)
-        if done:
+    def checkpointed(self, counts: dict[int, int]) -> None:
+        """Records now safe as files: segments left with none (and no owner) can be recycled."""
+        retired = False
+        with self.lock:
+            for seq, n in counts.items():
+                segment = self.active.get(seq)
+                if segment is not None:
+                    segment.outstanding -= n
+                    retired = self._maybe_retire(segment) or retired
+        if retired:
             _fsync_dir(self.dir)
 
+    def _maybe_retire(self, segment: _Segment, force: bool = False) -> bool:
+        """Retire an unowned segment without outstanding records once it is half used."""
+        if segment.owned or segment.outstanding > 0:
+            return False
+        if not force and segment.size - segment.tail > segment.size // 2:
+            return False
+        del self.active[segment.seq]
+        os.close(segment.fd)
+        path = self.dir / f"{segment.seq:012d}.wal"
+        if len(self._spares) < self.max_spares and segment.size == self.segment_size:
+            spare = self.dir / f"recycled-{segment.seq}.spare"
+            os.rename(path, spare)
+            self._spares.append(spare)
+        else:
+            path.unlink(missing_ok=True)
+        return True
+
+    def retire_file(self, path: Path) -> None:
+        """A segment left over from before a restart, its records replayed."""
+        with self.lock:
+            if len(self._spares) < self.max_spares and path.stat().st_size == self.segment_size:
+                spare = self.dir / f"recycled-{path.stem}.spare"
+                os.rename(path, spare)
+                self._spares.append(spare)
+            else:
+                path.unlink()
+
     def close(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-                if self.outstanding.get(self._current, 0) <= 0:  # everything checkpointed
-                    self.outstanding.pop(self._current, None)
-                    self._retire(self._current)
-                    _fsync_dir(self.dir)
+        with self.lock:
+            for segment in list(self.active.values()):
+                segment.owned = False
+                if not self._maybe_retire(segment, force=True):
+                    os.close(segment.fd)
+                    del self.active[segment.seq]
+        _fsync_dir(self.dir)
+
+
+class _JournalRecord:
+    """One instance being streamed into a segment owned by an InstanceWriter."""
+
+    def __init__(self, journal: _Journal, segment: _Segment | None, meta: bytes) -> None:
+        self.journal = journal
+        self.segment = segment
+        self.meta = meta
+        self.fed = 0  # dataset bytes written so far
+        self.crc = zlib.crc32(meta)
+        self.start = 0
+        if segment is not None:
+            self._place(segment)
+
+    def _place(self, segment: _Segment) -> None:
+        self.segment = segment
+        self.start = segment.tail
+        os.pwrite(segment.fd, self.meta, self.start + _REC_HEAD.size)
+
+    def _data_offset(self) -> int:
+        return self.start + _REC_HEAD.size + len(self.meta)
+
+    def feed(self, received: memoryview, reserve: int = 0) -> None:
+        """Write the dataset bytes received since the last call (``received`` holds them all)."""
+        new = received[self.fed:]
+        segment = self.segment
+        assert segment is not None
+        if self._data_offset() + len(received) + reserve > segment.size:
+            # Doesn't fit: move to a segment with room, rewriting what was streamed so far.
+            self.journal.give_back(segment)
+            self._place(self.journal.acquire(2 * (len(self.meta) + len(received) + reserve) + _REC_HEAD.size))
+            self.crc = zlib.crc32(self.meta)
+            new = received
+        if new:
+            offset = self._data_offset() + len(received) - len(new)
+            os.pwrite(self.segment.fd, new, offset)
+            _start_writeback(self.segment.fd, offset, len(new))
+            self.crc = zlib.crc32(new, self.crc)
+        self.fed = len(received)
+
+    def commit(self, dataset: memoryview, info: StoredInstance) -> tuple[int, int, int]:
+        """Write the rest, the text block and the header, flush; return (seq, file offset, length)."""
+        text = _text_block(len(self.meta) + len(dataset), info)
+        text += struct.pack("<I", len(text) + 4)
+        self.feed(dataset, reserve=len(text))
+        segment = self.segment
+        assert segment is not None
+        payload_length = len(self.meta) + len(dataset) + len(text)
+        crc = zlib.crc32(text, self.crc)
+        head = _REC_HEAD.pack(_REC_MAGIC, segment.seq, segment.nonce, payload_length, crc)
+        end = self.start + _REC_HEAD.size + payload_length
+        os.pwrite(segment.fd, text, end - len(text))
+        os.pwrite(segment.fd, head, self.start)
+        os.fdatasync(segment.fd)
+        with self.journal.lock:
+            segment.tail = end
+            segment.outstanding += 1
+        return segment.seq, self.start + _REC_HEAD.size, len(self.meta) + len(dataset)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -440,8 +530,8 @@ class InstanceStore:
 
     def __init__(self, root: str | os.PathLike[str], *, durability: Durability = "journal",
                  min_free_fraction: float = 0.05, min_free_bytes: int = 1 << 30,
-                 segment_size: int = 64 << 20, apply_idle_seconds: float = 0.05,
-                 apply_max_backlog: int = 256,
+                 segment_size: int = 32 << 20, spare_segments: int = 4,
+                 apply_idle_seconds: float = 0.05, apply_max_backlog: int = 256,
                  on_instance: Callable[[StoredInstance], None] | None = None) -> None:
         if durability not in ("journal", "file"):
             raise ValueError(f"durability must be 'journal' or 'file', not {durability!r}")
@@ -468,9 +558,9 @@ class InstanceStore:
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._applier: threading.Thread | None = None
         if durability == "journal":
-            self._journal = _Journal(self.root / "journal", segment_size)
+            self._journal = _Journal(self.root / "journal", segment_size, spare_segments)
             self._recover()
-            self._journal.prepare()
+            self._journal.prepare_spares()
             self._applier = threading.Thread(target=self._apply_loop, name="cinesr-store-applier",
                                              daemon=True)
             self._applier.start()
@@ -560,6 +650,10 @@ class InstanceStore:
         if after < self.min_free_bytes or (total and after / total < self.min_free_fraction):
             raise StoreFull(f"free disk space below watermark ({free} bytes free)")
 
+    def open_writer(self, source_ae: str = "") -> InstanceWriter:
+        """A writer for one association's instances (streams datasets as their PDUs arrive)."""
+        return InstanceWriter(self, source_ae)
+
     def put(self, dataset: bytes | memoryview, transfer_syntax: str, sop_class_uid: str = "",
             sop_instance_uid: str = "", source_ae: str = "") -> StoredInstance:
         """Store one encoded dataset durably; return its record.
@@ -568,15 +662,24 @@ class InstanceStore:
         passes the request's Affected SOP Class/Instance UIDs). Raises InvalidDataset (nothing
         stored) or StoreFull (nothing written).
         """
+        writer = InstanceWriter(self, source_ae)
+        try:
+            writer.begin(transfer_syntax, sop_class_uid, sop_instance_uid)
+            return writer.commit(memoryview(dataset))
+        finally:
+            writer.close()
+
+    def _commit(self, writer: InstanceWriter, dataset: memoryview) -> StoredInstance:
+        transfer_syntax = writer.transfer_syntax
         found = scan_dataset(dataset, transfer_syntax)
-        sop_instance_uid = sop_instance_uid or found.get("sop_instance_uid", "")
-        sop_class_uid = sop_class_uid or found.get("sop_class_uid", "")
+        sop_instance_uid = writer.sop_instance_uid or found.get("sop_instance_uid", "")
+        sop_class_uid = writer.sop_class_uid or found.get("sop_class_uid", "")
         study_uid = found.get("study_uid", "")
         series_uid = found.get("series_uid", "")
         for name, uid in (("SOPInstanceUID", sop_instance_uid), ("SOPClassUID", sop_class_uid),
                           ("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
             if not is_valid_uid(uid):
-                raise InvalidDataset(f"missing or invalid {name}")
+                raise MissingAttributes(f"missing or invalid {name}")
         path = self.instances_dir / study_uid / series_uid / f"{sop_instance_uid}.dcm"
         info = StoredInstance(study_uid, series_uid, sop_instance_uid, sop_class_uid,
                               found.get("modality", ""), transfer_syntax, path)
@@ -587,17 +690,19 @@ class InstanceStore:
             self._index[sop_instance_uid] = path  # reserve: a concurrent duplicate is skipped
         try:
             self.check_space(len(dataset) + 512)
-            parts = [file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, source_ae), dataset]
+            meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, writer.source_ae)
             if self._journal is not None:
-                payload, length, crc = _encode_payload(info, parts)
-                segment, offset = self._journal.append(payload, length, crc)
+                record = writer._record
+                if record is None or record.meta != meta:
+                    record = _JournalRecord(self._journal, writer._segment_for(len(dataset)), meta)
+                seq, offset, length = record.commit(dataset, info)
+                writer._segment = record.segment
                 self._last_put = time.monotonic()
                 # The applier copies the file bytes out of the journal (page cache), so the caller's
-                # buffer is free for reuse as soon as put returns.
-                head = _REC_HEAD.size + len(payload[0])
-                self._queue.put(_Pending(info, segment, offset + head, length - len(payload[0])))
+                # buffer is free for reuse as soon as this returns.
+                self._queue.put(_Pending(info, seq, offset, length))
             else:
-                self._write_file_durably(path, parts)
+                self._write_file_durably(path, [meta, dataset])
                 self._notify(info)
         except BaseException:
             with self._lock:
@@ -698,12 +803,12 @@ class InstanceStore:
     def _recover(self) -> None:
         """Replay journal records that were acknowledged but not yet checkpointed."""
         assert self._journal is not None
-        segments = self._journal.segments()
+        segments = self._journal.segment_files()
         replayed = 0
         fds: list[int] = []
         for seg in segments:
-            for texts, file_bytes in _decode_records(seg.read_bytes(), int(seg.stem)):
-                study, series, sop, sop_class, modality, ts = texts
+            for texts, file_bytes in _decode_segment(seg.read_bytes()):
+                study, series, sop = texts[:3]
                 if not (is_valid_uid(study) and is_valid_uid(series) and is_valid_uid(sop)):
                     continue
                 path = self.instances_dir / study / series / f"{sop}.dcm"
@@ -712,7 +817,7 @@ class InstanceStore:
                 replayed += 1
         self._checkpoint(fds)
         for seg in segments:
-            self._journal._retire(int(seg.stem))
+            self._journal.retire_file(seg)
         if segments:
             _fsync_dir(self._journal.dir)
             LOGGER.info("replayed %d journalled instances from %d segments", replayed, len(segments))
@@ -756,11 +861,10 @@ class InstanceStore:
                     LOGGER.exception("could not materialise %s", item.info.sop_instance_uid)
             # Checkpoint when idle, at a flush/close request, or when the batch is large.
             idle = item == "idle" or self._queue.empty()
-            if fds and (item == "idle" or stopping or markers or len(fds) >= 512 or
-                        (idle and any(s != self._journal.current_segment for s in segments_in_batch))):
+            if fds and (item == "idle" or stopping or markers or len(fds) >= 512 or idle):
                 self._checkpoint_batch(fds, dirs, segments_in_batch)
                 fds, dirs, segments_in_batch = [], set(), {}
-                for seg in [s for s in segment_fds if s not in self._journal.outstanding]:
+                for seg in [s for s in segment_fds if s not in self._journal.active]:
                     os.close(segment_fds.pop(seg))  # retired: its blocks may be recycled
             if markers and not fds:
                 for marker in markers:
@@ -806,8 +910,67 @@ class InstanceStore:
             os.close(fd)
         for directory in dirs:
             _fsync_dir(directory)
-        self._journal.release(segments)
+        self._journal.checkpointed(segments)
+        if self._queue.empty():
+            self._journal.prepare_spares()  # top up while nothing streams in
         LOGGER.debug("checkpointed %d instances in %.1f ms", len(fds), 1000 * (time.perf_counter() - t0))
+
+
+class InstanceWriter:
+    """Receives the instances of one association, one at a time (not thread-safe).
+
+    ``begin`` when a C-STORE request arrives, ``feed`` with everything received so far after each
+    PDU (the new bytes are written to the journal at once, overlapping the sender), ``commit``
+    with the whole dataset at its last fragment; ``close`` when the association ends.
+    """
+
+    def __init__(self, store: InstanceStore, source_ae: str = "") -> None:
+        self.store = store
+        self.source_ae = source_ae
+        self.transfer_syntax = ""
+        self.sop_class_uid = ""
+        self.sop_instance_uid = ""
+        self._segment: _Segment | None = None
+        self._record: _JournalRecord | None = None
+
+    def _segment_for(self, size: int) -> _Segment:
+        journal = self.store._journal
+        assert journal is not None
+        if self._segment is not None and self._segment.size - self._segment.tail < size + (1 << 16):
+            journal.give_back(self._segment)
+            self._segment = None
+        if self._segment is None:
+            self._segment = journal.acquire(max(size + (1 << 16), 1 << 20))
+        return self._segment
+
+    def begin(self, transfer_syntax: str, sop_class_uid: str = "", sop_instance_uid: str = "") -> None:
+        self.transfer_syntax = transfer_syntax
+        self.sop_class_uid = sop_class_uid if is_valid_uid(sop_class_uid) else ""
+        self.sop_instance_uid = sop_instance_uid if is_valid_uid(sop_instance_uid) else ""
+        self._record = None
+        journal = self.store._journal
+        if journal is not None and self.sop_class_uid and self.sop_instance_uid:
+            meta = file_meta_bytes(self.sop_class_uid, self.sop_instance_uid, transfer_syntax, self.source_ae)
+            self._record = _JournalRecord(journal, self._segment_for(1 << 20), meta)
+
+    def feed(self, received: memoryview) -> None:
+        """Stream the dataset bytes received so far (all of them, from the start)."""
+        if self._record is not None:
+            self._record.feed(received)
+            self._segment = self._record.segment
+
+    def commit(self, dataset: memoryview) -> StoredInstance:
+        """Validate, file and make durable; raises InvalidDataset or StoreFull (nothing stored)."""
+        try:
+            return self.store._commit(self, dataset)
+        finally:
+            self._record = None
+            self.transfer_syntax = self.sop_class_uid = self.sop_instance_uid = ""
+
+    def close(self) -> None:
+        if self._segment is not None and self.store._journal is not None:
+            self.store._journal.give_back(self._segment)
+        self._segment = None
 
 
 def _meta_value(meta: bytes, elem: int) -> str:
