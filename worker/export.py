@@ -175,19 +175,24 @@ def export_bundle(
 
 
 def onnx_cache_dir(model: LoadedModel) -> Path:
-    """Where graphs for a model live: next to the bundle if writable, else a per-user cache keyed by
-    the weights' hash (CINESR_CACHE_DIR overrides the cache root)."""
-    if model.bundle_dir is not None and os.access(model.bundle_dir, os.W_OK):
-        return model.bundle_dir
+    """Per-user cache of graphs keyed by the weights' hash (CINESR_CACHE_DIR overrides the root)."""
     root = Path(os.environ.get("CINESR_CACHE_DIR") or Path(tempfile.gettempdir()) / "cinesr-cache")
     return root / "onnx" / model.weights_hash[:16]
 
 
+def _current(directory: Path, model: LoadedModel) -> bool:
+    rec = onnx_record(directory)
+    return rec is not None and rec.get("source_weights_sha256") == model.weights_hash
+
+
 def ensure_onnx(model: LoadedModel, directory: str | Path | None = None) -> Path:
-    """A folder holding current ONNX graphs of `model` (exported now if absent or stale)."""
+    """A folder holding current ONNX graphs of `model`: `directory` (exported there if absent or
+    stale), else the bundle folder when `cinesr export` already wrote them there, else the cache
+    (exported on first use; a bundle inside the installed package is never written to at run time)."""
+    if directory is None and model.bundle_dir is not None and _current(model.bundle_dir, model):
+        return model.bundle_dir
     d = Path(directory) if directory is not None else onnx_cache_dir(model)
-    rec = onnx_record(d)
-    if rec is None or rec.get("source_weights_sha256") != model.weights_hash:
+    if not _current(d, model):
         export_bundle(model, d)
     return d
 

@@ -228,7 +228,8 @@ class ModelMethod:
                     acc[f, ys, xs] += cw[c] * tile_w * img[c]
                     wsum[f, ys, xs] += cw[c] * tile_w
         out = acc / np.maximum(wsum, 1e-12)
-        return out[:, : h * sf, : w * sf]
+        # the model's range, as in training; the intensity map's inverse then brings back series units
+        return np.clip(out[:, : h * sf, : w * sf], -1.0, 1.0)
 
     def _noise(self, window: int, y: int, x: int) -> torch.Tensor:
         """(steps, 1, C, s, s) noise for one job, from its own seeded generator."""

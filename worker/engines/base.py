@@ -15,7 +15,6 @@ batch composition.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -123,28 +122,24 @@ def _from_config(cfg: dict[str, Any], seed: int, source: dict[str, Any]) -> Load
 
 
 def _from_bundle(path: Path) -> LoadedModel:
-    """The one place that knows the bundle format (model/bundle.py, written alongside this)."""
-    from cinesr.model import bundle as bundle_mod  # type: ignore[attr-defined]
+    """The one place that knows the bundle format (cinesr.model.bundle)."""
+    from cinesr.model.bundle import load_bundle
 
-    b = bundle_mod.load_bundle(path)
-    unet, vqgan, cfg = b.unet.eval(), b.vqgan.eval(), dict(b.config)
+    b = load_bundle(path)
+    unet, vqgan, cfg = b.unet.eval(), b.autoencoder.eval(), dict(b.config)
     cfg.setdefault("diffusion", {})
-    meta = json.loads((path / "model.json").read_text()) if (path / "model.json").is_file() else {}
-    source = {
-        "kind": "bundle",
-        "path": str(path),
-        "version": str(meta.get("version", "")),
-        "sha256": state_hash(unet, vqgan),
-    }
+    source = {"kind": "bundle", "path": str(path), "name": b.name, "version": b.version,
+              "sha256": state_hash(unet, vqgan)}
     return LoadedModel(
-        cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), _geometry(cfg, vqgan), source, path, meta
+        cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), _geometry(cfg, vqgan), source, path, dict(b.meta)
     )
 
 
 def default_model() -> str | Path:
     """The bundled trained tiny model where it exists, else the tiny config (random, seeded weights)."""
-    bundled = Path(__file__).resolve().parents[2] / "model" / "bundles" / "tiny"
-    return bundled if (bundled / "model.json").is_file() else "tiny"
+    from cinesr.model.bundle import DEFAULT_BUNDLE
+
+    return DEFAULT_BUNDLE if (DEFAULT_BUNDLE / "model.json").is_file() else "tiny"
 
 
 def load_model(model: str | Path | Mapping[str, Any] | LoadedModel | None = None, seed: int = 0) -> LoadedModel:

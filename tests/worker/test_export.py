@@ -1,0 +1,74 @@
+"""ONNX export of the three graphs, model.json record, staleness, and the backend self-test."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from cinesr.worker.engines import load_model
+from cinesr.worker.export import GRAPHS, OPSET, ensure_onnx, export_bundle, onnx_record, selftest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return export_bundle("tiny", tmp_path_factory.mktemp("bundle"), batch_sizes=(1, 4))
+
+
+def test_export_writes_graphs_and_record(exported):
+    for g in GRAPHS:
+        assert (exported / f"{g}.onnx").stat().st_size > 10_000
+    meta = json.loads((exported / "model.json").read_text())
+    rec = meta["onnx"]
+    assert rec["opset"] == OPSET and rec["batch"] == "dynamic" and rec["batch_sizes"] == [1, 4]
+    assert rec["io"]["unet"]["inputs"]["lq"] == ["B", 3, 64, 64]
+    assert rec["io"]["decoder"]["outputs"]["images"] == ["B", 3, 256, 256]
+    assert rec["source_weights_sha256"] == load_model("tiny").weights_hash
+    assert meta["config"]["name"] == "tiny"  # a graphs-only folder keeps what is needed to run it
+    assert onnx_record(exported) == rec
+
+
+def test_graphs_have_dynamic_batch_and_fixed_window(exported):
+    m = onnx.load(str(exported / "unet.onnx"))
+    onnx.checker.check_model(m)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    assert dims == {"x": ["batch", 3, 64, 64], "t": ["batch"], "lq": ["batch", 3, 64, 64]}
+    assert m.opset_import[0].version == OPSET
+
+
+def test_exported_graphs_run_at_other_batches(exported):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(exported / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        out = s.run(None, {"images": np.zeros((b, 3, 256, 256), np.float32)})[0]
+        assert out.shape == (b, 3, 64, 64)
+
+
+def test_ensure_onnx_reexports_stale_graphs(exported, tmp_path):
+    d = export_bundle("tiny", tmp_path / "b", batch_sizes=(1,))
+    before = (d / "unet.onnx").read_bytes()
+    assert ensure_onnx(load_model("tiny", seed=0), d) == d
+    assert (d / "unet.onnx").read_bytes() == before  # current: untouched
+    other = load_model("tiny", seed=5)
+    ensure_onnx(other, d)
+    assert onnx_record(d)["source_weights_sha256"] == other.weights_hash
+    assert (d / "unet.onnx").read_bytes() != before
+
+
+def test_selftest_torch_against_onnxruntime(tmp_path, monkeypatch):
+    monkeypatch.setenv("CINESR_CACHE_DIR", str(tmp_path))
+    report = selftest("torch", "cpu", model="tiny", batch=1)
+    assert report["ok"], report
+    assert report["engine"]["backend"] == "torch" and report["reference"]["backend"] == "onnx"
+    assert report["differences"]["unet_max_abs"] < 1e-3
