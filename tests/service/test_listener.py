@@ -421,3 +421,25 @@ def test_file_durability_mode_and_concurrent_puts(tmp_path: Path) -> None:
     assert {p.stem for p in stored} == {ds.SOPInstanceUID for ds in datasets}
     assert not [p for p in (tmp_path / "f" / "instances").rglob(".*")]  # no temp files left
     store.close()
+
+
+@pytest.mark.parametrize("max_pdu", [16384, 1 << 20])
+def test_instances_spanning_journal_segments(make_listener, tmp_path: Path, max_pdu: int) -> None:
+    """Instances bigger than what is left in a segment move to the next one; none is lost."""
+    require_dcmtk()
+    listener = make_listener(store_kwargs={"segment_size": 1 << 20, "spare_segments": 1}, max_pdu_size=max_pdu)
+    folder = tmp_path / "big"
+    folder.mkdir()
+    study, series = generate_uid(), generate_uid()
+    expected = {}
+    for i in range(12):
+        ds = mr_dataset(study, series, rows=256)  # ~128 KiB each, 8 per 1 MiB segment at most
+        expected[ds.SOPInstanceUID] = write_file(folder / f"{i:03d}.dcm", ds)
+    for _ in range(2):
+        result = storescu(listener.port, folder, extra=("+sd",))
+        assert result.returncode == 0, result.stderr
+    files = listener.files()
+    assert {p.stem for p in files} == set(expected)
+    for path in files:
+        assert dataset_bytes(path)[0] == dataset_bytes(expected[path.stem])[0]
+    assert listener.handle.stats.duplicates == 12  # the second pass
