@@ -1,0 +1,52 @@
+"""`cinesr worker`: one Celery worker process bound to one device."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+from cinesr.service.cli import UsageError, app
+
+# SIGTERM (pod or container stop) should start Celery's soft shutdown: the running series may finish within
+# the hard time limit, else its message is handed back at once. Celery reads this when billiard is first
+# imported, so it is set as early as possible (and `worker` re-executes itself if it was too late).
+os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+
+
+@app.command()
+def worker(
+    gpu: Annotated[str | None, typer.Option(help="GPU index (or UUID) this worker uses; sets CUDA_VISIBLE_DEVICES. "
+                                                 "Default: the environment's CUDA_VISIBLE_DEVICES.")] = None,
+    pool: Annotated[str, typer.Option(help="prefork (a child process runs the tasks; the parent never touches "
+                                           "CUDA; hard time limits enforced) or solo (one process, for debugging).")]
+    = "prefork",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name (default cinesr-<pid>@<host>).")] = None,
+) -> None:
+    """Run a worker: takes super-resolution and export tasks from the broker (BROKER_URL, or the embedded
+    queue in DATA_DIR when empty), one at a time. Run one per GPU."""
+    if pool not in ("prefork", "solo"):
+        raise UsageError(f"unknown pool {pool!r} (available: prefork, solo)")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    import billiard.common
+
+    if billiard.common.REMAP_SIGTERM != "SIGQUIT":  # billiard was imported before the variable was set
+        os.execv(sys.executable, [sys.executable, "-c", "from cinesr.service.cli import main; main()", *sys.argv[1:]])
+
+    from cinesr.worker.celery_app import get_app, is_embedded
+    from cinesr.worker.settings import load_settings
+
+    settings = load_settings()
+    if settings.task_time_limit <= settings.task_soft_time_limit:
+        raise UsageError("CINESR_TASK_TIME_LIMIT must be larger than CINESR_TASK_SOFT_TIME_LIMIT")
+    celery = get_app(settings)
+    level = logging.getLevelName(logging.getLogger().level)
+    argv = ["worker", "--pool", pool, "--concurrency", "1", "--loglevel", str(level),
+            "--hostname", hostname or f"cinesr-{os.getpid()}@%h"]
+    if is_embedded(settings):
+        # the embedded transport has no fan-out: no gossip, mingle or broker heartbeats
+        argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    celery.worker_main(argv)

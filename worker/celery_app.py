@@ -1,0 +1,134 @@
+"""The Celery app: Redis when BROKER_URL is set, else the embedded SQLite transport in DATA_DIR.
+
+`celery -A cinesr.worker.celery_app worker` and `cinesr worker` use the module-level `app`, configured
+from the environment (CINESR_*). Code that holds a Settings object (the gateway, tests) calls
+`get_app(settings)`; apps are cached per broker, so every caller shares one connection pool.
+
+Every setting below is chosen for long GPU jobs (minutes per series, one job at a time per GPU); the
+reason is next to each. See the README section "Workers and reliability".
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from cinesr.worker import embedded_broker
+from cinesr.worker.settings import Settings, load_settings
+
+QUEUE = "celery"  # the Redis list KEDA watches (helm values keda.listName)
+SUPERRESOLVE = "cinesr.superresolve_series"
+EXPORT = "cinesr.export_series"
+
+
+def broker_url(settings: Settings) -> str:
+    return settings.broker_url or f"{embedded_broker.SCHEME}://"
+
+
+def embedded_broker_path(settings: Settings) -> Path:
+    return Path(settings.data_dir) / "queue" / "broker.sqlite3"
+
+
+def is_embedded(settings: Settings) -> bool:
+    return not settings.broker_url
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """Seconds a taken-but-unacknowledged task stays invisible before another worker may take it.
+
+    Above the hard time limit (plus a margin for the export that follows in the same delivery and for a
+    slow shutdown): a healthy worker always finishes or is killed before its task is handed out again, so
+    a running series is never processed twice; a dead worker's task comes back after at most this long.
+    """
+    return int(settings.task_time_limit * 1.1) + 60
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for these settings (a plain dict, so tests and docs can read it)."""
+    embedded = is_embedded(settings)
+    transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout(settings)}
+    if embedded:
+        transport_options["path"] = str(embedded_broker_path(settings))
+    soft = float(settings.task_soft_time_limit)
+    hard = max(float(settings.task_time_limit), soft + 1.0)
+    return {
+        "broker_url": broker_url(settings),
+        "broker_transport_options": transport_options,
+        # A worker that starts before Redis is up keeps trying instead of exiting (pod start order).
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Task state lives in the job record (JobStore), not in a Celery result backend.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": QUEUE,
+        # Acknowledge only after the task returns: a worker that dies mid-series leaves the message
+        # unacknowledged, so the broker hands it to the next worker instead of losing it.
+        "task_acks_late": True,
+        # With late ack, a child killed by the OOM killer, a segfault or the hard time limit would
+        # otherwise be acknowledged as failed; reject it back to the queue (the delivery counter in
+        # the job record stops a task that kills its worker every time).
+        "task_reject_on_worker_lost": True,
+        # Each worker reserves one task at a time: a series takes minutes, and a second reserved
+        # series would wait behind it while another GPU sits idle.
+        "worker_prefetch_multiplier": 1,
+        # One process per GPU: the engine holds the whole GPU (memory, TensorRT context).
+        "worker_concurrency": 1,
+        # Engines and model bundles are loaded per process; recycling children would reload them.
+        "worker_max_tasks_per_child": None,
+        # Soft limit: the task gets SoftTimeLimitExceeded and records a clear failure; hard limit:
+        # the child is killed (a hung CUDA kernel cannot be interrupted any other way).
+        "task_soft_time_limit": soft,
+        "task_time_limit": hard,
+        # SIGTERM (pod stop, docker stop) starts a soft shutdown (`cinesr worker` maps SIGTERM to
+        # SIGQUIT): the running task gets up to its hard time limit to finish; if it still runs then,
+        # its message goes back to the queue at once (no wait for the visibility timeout).
+        "worker_soft_shutdown_timeout": hard,
+        # An idle worker with a reserved (not started) message also hands it back on shutdown.
+        "worker_enable_soft_shutdown_on_idle": True,
+        # A broker blip (Redis restart) must not throw away minutes of GPU work: the running task goes
+        # on and records its result in the job record; if its ack is lost with the old connection, the
+        # redelivery later finds the series done and is a no-op.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Publishing retries through a short broker outage instead of failing the request.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 3},
+        # Worker events and remote control are not used (the job record is the status); the embedded
+        # transport has no fan-out for them.
+        "worker_send_task_events": False,
+        "worker_enable_remote_control": not embedded,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "broker_connection_timeout": 5,
+    }
+
+
+def make_app(settings: Settings) -> Celery:
+    """A configured Celery app with CineSR's tasks registered."""
+    from cinesr.worker import tasks
+
+    app = Celery("cinesr", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    tasks.register(app)
+    return app
+
+
+_apps: dict[tuple[str, str], Celery] = {}
+_lock = threading.Lock()
+
+
+def get_app(settings: Settings) -> Celery:
+    """The (cached) app for these settings' broker."""
+    key = (broker_url(settings), str(embedded_broker_path(settings)) if is_embedded(settings) else "")
+    with _lock:
+        if key not in _apps:
+            _apps[key] = make_app(settings)
+        return _apps[key]
+
+
+# For `celery -A cinesr.worker.celery_app worker`: configured from the environment.
+app = get_app(load_settings())

@@ -1,0 +1,188 @@
+"""Putting jobs on the queue, and the embedded worker of `cinesr serve` without a broker.
+
+    enqueue_job(job_id, settings)      one chain per series: superresolve_series -> export_series
+    enqueue_export(job_id, settings)   export only, for POST /jobs/{id}/retry (no recomputation)
+    start_embedded_worker(settings)    a supervised `cinesr worker` subprocess on the embedded transport
+
+Messages carry the job id and the series UID only; the enqueue time travels as a message header so the
+worker can record the time a series waited in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import chain
+from cinesr.worker.celery_app import EXPORT, SUPERRESOLVE, get_app, is_embedded
+from cinesr.worker.settings import Settings
+
+log = logging.getLogger("cinesr.worker.dispatch")
+
+
+def _open_store(settings: Settings) -> Any:
+    from cinesr.worker.jobs import open_job_store
+
+    return open_job_store(settings)
+
+
+def _headers() -> dict[str, Any]:
+    return {"cinesr_enqueued_at": time.time()}
+
+
+def enqueue_job(job_id: str, settings: Settings) -> None:
+    """Queue every series of the job that has not succeeded yet: super-resolve, then export."""
+    store = _open_store(settings)
+    try:
+        job = store.get(job_id)
+    finally:
+        store.close()
+    app = get_app(settings)
+    for entry in job.series:
+        if entry.status == "succeeded":
+            continue
+        chain(app.signature(SUPERRESOLVE, args=(job_id, entry.input_series_uid), immutable=True),
+              app.signature(EXPORT, args=(job_id, entry.input_series_uid), immutable=True),
+              app=app).apply_async(headers=_headers())
+
+
+def enqueue_export(job_id: str, settings: Settings) -> None:
+    """Resend the derived series of the job without recomputing them; series that have no derived
+    series yet (they failed before it was written) are queued for processing again."""
+    store = _open_store(settings)
+    try:
+        job = store.get(job_id)
+    finally:
+        store.close()
+    app = get_app(settings)
+    for entry in job.series:
+        if entry.status == "succeeded":
+            continue
+        if entry.output_series_uid:
+            app.signature(EXPORT, args=(job_id, entry.input_series_uid), immutable=True).apply_async(
+                headers=_headers())
+        else:
+            chain(app.signature(SUPERRESOLVE, args=(job_id, entry.input_series_uid), immutable=True),
+                  app.signature(EXPORT, args=(job_id, entry.input_series_uid), immutable=True),
+                  app=app).apply_async(headers=_headers())
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The settings as CINESR_* environment variables, so a child process sees exactly these settings."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        env[f"CINESR_{name.upper()}"] = text
+    return env
+
+
+# `python -m cinesr.service.cli` would not see the sub-commands (they register on the imported module).
+CLI = [sys.executable, "-c", "from cinesr.service.cli import main; main()"]
+
+
+def worker_command(pool: str = "prefork", loglevel: str = "WARNING", hostname: str | None = None) -> list[str]:
+    """The command line of a worker process (the `cinesr worker` entry point, same interpreter)."""
+    cmd = [*CLI, "--log-level", loglevel, "worker", "--pool", pool]
+    if hostname:
+        cmd += ["--hostname", hostname]
+    return cmd
+
+
+class EmbeddedWorker:
+    """A `cinesr worker` subprocess on the embedded transport, restarted if it dies.
+
+    A separate process, not a thread: the worker's CUDA context, signal handling and memory stay out
+    of the listener's process, and a crash of the engine does not take the DICOM listener with it. The
+    queue is a SQLite file in DATA_DIR, so queued tasks survive a restart of `cinesr serve`; a task that
+    was running when the worker died is handed out again when the next worker starts.
+    """
+
+    def __init__(self, settings: Settings, pool: str = "prefork", loglevel: str = "WARNING",
+                 log_file: Path | None = None, restart_delay: float = 2.0) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.loglevel = loglevel
+        self.log_file = log_file or Path(settings.data_dir) / "logs" / "worker.log"
+        self.restart_delay = restart_delay
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._supervise, name="cinesr-embedded-worker", daemon=True)
+
+    def start(self) -> EmbeddedWorker:
+        self._spawn()
+        self._thread.start()
+        return self
+
+    def _spawn(self) -> None:
+        env = {**os.environ, **settings_environment(self.settings)}
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            with open(self.log_file, "ab") as logf:
+                self.process = subprocess.Popen(worker_command(self.pool, self.loglevel), env=env, stdout=logf,
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)  # our stop() decides, not the tty
+        log.info("embedded worker started (pid %d), log %s", self.process.pid, self.log_file)
+
+    def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            proc = self.process
+            if proc is None:
+                return
+            code = proc.wait()
+            if self._stopping.is_set():
+                return
+            self.restarts += 1
+            log.warning("embedded worker exited with %s; restarting in %.0f s", code, self.restart_delay)
+            if self._stopping.wait(self.restart_delay):
+                return
+            self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (soft shutdown: the running task may finish, else it is requeued), then SIGKILL."""
+        self._stopping.set()
+        with self._lock:
+            proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        self._thread.join(5)
+
+
+def start_embedded_worker(settings: Settings, **kwargs: Any) -> EmbeddedWorker:
+    """Start the worker of `cinesr serve` when BROKER_URL is empty (same tasks, embedded transport)."""
+    if not is_embedded(settings):
+        raise ValueError("start_embedded_worker is for the embedded transport (BROKER_URL empty)")
+    return EmbeddedWorker(settings, **kwargs).start()

@@ -1,0 +1,172 @@
+"""Celery tasks: thin wrappers that carry job_id + series_uid and call cinesr.worker.process.
+
+    superresolve_series(job_id, series_uid) -> export_series(job_id, series_uid)   (a chain per series)
+
+Pixel data never travels through the broker. Each delivery first looks at the job record:
+- work already done (a duplicate or a redelivery after the ack was lost) is skipped, so the chain goes on
+  without recomputing;
+- a delivery that finds the series mid-flight, or that the broker marks as redelivered, follows a worker
+  that died on it; those are counted in the job record (`attempts`), and after MAX_REDELIVERIES the series
+  is marked failed instead of killing worker after worker (a poison job);
+- TransientError (PACS down, store busy) is retried with exponential backoff and jitter; PermanentError
+  and exhausted retries end the series `failed` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from cinesr.worker import runtime
+from cinesr.worker.errors import JobError, TransientError
+
+log = logging.getLogger("cinesr.worker.tasks")
+
+MAX_REDELIVERIES = 3  # worker deaths tolerated per job before the series is declared poison
+MAX_RETRIES = 5  # Celery retries of a TransientError (on top of process.py's own retries)
+RETRY_BACKOFF_MAX = 600  # seconds; must stay below the visibility timeout
+
+# status a series has while a stage runs, and the statuses meaning that stage is already done
+_IN_FLIGHT = {"superresolve": "running", "export": "exporting"}
+_DONE = {"superresolve": {"processed", "exporting", "succeeded"}, "export": {"succeeded"}}
+
+
+class JobTask(Task):
+    """Base of CineSR tasks: retries only transient errors; records final failures in the job."""
+
+    autoretry_for = (TransientError,)
+    retry_backoff = 5  # first retry after ~5 s, then 10, 20, ... (exponential)
+    retry_backoff_max = RETRY_BACKOFF_MAX
+    retry_jitter = True  # several workers hitting the same PACS do not retry in lockstep
+    max_retries = MAX_RETRIES
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        job_id, series_uid = _ids(args, kwargs)
+        if isinstance(exc, SoftTimeLimitExceeded):
+            reason = f"{self.name.rsplit('.', 1)[-1]} took longer than the soft time limit"
+        elif isinstance(exc, JobError):
+            reason = str(exc) or type(exc).__name__
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        _record_failure(job_id, series_uid, reason)
+
+
+def _ids(args: tuple, kwargs: dict) -> tuple[str, str]:
+    values = list(args) + [kwargs.get("job_id"), kwargs.get("series_uid")]
+    return str(values[0]), str(values[1])
+
+
+def _record_failure(job_id: str, series_uid: str, reason: str) -> None:
+    from cinesr.worker.jobs import UnknownJob
+
+    try:
+        runtime.job_store().update_series(job_id, series_uid, status="failed", error=reason[:2000])
+    except (UnknownJob, KeyError):
+        pass
+    except Exception as exc:  # noqa: BLE001 - the store itself is down; the log keeps the reason
+        log.error("could not record failure of job %s: %s (%s)", job_id, reason, exc)
+
+
+def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> bool:
+    """Decide whether this delivery runs: False = already done (skip); raises Ignore to stop the chain."""
+    from cinesr.worker.jobs import UnknownJob
+
+    store = runtime.job_store()
+    try:
+        job = store.get(job_id)
+        entry = job.entry(series_uid)
+    except (UnknownJob, KeyError):
+        log.warning("%s: job %s / series %s no longer exists; dropped", stage, job_id, series_uid)
+        raise Ignore() from None
+    if entry.status in _DONE[stage]:
+        log.info("%s of %s/%s already done; skipped", stage, job_id, series_uid)
+        return False
+    request = task.request
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    crashed = redelivered or (entry.status == _IN_FLIGHT[stage] and not request.retries)
+    if crashed:
+        job = store.update(job_id, attempts=job.attempts + 1)
+        log.warning("%s of %s/%s redelivered after a lost worker (%d so far)", stage, job_id, series_uid,
+                    job.attempts)
+        if job.attempts > MAX_REDELIVERIES:
+            _record_failure(job_id, series_uid, f"the worker was lost {job.attempts} times while processing "
+                                                f"this job (poison job?); not retried again")
+            raise Ignore()
+    enqueued = _header(request, "cinesr_enqueued_at")
+    if enqueued and not request.retries and not crashed:
+        store.add_timing(job_id, "queue", max(0.0, time.time() - float(enqueued)), series_uid)
+    return True
+
+
+def _header(request: Any, name: str) -> Any:
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    return value
+
+
+def superresolve_series(self: Task, job_id: str, series_uid: str) -> None:
+    """Read the series, super-resolve it, write the derived series (process.process_series)."""
+    if not _begin(self, "superresolve", job_id, series_uid):
+        return
+    from cinesr.worker import process
+
+    process.process_series(job_id, series_uid, runtime.settings())
+    # a series that failed inside process_series without raising must not be exported
+    entry = runtime.job_store().get(job_id).entry(series_uid)
+    if entry.status == "failed":
+        raise Ignore()
+
+
+def export_series(self: Task, job_id: str, series_uid: str) -> None:
+    """C-STORE the derived series to the destination (process.export_series); skips acknowledged ones."""
+    if not _begin(self, "export", job_id, series_uid):
+        return
+    from cinesr.worker import process
+
+    process.export_series(job_id, series_uid, runtime.settings())
+
+
+def register(app: Celery) -> None:
+    """Register the tasks on an app (one app per broker; see celery_app.get_app)."""
+    from cinesr.worker.celery_app import EXPORT, SUPERRESOLVE
+
+    app.task(name=SUPERRESOLVE, base=JobTask, bind=True)(superresolve_series)
+    app.task(name=EXPORT, base=JobTask, bind=True)(export_series)
+    _connect_signals()
+
+
+_signals_connected = False
+
+
+def _connect_signals() -> None:
+    # Engine loading happens in the process that runs tasks, after fork (see runtime).
+    global _signals_connected
+    if _signals_connected:
+        return
+    _signals_connected = True
+    from celery import signals
+
+    @signals.worker_process_init.connect(weak=False)
+    def _child_start(**_: Any) -> None:
+        runtime.start()
+
+    @signals.worker_init.connect(weak=False)
+    def _main_start(sender: Any = None, **_: Any) -> None:
+        pool = getattr(sender, "pool_cls", None)
+        name = pool if isinstance(pool, str) else getattr(pool, "__module__", "") + str(pool)
+        if "solo" in name or "threads" in name:  # no children: this process runs the tasks
+            runtime.start()
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _child_stop(**_: Any) -> None:
+        runtime.stop()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _main_stop(**_: Any) -> None:
+        runtime.stop()
