@@ -108,9 +108,9 @@ def sample_params(rng: np.random.Generator) -> FourierParams:
         thickness_mm=float(rng.choice([5.0, 6.0, 8.0, 10.0])),
         first_slice_mm=u(2.0, 12.0),
         es_area=u(0.25, 0.55),
-        mu=np.array([mu1, mu1 + u(0.22, 0.36)]),
-        kappa=np.array([u(5.0, 11.0), u(1.5, 3.5)]),
-        weight=u(0.35, 0.7),
+        mu=np.array([mu1, mu1 + u(0.25, 0.42)]),
+        kappa=np.array([u(2.5, 5.0), u(1.5, 3.5)]),
+        weight=u(0.2, 0.5),
         rv_lag=u(-0.01, 0.04),
         thick_gain=u(0.3, 0.8),
         lissajous=np.array([u(0.5, 3.0), u(0.5, 3.0), u(0, 2 * np.pi), u(0, 2 * np.pi)]),
@@ -165,17 +165,43 @@ def _mixture(p: FourierParams, phase: np.ndarray) -> np.ndarray:
     return _pulse(phase, p.mu[0], p.kappa[0]) + p.weight * _pulse(phase, p.mu[1], p.kappa[1])
 
 
+_GRID = 2048
+
+
+def _deficit_table(p: FourierParams) -> np.ndarray:
+    """The normalised volume deficit (0 at the fullest, 1 at the emptiest) on a periodic grid.
+
+    A sharp systolic von Mises pulse plus a broad, later diastolic one. A plain sum would empty
+    the ventricle twice; its monotone envelope (non-increasing from end-systole to the fullest
+    point, non-decreasing during ejection) gives rapid refilling, a diastasis plateau where the
+    second pulse holds the deficit, and a late atrial refill as that pulse decays. A periodic
+    Gaussian smoothing removes the envelope's corners.
+    """
+    cached = getattr(p, "_deficit", None)
+    if cached is not None:
+        return cached
+    grid = np.arange(_GRID) / _GRID
+    g = _mixture(p, grid)
+    peak = int(np.argmax(g))
+    rolled = np.roll(g, -peak)  # end-systole first
+    low = int(np.argmin(rolled))
+    rolled[:low + 1] = np.minimum.accumulate(rolled[:low + 1])
+    rolled[low:] = np.maximum.accumulate(rolled[low:])
+    g = ndimage.gaussian_filter1d(np.roll(rolled, peak), sigma=0.006 * _GRID, mode="wrap")
+    g = (g - g.min()) / (g.max() - g.min())
+    p._deficit = g  # type: ignore[attr-defined]  # computed once per patient
+    return g
+
+
 def area_curve(p: FourierParams, phase: np.ndarray) -> np.ndarray:
     """Relative LV cavity area: 1 at the fullest point of the cycle, es_area at the emptiest.
 
-    A systolic von Mises pulse plus a broader diastolic one (slow refilling, then the late
-    atrial refill as the second pulse decays); periodic in phase by construction.
+    Interpolated periodically from `_deficit_table`, so area(phase + 1) == area(phase) exactly.
     """
-    grid = np.linspace(0.0, 1.0, 721)
-    g = _mixture(p, grid)
-    lo, hi = g.min(), g.max()
-    norm = np.clip((_mixture(p, np.mod(np.asarray(phase, dtype=np.float64), 1.0)) - lo) / (hi - lo), 0.0, 1.0)
-    return 1.0 - (1.0 - p.es_area) * norm
+    table = _deficit_table(p)
+    grid = np.arange(_GRID + 1) / _GRID
+    ph = np.mod(np.asarray(phase, dtype=np.float64), 1.0)
+    return 1.0 - (1.0 - p.es_area) * np.interp(ph, grid, np.append(table, table[0]))
 
 
 def _fourier_radius(theta: np.ndarray, fd: np.ndarray) -> np.ndarray:

@@ -357,12 +357,12 @@ class _Chest:
                 continue
             hx, hy = hila[int(cx > 0)]
             dist = np.hypot(cx - hx, cy - hy)
-            r = float(np.clip(4.0 - dist / 45.0 + rng.normal(0.0, 0.4), 0.6, 3.5))
-            length = rng.uniform(1.0, 4.0) * r
+            r = float(np.clip(2.8 - dist / 50.0 + rng.normal(0.0, 0.4), 0.5, 2.5))
+            length = rng.uniform(0.5, 2.5) * r
             win = window(cx, cy, length + r + 2.0)
             ux, uy = rotate(X[win] - cx, Y[win] - cy, np.arctan2(cy - hy, cx - hx) + rng.normal(0.0, 0.3))
             sd = ellipse_sd(ux, uy, length + r, r)
-            paint(coverage(sd, pixel, 1.3) * inside[win], p.blood * rng.uniform(0.15, 0.45) * (0.6 + r / 8), win)
+            paint(coverage(sd, pixel, 1.3) * inside[win], p.blood * rng.uniform(0.12, 0.35) * (0.6 + r / 6), win)
         # ribs sit along the inner chest wall, anterior and lateral
         for ang in rng.uniform(-np.pi, 0.2, int(rng.integers(8, 14))):
             rr = (np.abs(np.cos(ang) / a) ** pw + np.abs(np.sin(ang) / b) ** pw) ** (-1.0 / pw)
