@@ -76,7 +76,7 @@ def destination_node(settings: Settings, destination: str | None) -> DicomNode |
     return pacs_node(settings)
 
 
-def _ae(calling_ae: str, timeout: float):  # noqa: ANN202 - pynetdicom's AE
+def make_ae(calling_ae: str, timeout: float):  # noqa: ANN202 - pynetdicom's AE
     from pynetdicom import AE
 
     ae = AE(ae_title=calling_ae)
@@ -85,7 +85,7 @@ def _ae(calling_ae: str, timeout: float):  # noqa: ANN202 - pynetdicom's AE
     return ae
 
 
-def _associate(ae, node: DicomNode):  # noqa: ANN001, ANN202
+def associate(ae, node: DicomNode):  # noqa: ANN001, ANN202
     try:
         assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     except (OSError, RuntimeError) as exc:  # e.g. unresolvable host name
@@ -103,10 +103,10 @@ def _associate(ae, node: DicomNode):  # noqa: ANN001, ANN202
 
 def echo(node: DicomNode, calling_ae: str, timeout: float = 10) -> bool:
     """C-ECHO: True when the node answers with success."""
-    ae = _ae(calling_ae, timeout)
+    ae = make_ae(calling_ae, timeout)
     ae.add_requested_context(VERIFICATION)
     try:
-        assoc = _associate(ae, node)
+        assoc = associate(ae, node)
     except PacsUnavailable:
         return False
     try:
@@ -125,14 +125,14 @@ class StoreOutcome:
 
 
 def _store_batch(node: DicomNode, calling_ae: str, items: list[tuple[str, Dataset]], timeout: float) -> StoreOutcome:
-    ae = _ae(calling_ae, timeout)
+    ae = make_ae(calling_ae, timeout)
     contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in items})
     by_class: dict[str, list[str]] = {}
     for sop_class, ts in contexts:
         by_class.setdefault(sop_class, []).append(ts)
     for sop_class, syntaxes in by_class.items():
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = _associate(ae, node)
+    assoc = associate(ae, node)
     outcome = StoreOutcome()
     try:
         for uid, ds in items:
@@ -195,7 +195,7 @@ def store_files(node: DicomNode, files: Iterable[Path], calling_ae: str, batch_s
 def find(node: DicomNode, calling_ae: str, level: str, keys: dict[str, str], returned: Iterable[str],
          timeout: float = 30) -> list[Dataset]:
     """C-FIND (Study Root) at `level` with matching `keys`; the identifiers of every match."""
-    ae = _ae(calling_ae, timeout)
+    ae = make_ae(calling_ae, timeout)
     ae.add_requested_context(STUDY_ROOT_FIND)
     query = Dataset()
     query.QueryRetrieveLevel = level
@@ -204,7 +204,7 @@ def find(node: DicomNode, calling_ae: str, level: str, keys: dict[str, str], ret
     for keyword in returned:
         if keyword not in query:
             setattr(query, keyword, "")
-    assoc = _associate(ae, node)
+    assoc = associate(ae, node)
     matches: list[Dataset] = []
     try:
         for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):

@@ -1,0 +1,421 @@
+"""The running service: listener + instance store + series assembler + routing + job dispatch + REST gateway.
+
+    instance arrives -> store (durable) -> assembler (series quiet for SERIES_STABLE_SECONDS)
+        -> routing (eligible? recorded with the reason) -> AUTO_PROCESS: job (idempotent) -> dispatcher
+    POST /studies/{uid}/superresolve -> submit(): here? else C-FIND at the PACS -> job -> prepare thread
+        (C-MOVE/C-GET if needed, eligibility, series entries) -> dispatcher
+
+The dispatcher is Celery (cinesr.worker.dispatch; with BROKER_URL empty the embedded worker of `cinesr serve`
+consumes the embedded queue) or, for tests and machines without the worker package, an in-process thread
+that calls the same task bodies (cinesr.worker.process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from cinesr.worker.errors import JobError, NotConfigured, PacsUnavailable, PermanentError, RetrieveFailed
+from cinesr.worker.jobs import Job, JobParams, JobStore, UnknownJob, open_job_store
+from cinesr.worker.pacs import destination_node, pacs_node
+from cinesr.worker.process import export_series, model_available, process_series, resolve_method_name
+from cinesr.worker.settings import Settings
+
+from .assembly import SeriesAssembler
+from .listener import ListenerHandle, start_listener
+from .metrics import ServiceCollector, make_registry
+from .retrieve import retrieve_study, study_series_at_pacs
+from .routing import RoutingLog, check_series, sweep_ineligible
+from .store import InstanceStore, StoredInstance, StoreFull
+
+LOGGER = logging.getLogger(__name__)
+
+TOKEN_FILE = "api-token"
+
+
+class StudyNotFound(LookupError):
+    """Neither here nor at the PACS (or a requested series is not in the study)."""
+
+
+class PacsUnreachable(RuntimeError):
+    """The study is not here and the PACS could not be asked."""
+
+
+class InvalidRequest(ValueError):
+    """A request the service cannot honour as given (unknown destination or method)."""
+
+
+class JobConflict(RuntimeError):
+    """The job is not in a state that allows the operation."""
+
+
+class Dispatcher(Protocol):
+    def enqueue_job(self, job_id: str) -> None: ...
+
+    def enqueue_export(self, job_id: str) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class CeleryDispatcher:
+    """Tasks on the broker (Redis, or the embedded transport in DATA_DIR)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from cinesr.worker import dispatch
+
+        self.settings = settings
+        self._dispatch = dispatch
+
+    def enqueue_job(self, job_id: str) -> None:
+        self._dispatch.enqueue_job(job_id, self.settings)
+
+    def enqueue_export(self, job_id: str) -> None:
+        self._dispatch.enqueue_export(job_id, self.settings)
+
+    def stop(self) -> None:
+        return None
+
+
+class InlineDispatcher:
+    """Runs the task bodies in one background thread of this process (one series at a time)."""
+
+    def __init__(self, settings: Settings, jobs: JobStore) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cinesr-inline-worker")
+
+    def _run(self, job_id: str, export_only: bool) -> None:
+        try:
+            job = self.jobs.get(job_id)
+        except UnknownJob:
+            return
+        for entry in job.series:
+            if entry.status == "succeeded":
+                continue
+            series_uid = entry.input_series_uid
+            try:
+                if not (export_only and entry.output_series_uid):
+                    process_series(job_id, series_uid, self.settings)
+                export_series(job_id, series_uid, self.settings)
+            except JobError as exc:  # recorded in the job by the task body
+                LOGGER.warning("job %s series %s: %s", job_id, series_uid, exc)
+            except Exception as exc:  # a bug or an unexpected failure: record it, keep the worker alive
+                LOGGER.exception("job %s series %s failed", job_id, series_uid)
+                self.jobs.update_series(job_id, series_uid, status="failed", error=f"{type(exc).__name__}: {exc}")
+
+    def enqueue_job(self, job_id: str) -> None:
+        self._pool.submit(self._run, job_id, False)
+
+    def enqueue_export(self, job_id: str) -> None:
+        self._pool.submit(self._run, job_id, True)
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ensure_api_tokens(settings: Settings) -> tuple[list[str], Path | None]:
+    """API_TOKENS, or the token in DATA_DIR/api-token (generated on first start, mode 0600)."""
+    if settings.api_tokens:
+        return list(settings.api_tokens), None
+    path = Path(settings.data_dir) / TOKEN_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        LOGGER.warning("CINESR_API_TOKENS is empty: generated an API token into %s", path)
+    else:
+        LOGGER.info("CINESR_API_TOKENS is empty: using the API token in %s", path)
+    tokens = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return tokens, path
+
+
+class Service:
+    """Everything `cinesr serve` runs, started and stopped together (the REST app reads it)."""
+
+    def __init__(self, settings: Settings, dispatch: Literal["auto", "celery", "inline"] = "auto",
+                 embedded_worker: bool | None = None, durability: Literal["journal", "file"] = "journal",
+                 min_free_bytes: int = 1 << 30) -> None:
+        self.settings = settings
+        self.dispatch_mode = dispatch
+        self.embedded_worker_wanted = embedded_worker
+        self.durability = durability
+        self.min_free_bytes = min_free_bytes
+        self.store: InstanceStore | None = None
+        self.jobs: JobStore | None = None
+        self.routing: RoutingLog | None = None
+        self.listener: ListenerHandle | None = None
+        self.assembler: SeriesAssembler | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.worker: Any = None
+        self.tokens: list[str] = []
+        self.token_file: Path | None = None
+        self.registry: Any = None
+        self._retrieving: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.started = False
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    def start(self, listen: bool = True) -> Service:
+        settings = self.settings
+        data = Path(settings.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.tokens, self.token_file = ensure_api_tokens(settings)
+        self.store = InstanceStore(data, durability=self.durability, min_free_bytes=self.min_free_bytes)
+        self.jobs = open_job_store(settings)
+        self.routing = RoutingLog(data / "routing.sqlite3")
+        self.dispatcher = self._make_dispatcher()
+        self.assembler = SeriesAssembler(settings.series_stable_seconds, self.on_series_complete)
+        self.assembler.start()
+        if listen:
+            self.listener = start_listener(settings, self.store, self.assembler.on_instance)
+        self.registry = make_registry(ServiceCollector(
+            self.jobs, lambda: self.listener.stats if self.listener else None,
+            lambda: len(self.routing.ineligible()) if self.routing else 0))
+        self._spawn(self._janitor, "cinesr-retention")
+        self._resume()
+        self.started = True
+        return self
+
+    def _make_dispatcher(self) -> Dispatcher:
+        mode = self.dispatch_mode
+        if mode == "auto":
+            try:
+                import cinesr.worker.dispatch  # noqa: F401
+                mode = "celery"
+            except ImportError:
+                LOGGER.warning("cinesr.worker.dispatch is not available: jobs run in this process")
+                mode = "inline"
+        if mode == "inline":
+            return InlineDispatcher(self.settings, self.jobs)
+        dispatcher = CeleryDispatcher(self.settings)
+        wanted = self.embedded_worker_wanted
+        if wanted is None:
+            wanted = not self.settings.broker_url
+        if wanted:
+            from cinesr.worker.dispatch import start_embedded_worker
+
+            self.worker = start_embedded_worker(self.settings)
+        return dispatcher
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.listener is not None:
+            self.listener.stop()
+        if self.assembler is not None:
+            self.assembler.stop()
+        if self.worker is not None:
+            self.worker.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if self.store is not None:
+            self.store.close()
+        if self.routing is not None:
+            self.routing.close()
+        if self.jobs is not None:
+            self.jobs.close()
+        self.started = False
+
+    def __enter__(self) -> Service:
+        return self.start() if not self.started else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, target: Any, name: str, *args: Any) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return thread
+
+    def _janitor(self) -> None:
+        interval = max(60.0, min(3600.0, self.settings.retention_hours * 3600 / 4))
+        while not self._stop.wait(interval):
+            try:
+                sweep_ineligible(self.store, self.routing, self.settings.retention_hours)
+            except Exception:  # noqa: BLE001 - retention must not take the service down
+                LOGGER.exception("retention sweep failed")
+
+    def _resume(self) -> None:
+        """After a restart: jobs that were being prepared are prepared again; with the in-process dispatcher,
+        unfinished series are queued again (the Celery queue keeps its own messages)."""
+        for job in self.jobs.list(limit=100000):
+            if job.status in ("succeeded", "failed"):
+                continue
+            if job.status == "retrieving" or (not job.series and job.status == "queued"):
+                self._spawn(self._prepare, f"cinesr-prepare-{job.job_id[:8]}", job.job_id)
+            elif isinstance(self.dispatcher, InlineDispatcher):
+                self.dispatcher.enqueue_job(job.job_id)
+
+    # ---- DICOM side ---------------------------------------------------------------------------
+
+    def on_instance(self, instance: StoredInstance) -> None:
+        if self.assembler is not None:
+            self.assembler.on_instance(instance)
+
+    def on_series_complete(self, study_uid: str, series_uid: str) -> None:
+        """A pushed series is complete: record whether it is eligible; with AUTO_PROCESS queue a job."""
+        with self._lock:
+            if study_uid in self._retrieving:
+                return  # pulled for a REST job, which takes care of it
+        result = check_series(self.store, study_uid, series_uid)
+        self.routing.record(result)
+        if not result.eligible:
+            LOGGER.info("series %s not processed: %s", series_uid, result.reason)
+            return
+        if not self.settings.auto_process:
+            return
+        for job in self.jobs.list(study_uid=study_uid):
+            if job.status != "failed" and any(e.input_series_uid == series_uid for e in job.series):
+                return  # already part of a job (a REST request, or an earlier push)
+        job, created = self.jobs.create_or_get(study_uid, [series_uid], JobParams(), source="push")
+        if created:
+            LOGGER.info("series %s queued automatically as job %s", series_uid, job.job_id)
+            self.dispatcher.enqueue_job(job.job_id)
+
+    # ---- REST side ----------------------------------------------------------------------------
+
+    def submit(self, study_uid: str, series: list[str] | None, params: JobParams) -> tuple[Job, bool]:
+        """A super-resolution request: the existing job for the same request, or a new one being prepared."""
+        try:
+            destination_node(self.settings, params.destination)
+        except NotConfigured as exc:
+            raise InvalidRequest(str(exc)) from exc
+        try:
+            resolve_method_name(params.method, self.settings)
+        except PermanentError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        here = self.store.series(study_uid)
+        if here:
+            known = set(here)
+        else:
+            node = pacs_node(self.settings)
+            if node is None:
+                raise StudyNotFound(f"study {study_uid} is not here and no PACS is configured")
+            try:
+                at_pacs = study_series_at_pacs(self.settings, node, study_uid)
+            except PacsUnavailable as exc:
+                raise PacsUnreachable(f"study {study_uid} is not here and the PACS cannot be asked: {exc}") from exc
+            if not at_pacs:
+                raise StudyNotFound(f"study {study_uid} is neither here nor at {node}")
+            known = {s["series_uid"] for s in at_pacs}
+        missing = sorted(set(series or []) - known)
+        if missing:
+            raise StudyNotFound(f"series not in study {study_uid}: {', '.join(missing)}")
+        job, created = self.jobs.create_or_get(study_uid, series or None, params)
+        if created:
+            self._spawn(self._prepare, f"cinesr-prepare-{job.job_id[:8]}", job.job_id)
+        return job, created
+
+    def _prepare(self, job_id: str) -> None:
+        """Fetch the study if needed, decide which series are processed, queue the job."""
+        job = self.jobs.get(job_id)
+        study_uid = job.study_uid
+        try:
+            if not self.store.series(study_uid):
+                node = pacs_node(self.settings)
+                if node is None:
+                    raise RetrieveFailed("the study is not here and no PACS is configured")
+                with self._lock:
+                    self._retrieving.add(study_uid)
+                self.jobs.update(job_id, status="retrieving")
+                t0 = time.perf_counter()
+                retrieve_study(self.settings, node, study_uid, self.store)
+                self.jobs.add_timing(job_id, "retrieve", time.perf_counter() - t0)
+            candidates = job.requested_series or self.store.series(study_uid)
+            eligible, reasons = [], {}
+            for series_uid in candidates:
+                result = check_series(self.store, study_uid, series_uid)
+                self.routing.record(result)
+                if result.eligible:
+                    eligible.append(series_uid)
+                else:
+                    reasons[series_uid] = result.reason
+            if not eligible:
+                text = "; ".join(f"{uid}: {why}" for uid, why in reasons.items())
+                self.jobs.update(job_id, status="failed", error=f"no eligible cine series in the study ({text})")
+                return
+            if job.requested_series:
+                for series_uid, reason in reasons.items():
+                    self.jobs.update_series(job_id, series_uid, status="failed", error=f"not eligible: {reason}")
+            else:
+                self.jobs.set_series(job_id, eligible)
+            self.jobs.update(job_id, status="queued", error=None)
+            self.dispatcher.enqueue_job(job_id)
+        except (PacsUnavailable, RetrieveFailed) as exc:
+            LOGGER.warning("job %s: retrieval failed: %s", job_id, exc)
+            self.jobs.update(job_id, status="failed", error=f"retrieve: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the job records it; the service keeps serving
+            LOGGER.exception("job %s: preparation failed", job_id)
+            self.jobs.update(job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._retrieving.discard(study_uid)
+
+    def retry(self, job_id: str) -> Job:
+        """A failed job again: series with a derived series are resent without recomputing; the rest (and a
+        job that failed before its series were known) are processed again."""
+        job = self.jobs.get(job_id)
+        if job.status != "failed":
+            raise JobConflict(f"job {job_id} is {job.status}; only failed jobs can be retried")
+        self.jobs.update(job_id, attempts=job.attempts + 1, error=None)
+        if not job.series:  # failed while retrieving or choosing series: prepare again
+            job = self.jobs.update(job_id, status="queued")
+            self._spawn(self._prepare, f"cinesr-prepare-{job_id[:8]}", job_id)
+            return job
+        for entry in job.series:
+            if entry.status == "failed":
+                status = "processed" if entry.output_series_uid else "queued"
+                self.jobs.update_series(job_id, entry.input_series_uid, status=status, error=None)
+        job = self.jobs.update(job_id, status="exporting" if any(e.output_series_uid for e in job.series)
+                               else "queued", error=None)
+        self.dispatcher.enqueue_export(job_id)
+        return job
+
+    # ---- health ---------------------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, dict[str, Any]]:
+        """Checks for /readyz: broker (job records and queue), storage, model, listener."""
+        checks: dict[str, dict[str, Any]] = {}
+        try:
+            self.jobs.ping()
+            checks["broker"] = {"ok": True, "kind": "redis" if self.settings.broker_url else "embedded"}
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            checks["broker"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            probe = Path(self.settings.data_dir) / ".readyz"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            self.store.check_space(0)
+            checks["storage"] = {"ok": True}
+        except StoreFull as exc:
+            checks["storage"] = {"ok": False, "error": str(exc)}
+        except OSError as exc:
+            checks["storage"] = {"ok": False, "error": f"data dir not writable: {exc}"}
+        try:
+            method = resolve_method_name(None, self.settings)
+            model_dir = self.settings.model_dir
+            if method == "model" and model_dir is not None and not (Path(model_dir) / "model.json").is_file():
+                checks["model"] = {"ok": False, "method": method, "error": f"no model bundle at {model_dir}"}
+            else:
+                checks["model"] = {"ok": True, "method": method, "model_code": model_available()}
+        except PermanentError as exc:
+            checks["model"] = {"ok": False, "error": str(exc)}
+        if self.listener is not None:
+            checks["listener"] = {"ok": self.listener.listener._thread is not None
+                                  and self.listener.listener._thread.is_alive(), "port": self.listener.port}
+        if self.worker is not None:
+            alive = getattr(self.worker, "alive", lambda: True)()
+            checks["worker"] = {"ok": bool(alive)}
+        return checks

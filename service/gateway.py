@@ -1,0 +1,237 @@
+"""REST gateway (FastAPI): submit studies, follow jobs, health, metrics. ARCHITECTURE section 6.
+
+    POST /studies/{study_uid}/superresolve   202 {job} + Location: /jobs/{job_id}   (idempotent)
+    GET  /jobs/{job_id}                      the job
+    GET  /jobs?study_uid=&status=&limit=     jobs, newest first
+    POST /jobs/{job_id}/retry                202 {job}; resend without recomputing (failed jobs only, else 409)
+    GET  /healthz                            liveness, no auth
+    GET  /readyz                             broker, storage, model (503 when one is not ready), no auth
+    GET  /metrics                            Prometheus text, no auth (scrapers on the cluster network)
+    /docs, /openapi.json
+
+Errors are JSON {"detail": reason}: 401 no/invalid bearer token, 404 unknown study/series/job, 409 job not
+retryable, 422 malformed UID or body, 503 PACS unreachable for a study that is not here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from cinesr.worker.jobs import JOB_STATUSES, Job, JobParams, UnknownJob
+from cinesr.worker.settings import Settings
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from .app import InvalidRequest, JobConflict, PacsUnreachable, Service, StudyNotFound
+from .metrics import CONTENT_TYPE, render
+
+LOGGER = logging.getLogger(__name__)
+
+# A DICOM UID: numeric components without leading zeros, dot separated, at most 64 characters.
+UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN, max_length=64)]
+
+
+class AuthError(Exception):
+    """No or invalid bearer token."""
+
+
+class SuperresolveRequest(BaseModel):
+    """Optional body of POST /studies/{study_uid}/superresolve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    series: list[Uid] | None = Field(None, description="SeriesInstanceUIDs to process (default: every eligible "
+                                                       "cine series of the study)", max_length=1000)
+    steps: int | None = Field(None, ge=1, le=1000, description="Sampler steps of the model (default 15)")
+    destination: str | None = Field(None, max_length=16, description="AE title of a configured destination "
+                                                                     "(default: the configured PACS)")
+    method: Literal["model", "baseline"] | None = Field(None, description="model (default) or baseline")
+
+
+class SeriesView(BaseModel):
+    input_series_uid: str
+    output_series_uid: str | None
+    status: str
+    progress: float
+    instances_total: int
+    instances_sent: int
+    instances_failed: int
+    error: str | None
+    timings: dict[str, float]
+
+
+class JobView(BaseModel):
+    job_id: str
+    study_uid: str
+    status: Literal["queued", "retrieving", "running", "exporting", "succeeded", "failed"]
+    progress: float
+    series: list[SeriesView]
+    params: JobParams
+    timings: dict[str, float]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    attempts: int
+    source: str
+    location: str
+
+    @classmethod
+    def of(cls, job: Job) -> JobView:
+        return cls(
+            job_id=job.job_id, study_uid=job.study_uid, status=job.status, progress=job.progress,
+            series=[SeriesView(input_series_uid=e.input_series_uid, output_series_uid=e.output_series_uid,
+                               status=e.status, progress=e.progress, instances_total=e.instances_total,
+                               instances_sent=e.instances_sent, instances_failed=len(e.export_failures),
+                               error=e.error, timings=e.timings) for e in job.series],
+            params=job.params, timings=job.timings, error=job.error, created_at=job.created_at,
+            updated_at=job.updated_at, attempts=job.attempts, source=job.source, location=f"/jobs/{job.job_id}")
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def get_settings(service: Annotated[Service, Depends(get_service)]) -> Settings:
+    return service.settings
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API token (CINESR_API_TOKENS, or DATA_DIR/api-token)")
+
+
+def require_token(service: Annotated[Service, Depends(get_service)],
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise AuthError("missing bearer token")
+    given = credentials.credentials.encode()
+    # compare against every token in constant time each, so timing says nothing about which matched
+    matched = False
+    for token in service.tokens:
+        matched |= hmac.compare_digest(given, token.encode())
+    if not matched:
+        raise AuthError("invalid bearer token")
+
+
+Authorized = Depends(require_token)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No or invalid bearer token"},
+    404: {"model": Problem, "description": "Unknown study, series or job"},
+    422: {"model": Problem, "description": "Malformed UID or body"},
+}
+
+
+def create_app(service: Service) -> FastAPI:
+    """The REST app for a (started) Service."""
+    app = FastAPI(title="CineSR", version=_version(),
+                  description="Super-resolution of cardiac cine MRI (4x spatial, 8x temporal), DICOM in and out.")
+    app.state.service = service
+
+    @app.exception_handler(AuthError)
+    async def _auth(_: Request, exc: AuthError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(StudyNotFound)
+    async def _not_found(_: Request, exc: StudyNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(UnknownJob)
+    async def _unknown_job(_: Request, exc: UnknownJob) -> JSONResponse:
+        return JSONResponse({"detail": f"unknown job {exc.args[0]}"}, status_code=404)
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(JobConflict)
+    async def _conflict(_: Request, exc: JobConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(PacsUnreachable)
+    async def _pacs(_: Request, exc: PacsUnreachable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "30"})
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        LOGGER.exception("request failed")
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    @app.post("/studies/{study_uid}/superresolve", status_code=202, response_model=JobView,
+              dependencies=[Authorized], responses={**_ERRORS, 503: {"model": Problem, "description":
+                                                                    "Study not here and the PACS unreachable"}})
+    def superresolve(study_uid: Annotated[str, Path(pattern=UID_PATTERN, max_length=64)], response: Response,
+                     service: Annotated[Service, Depends(get_service)],
+                     body: SuperresolveRequest | None = None) -> JobView:
+        """Queue super-resolution of a study (fetched from the PACS if it is not here). The same request
+        (study, series, parameters) returns the same job while it has not failed."""
+        body = body or SuperresolveRequest()
+        params = JobParams(method=body.method, steps=body.steps, destination=body.destination)
+        job, created = service.submit(study_uid, list(body.series) if body.series else None, params)
+        response.headers["Location"] = f"/jobs/{job.job_id}"
+        if not created:
+            response.headers["X-CineSR-Existing-Job"] = "true"
+        return JobView.of(job)
+
+    @app.get("/jobs/{job_id}", response_model=JobView, dependencies=[Authorized], responses=_ERRORS)
+    def get_job(job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
+                service: Annotated[Service, Depends(get_service)]) -> JobView:
+        """Status, progress, per-series input and output SeriesInstanceUIDs, timings and error text."""
+        return JobView.of(service.jobs.get(job_id))
+
+    @app.get("/jobs", response_model=JobList, dependencies=[Authorized], responses=_ERRORS)
+    def list_jobs(service: Annotated[Service, Depends(get_service)],
+                  study_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
+                  status: Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATUSES) + ")$")] = None,
+                  limit: Annotated[int, Query(ge=1, le=10000)] = 100) -> JobList:
+        """Jobs, newest first, filtered by study and/or status."""
+        return JobList(jobs=[JobView.of(j) for j in service.jobs.list(study_uid=study_uid, status=status,
+                                                                      limit=limit)])
+
+    @app.post("/jobs/{job_id}/retry", status_code=202, response_model=JobView, dependencies=[Authorized],
+              responses={**_ERRORS, 409: {"model": Problem, "description": "The job has not failed"}})
+    def retry_job(job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")], response: Response,
+                  service: Annotated[Service, Depends(get_service)]) -> JobView:
+        """Retry a failed job: derived series already computed are resent without recomputing."""
+        job = service.retry(job_id)
+        response.headers["Location"] = f"/jobs/{job.job_id}"
+        return JobView.of(job)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "A dependency is not ready"}})
+    def readyz(service: Annotated[Service, Depends(get_service)]) -> JSONResponse:
+        """Readiness: job store/broker reachable, storage writable above the watermark, model loadable."""
+        checks = service.readiness()
+        ready = all(c.get("ok") for c in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", response_class=Response)
+    def metrics(service: Annotated[Service, Depends(get_service)]) -> Response:
+        """Prometheus metrics."""
+        return Response(render(service.registry), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _version() -> str:
+    try:
+        from cinesr.worker import __version__
+
+        return str(__version__)
+    except ImportError:
+        return "0"
