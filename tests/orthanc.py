@@ -183,3 +183,19 @@ def run_orthanc(folder: Path, ae_title: str = "ORTHANC") -> Iterator[OrthancServ
         yield server
     finally:
         server.stop()
+
+
+def write_lowres_study(folder: Path, seed: int) -> tuple[str, str, list[Path]]:
+    """A small phantom cine study as DICOM (2 slices x 4 frames, 64x64): (study uid, series uid, files)."""
+    from cinesr.model.acquisition import write_phantom
+    from cinesr.model.phantom import make_study
+
+    (written,) = write_phantom(make_study(seed, slices=2, frames=32), folder, seed=seed, lowres=True, truth=False)
+    return written.study_uid, written.series_uid, list(written.files)
+
+
+def storescu(port: int, files: list[Path], called_ae: str = "CINESR", calling_ae: str = "MODALITY") -> None:
+    """Send files with dcmtk's storescu (TCP_NODELAY on); raises if it reports a failure."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    subprocess.run(["storescu", "-aec", called_ae, "-aet", calling_ae, "127.0.0.1", str(port),
+                    *map(str, files)], check=True, env=env, capture_output=True, timeout=60)

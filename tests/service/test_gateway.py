@@ -1,0 +1,210 @@
+"""The REST gateway against a real (in-process) service: auth, validation, idempotency, jobs, health, metrics.
+
+No PACS here (tests/service/test_e2e.py has Orthanc): results stay in DATA_DIR/outputs.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from cinesr.service.app import Service
+from cinesr.service.gateway import create_app
+from cinesr.worker.settings import Settings
+from fastapi.testclient import TestClient
+
+from tests.orthanc import write_lowres_study
+
+TOKEN = "test-token-123"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def settings_for(data: Path, **extra: Any) -> Settings:
+    values: dict[str, Any] = {"data_dir": data, "dicom_port": 0, "api_tokens": [TOKEN], "series_stable_seconds": 0.2,
+                              "default_method": "baseline", "export_retries": 1, "export_backoff_seconds": 0.05}
+    return Settings(**{**values, **extra})
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[Path]]:
+    return write_lowres_study(tmp_path_factory.mktemp("phantom"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = Service(settings_for(tmp_path_factory.mktemp("data")), dispatch="inline", min_free_bytes=1 << 20)
+    with svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def client(service: Service) -> Iterator[TestClient]:
+    with TestClient(create_app(service)) as c:
+        yield c
+
+
+def store_study(service: Service, files: list[Path]) -> None:
+    for path in files:
+        service.store.put_file(path)
+    service.store.flush()
+
+
+def test_health_needs_no_token(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["ready"] is True
+    assert {"broker", "storage", "model", "listener"} <= set(body["checks"])
+    assert body["checks"]["model"]["method"] == "baseline"
+
+
+def test_missing_or_wrong_token_is_401(client: TestClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {TOKEN}"}):
+        response = client.post("/studies/1.2.3/superresolve", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "token" in response.json()["detail"]
+    assert client.get("/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+@pytest.mark.parametrize("uid", ["1.2.abc", "01.2.3", "1..2", "1.2.", "1" + ".2" * 40])
+def test_malformed_study_uid_is_422(client: TestClient, uid: str) -> None:
+    response = client.post(f"/studies/{uid}/superresolve", headers=AUTH)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+@pytest.mark.parametrize("body", [{"steps": 0}, {"series": ["x.1"]}, {"colour": "red"}, {"method": "magic"}])
+def test_malformed_body_is_422(client: TestClient, study: tuple[str, str, list[Path]], body: dict) -> None:
+    response = client.post(f"/studies/{study[0]}/superresolve", headers=AUTH, json=body)
+    assert response.status_code == 422
+
+
+def test_unknown_study_without_pacs_is_404(client: TestClient) -> None:
+    response = client.post("/studies/1.2.826.0.1.3680043.8.498.999/superresolve", headers=AUTH)
+    assert response.status_code == 404
+    assert "no PACS" in response.json()["detail"]
+
+
+def test_unknown_destination_is_422(client: TestClient, service: Service, study: tuple[str, str, list[Path]]) -> None:
+    store_study(service, study[2])
+    response = client.post(f"/studies/{study[0]}/superresolve", headers=AUTH, json={"destination": "ELSEWHERE"})
+    assert response.status_code == 422
+    assert "ELSEWHERE" in response.json()["detail"]
+
+
+def test_submit_process_and_follow_a_job(client: TestClient, service: Service,
+                                         study: tuple[str, str, list[Path]]) -> None:
+    study_uid, series_uid, files = study
+    store_study(service, files)
+    response = client.post(f"/studies/{study_uid}/superresolve", headers=AUTH, json={"method": "baseline"})
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/jobs/{job['job_id']}" == job["location"]
+    assert job["status"] in ("queued", "running", "exporting", "succeeded")
+    again = client.post(f"/studies/{study_uid}/superresolve", headers=AUTH, json={"method": "baseline"})
+    assert again.status_code == 202 and again.json()["job_id"] == job["job_id"]
+    assert again.headers.get("x-cinesr-existing-job") == "true"
+
+    def finished() -> dict | None:
+        current = client.get(f"/jobs/{job['job_id']}", headers=AUTH).json()
+        return current if current["status"] in ("succeeded", "failed") else None
+
+    done = wait_for(finished, what="job to finish")
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == 1.0
+    (entry,) = done["series"]
+    assert entry["input_series_uid"] == series_uid
+    assert entry["output_series_uid"] and entry["output_series_uid"] != series_uid
+    assert entry["instances_total"] == 2 * 4 * 8
+    assert {"load", "compute", "write"} <= set(done["timings"])
+    out = Path(service.settings.data_dir) / "outputs" / job["job_id"] / entry["output_series_uid"]
+    outputs = sorted(out.glob("*.dcm"))
+    assert len(outputs) == 64
+    ds = pydicom.dcmread(outputs[0], stop_before_pixels=True)
+    assert ds.StudyInstanceUID == study_uid and ds.Rows == 256 and ds.Columns == 256
+
+    listed = client.get("/jobs", headers=AUTH, params={"study_uid": study_uid}).json()["jobs"]
+    assert job["job_id"] in [j["job_id"] for j in listed]
+    assert all(j["study_uid"] == study_uid for j in listed)
+    failed = client.get("/jobs", headers=AUTH, params={"status": "failed"}).json()["jobs"]
+    assert job["job_id"] not in [j["job_id"] for j in failed]
+    assert client.get("/jobs", headers=AUTH, params={"status": "bogus"}).status_code == 422
+    # a finished job cannot be retried; an unknown one is 404
+    assert client.post(f"/jobs/{job['job_id']}/retry", headers=AUTH).status_code == 409
+    assert client.get(f"/jobs/{'0' * 32}", headers=AUTH).status_code == 404
+    assert client.post(f"/jobs/{'0' * 32}/retry", headers=AUTH).status_code == 404
+    assert client.get("/jobs/not-a-job", headers=AUTH).status_code == 422
+
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    text = metrics.text
+    assert 'cinesr_jobs{status="succeeded"}' in text
+    assert 'cinesr_job_stage_seconds_count{stage="compute"}' in text
+    assert "cinesr_queue_depth" in text and "cinesr_received_instances_total" in text
+
+
+def test_series_not_in_study_is_404(client: TestClient, service: Service, study: tuple[str, str, list[Path]]) -> None:
+    store_study(service, study[2])
+    response = client.post(f"/studies/{study[0]}/superresolve", headers=AUTH, json={"series": ["1.2.3.4.5"]})
+    assert response.status_code == 404
+    assert "1.2.3.4.5" in response.json()["detail"]
+
+
+def test_ineligible_study_fails_with_the_reason(client: TestClient, service: Service, tmp_path: Path,
+                                                study: tuple[str, str, list[Path]]) -> None:
+    # one frame per slice position is not a cine
+    study_uid = "1.2.826.0.1.3680043.8.498.77"
+    for i, path in enumerate(study[2][:1]):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = study_uid + ".1"
+        ds.SOPInstanceUID = f"{study_uid}.1.{i + 1}"
+        ds.save_as(tmp_path / f"{i}.dcm")
+        service.store.put_file(tmp_path / f"{i}.dcm")
+    service.store.flush()
+    response = client.post(f"/studies/{study_uid}/superresolve", headers=AUTH)
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+    done = wait_for(lambda: (j := client.get(f"/jobs/{job_id}", headers=AUTH).json())["status"] == "failed" and j,
+                    what="job to fail")
+    assert "no eligible cine series" in done["error"]
+
+
+def test_openapi_documents_the_api(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/studies/{study_uid}/superresolve", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/retry", "/healthz",
+            "/readyz", "/metrics"} <= set(spec["paths"])
+    assert "HTTPBearer" in spec["components"]["securitySchemes"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_token_is_generated_once_into_the_data_dir(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, api_tokens=[])
+    with Service(settings, dispatch="inline", min_free_bytes=1 << 20) as svc:
+        token_file = svc.token_file
+        assert token_file == tmp_path / "api-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 32
+        with TestClient(create_app(svc)) as c:
+            assert c.get("/jobs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            assert c.get("/jobs", headers=AUTH).status_code == 401
+    with Service(settings, dispatch="inline", min_free_bytes=1 << 20) as svc:
+        assert svc.tokens == [token]  # the same token after a restart
