@@ -115,6 +115,10 @@ class SaxParams:
     phase_axis: int
     bias_coef: np.ndarray
     bias_radial: float
+    fat_phase: float  # fat-water phase at the echo: near pi cancels partial-volume voxels (dark rims)
+    effusion: float  # pericardial fluid thickness (mm) at its thickest, 0 for most patients
+    effusion_angle: float
+    jet: float  # strength of the dark mitral inflow jet in basal slices during rapid filling
 
 
 def sample_params(rng: np.random.Generator) -> SaxParams:
@@ -229,6 +233,10 @@ def sample_params(rng: np.random.Generator) -> SaxParams:
         phase_axis=int(rng.integers(0, 2)),
         bias_coef=rng.normal(0.0, 0.18, 5),
         bias_radial=u(0.05, 0.45),
+        fat_phase=u(2.2, np.pi) if rng.random() < 0.6 else u(0.0, 0.7),
+        effusion=u(1.0, 4.0) if rng.random() < 0.25 else 0.0,
+        effusion_angle=u(0.5, 2.6),
+        jet=u(0.3, 1.0) if rng.random() < 0.5 else 0.0,
     )
 
 
@@ -310,9 +318,11 @@ class _Chest:
         fine = smooth_noise(rng, shape, 0.7)
         medium = smooth_noise(rng, shape, 3.0)
         coarse = smooth_noise(rng, shape, 12.0)
-        img = np.zeros(shape, np.float32)
+        # water signal in the real part, fat signal in the imaginary part (combined with the
+        # fat-water phase after compositing, so partial-volume voxels can cancel)
+        img = np.zeros(shape, np.complex64)
 
-        def paint(mask: np.ndarray, value: np.ndarray | float, win: tuple[slice, slice] | None = None) -> None:
+        def paint(mask: np.ndarray, value: np.ndarray | complex, win: tuple[slice, slice] | None = None) -> None:
             target = img if win is None else img[win]
             target += mask * (value - target)
 
@@ -339,7 +349,7 @@ class _Chest:
         # fat thicker posteriorly and laterally, muscle thicker anteriorly (pectorals) and at the back
         fat_w = p.subq_fat * (1.0 + 0.35 * np.sin(th) + 0.15 * np.cos(2 * th))
         mus_w = p.muscle * (1.0 + 0.25 * np.abs(np.sin(th)))
-        paint(coverage(sd_body, pixel), p.fat * (1.0 + 0.05 * medium + 0.03 * fine))
+        paint(coverage(sd_body, pixel), 1j * p.fat * (1.0 + 0.05 * medium + 0.03 * fine))
         paint(coverage(sd_body + fat_w, pixel), p.muscle_sig * (1.0 + 0.08 * medium + 0.05 * fine))
         sd_cavity = sd_body + fat_w + mus_w
         paint(coverage(sd_cavity, pixel), p.lung * (1.0 + 0.4 * medium + 0.3 * fine))
@@ -373,7 +383,7 @@ class _Chest:
             ux, uy = rotate(X[win] - cx, Y[win] - cy, ang)
             sd = ellipse_sd(ux, uy, rng.uniform(4.0, 6.0), rng.uniform(7.0, 12.0))
             paint(coverage(sd, pixel), 0.5 * p.marrow, win)
-            paint(coverage(sd + 1.5, pixel), p.marrow * (1.0 + 0.15 * fine[win]), win)
+            paint(coverage(sd + 1.5, pixel), (0.3 + 0.7j) * p.marrow * (1.0 + 0.15 * fine[win]), win)
         # liver (with a dome) grows into more apical (more inferior) slices
         depth = min(z / 90.0, 1.0)
         grow = 0.75 + 0.5 * depth
@@ -402,14 +412,15 @@ class _Chest:
         qx, qy = px[win], py[win]
         d_vb = ellipse_sd(qx, qy, 19.0, 16.0)
         paint(coverage(d_vb, pixel), 0.12, win)
-        paint(coverage(d_vb + 1.8, pixel), p.marrow * (1.0 + 0.12 * fine[win] + 0.08 * medium[win]), win)
+        paint(coverage(d_vb + 1.8, pixel), (0.5 + 0.5j) * p.marrow * (1.0 + 0.12 * fine[win] + 0.08 * medium[win]),
+              win)
         paint(coverage(np.hypot(qx, qy - 28.0) - 7.5, pixel), p.csf, win)
         paint(coverage(np.hypot(qx, qy - 28.0) - 4.0, pixel), p.muscle_sig * 1.4, win)
         # descending aorta, left-anterior of the spine, with a rim of fat
         ax, ay = p.spine_xy[0] + 26.0, p.spine_xy[1] - 24.0
         win = window(ax, ay, p.aorta_r + 6.0)
         d_ao = np.hypot(X[win] - ax, Y[win] - ay)
-        paint(coverage(d_ao - p.aorta_r - 1.5, pixel), p.fat * 0.7, win)
+        paint(coverage(d_ao - p.aorta_r - 1.5, pixel), 0.7j * p.fat, win)
         paint(coverage(d_ao - p.aorta_r, pixel), p.blood * 0.95, win)
         self.image = img
         self.fine = fine
@@ -435,14 +446,13 @@ class _Tables:
         # wall "area" per sector (r_epi^2 - r_endo^2 scales like thickness^2 for thin walls)
         self.wall = ((1.0 + p.septal_extra * von_mises_bump(theta, np.pi, 2.0)) * thin**2).astype(np.float32)
         self.motion = (1.0 - p.akinesia * sector).astype(np.float32)  # share of normal contraction
+        self.effusion = (p.effusion * von_mises_bump(theta, p.effusion_angle, 1.2)).astype(np.float32)
 
 
-def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, z: float, phase: float, pixel: float,
-           bg: np.ndarray, tex: np.ndarray, apex_sign: float) -> np.ndarray:
-    """Composite the beating heart over the static background of a crop, at one cardiac phase."""
-    area = float(area_curve(p, phase))
-    c = (1.0 - area) / (1.0 - p.es_area)  # contraction fraction 0 (ED) .. 1 (ES)
-    c_rv = (1.0 - float(area_curve(p, phase - p.rv_delay))) / (1.0 - p.es_area)
+def _layers(p: SaxParams, tabs: _Tables, geom: tuple[np.ndarray, ...], z: float, area: float, c: float,
+            c_rv: float, pixel: float) -> dict[str, np.ndarray | float]:
+    """Coverage of each heart layer at depth z (one sub-slice), on the crop grid of `geom`."""
+    u, w, r, k, shape = geom
     # base descent: the plane at depth z sees tissue that lay more basally at end-diastole
     frac = max(0.0, 1.0 - z / (p.length + 10.0))
     z0 = max(0.0, z - p.base_descent * frac * c)
@@ -452,15 +462,6 @@ def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, z: float, 
     r_n = r_endo_ed * np.sqrt(a_slice)  # normally contracting segments
     delta = r_epi_ed**2 - r_endo_ed**2
     r_epi_n = np.sqrt(r_n**2 + delta)
-    # translation (systolic shift + tiny periodic wobble) and twist (base and apex opposite)
-    ph2 = 2 * np.pi * phase
-    sx = p.heart_xy[0] + p.shift[0] * c + 0.4 * np.sin(ph2)
-    sy = p.heart_xy[1] + p.shift[1] * c + 0.4 * np.sin(2 * ph2)
-    twist = np.deg2rad(p.twist_deg) * c * apex_sign
-    u, w = rotate(x - sx, y - sy, p.psi + twist)
-    r = np.hypot(u, w)
-    k = _AngleTable.index(np.arctan2(w, u))
-    shape = 1.0 + tabs.ecc[k] + tabs.shape.values[k]
     if p.akinesia > 0.0:  # an infarcted sector keeps (part of) its diastolic radius
         r_loc = r_endo_ed * np.sqrt(1.0 - (1.0 - a_slice) * tabs.motion[k])
     else:
@@ -474,19 +475,18 @@ def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, z: float, 
     # papillary muscles: radially elongated blobs hanging off the wall, present mid-ventricle
     pap_w = smoothstep((z0 - 0.12 * p.length) / (0.15 * p.length)) * smoothstep(
         (0.8 * p.length - z0) / (0.15 * p.length))
-    sd_pap = None
+    sd_cav = sd_endo
     if pap_w > 0.05 and r_n > 8.0:
         for ang, rad in zip(p.pap_angles, p.pap_radius, strict=True):
             rp = rad * pap_w * (1.0 + 0.25 * c)
             d = r_n * (1.0 + p.ecc * np.cos(2 * (ang - p.ecc_angle))) - 0.8 * rp
             pu, pv = rotate(u - d * np.cos(ang), w - d * np.sin(ang), ang)
-            sd = ellipse_sd(pu, pv, 1.35 * rp, rp)
-            sd_pap = sd if sd_pap is None else np.minimum(sd_pap, sd)
+            sd_cav = np.maximum(sd_cav, -ellipse_sd(pu, pv, 1.35 * rp, rp))
     # RV: an ellipse centred inside the LV near the septum, minus the LV -> a crescent wrapping the
     # septal side; it thins towards the apex and shrinks towards the septum in systole
     rv_scale = np.sqrt(max(0.0, 1.0 - (z0 / p.rv_length) ** 2))
     depth = p.rv_depth * (1.0 - c_rv * (1.0 - p.rv_es_area)) * rv_scale
-    sd_rv = None
+    out: dict[str, np.ndarray | float] = {"r_n": r_n, "z0": z0}
     if depth > 1.0:
         # the ellipse passes through both insertion points and reaches `depth` beyond the septum
         x1, y1 = r_epi_n * np.cos(p.rv_ins[0]), r_epi_n * np.sin(p.rv_ins[0])
@@ -502,28 +502,84 @@ def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, z: float, 
         if nx * (cx - a_rv - x1) + ny * (cy - y1) > 0:
             sd_chord = -sd_chord
         sd_rv = np.maximum(ellipse_sd(u - cx, w - cy, a_rv, b_rv), sd_chord)
-    rv_wall = p.rv_wall * (1.0 + 0.3 * c_rv)
-    if sd_rv is None:
-        sd_heart = sd_epi
-    else:  # rounded joins: no corner where the RV wall meets the LV at the insertion points
+        rv_wall = p.rv_wall * (1.0 + 0.3 * c_rv)
+        # rounded joins: no corner where the RV wall meets the LV at the insertion points
         sd_heart = smooth_min(sd_epi, -smooth_min(rv_wall - sd_rv, -sd_chord, 3.0), 3.0)
+        out["rv"] = coverage(np.maximum(sd_rv, -sd_epi), pixel)
+        out["rv_band"] = np.exp(np.minimum(sd_rv, 0.0) / 3.0)
+    else:
+        sd_heart = sd_epi
     # epicardial fat: thick in the interventricular grooves, thin and patchy elsewhere
     sd_fat = sd_heart - tabs.fat.values[k]
+    if p.effusion > 0.0:  # pericardial fluid between the epicardial fat and the pericardium
+        sd_fluid = sd_fat - tabs.effusion[k]
+        out["line"] = coverage(sd_fluid - 1.0, pixel)
+        out["fluid"] = coverage(sd_fluid, pixel)
+    else:
+        out["line"] = coverage(sd_fat - 1.0, pixel)
+    out["fat"] = coverage(sd_fat, pixel)
+    out["heart"] = coverage(sd_heart, pixel)
+    out["lv"] = coverage(sd_cav, pixel)
+    # trabecular band along the endocardium (less in systole)
+    out["band"] = np.exp(np.minimum(sd_endo, 0.0) / 2.5) * (1.0 - 0.6 * c)
+    return out
+
+
+def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, zs: np.ndarray, phase: float,
+           pixel: float, bg: np.ndarray, tex: np.ndarray, apex_sign: float) -> np.ndarray:
+    """Composite the beating heart over the static background of a crop, at one cardiac phase.
+
+    Layer coverages are averaged over the sub-slices `zs` (partial volume across the slice
+    thickness) and composited once; the in-plane geometry is shared by all sub-slices.
+    """
+    area = float(area_curve(p, phase))
+    c = (1.0 - area) / (1.0 - p.es_area)  # contraction fraction 0 (ED) .. 1 (ES)
+    c_rv = (1.0 - float(area_curve(p, phase - p.rv_delay))) / (1.0 - p.es_area)
+    # translation (systolic shift + tiny periodic wobble) and twist (base and apex opposite)
+    ph2 = 2 * np.pi * phase
+    sx = p.heart_xy[0] + p.shift[0] * c + 0.4 * np.sin(ph2)
+    sy = p.heart_xy[1] + p.shift[1] * c + 0.4 * np.sin(2 * ph2)
+    twist = np.deg2rad(p.twist_deg) * c * apex_sign
+    u, w = rotate(x - sx, y - sy, p.psi + twist)
+    r = np.hypot(u, w)
+    k = _AngleTable.index(np.arctan2(w, u))
+    shape = 1.0 + tabs.ecc[k] + tabs.shape.values[k]
+    geom = (u, w, r, k, shape)
+    subs = [_layers(p, tabs, geom, float(z), area, c, c_rv, pixel) for z in zs]
+    n = float(len(subs))
+
+    def mean(key: str) -> np.ndarray | None:
+        vals = [s[key] for s in subs if key in s]
+        if not vals:
+            return None
+        total = vals[0].copy()
+        for v in vals[1:]:
+            total += v
+        return total / n
+
+    mid = subs[len(subs) // 2]
     img = bg.copy()
-    img += coverage(sd_fat - 1.0, pixel) * (0.1 - img)  # pericardium: thin dark line
-    img += coverage(sd_fat, pixel) * (p.fat * (1.0 + 0.06 * tex) - img)
-    myo = p.myo * (1.0 + 0.05 * tex)
-    img += coverage(sd_heart, pixel) * (myo - img)
-    # blood: trabecular strands darken a band along the endocardium (less in systole)
-    band = np.exp(np.minimum(sd_endo, 0.0) / 2.5) * (1.0 - 0.6 * c)
+    img += mean("line") * (0.1 - img)  # pericardium: thin dark line
+    fluid = mean("fluid")
+    if fluid is not None:
+        img += fluid * (0.9 * p.csf - img)
+    img += mean("fat") * (1j * p.fat * (1.0 + 0.06 * tex) - img)
+    img += mean("heart") * (p.myo * (1.0 + 0.05 * tex) - img)
+    # blood: trabecular strands darken a band along the endocardium
     strands = (0.5 + 0.5 * np.cos(tabs.strand.values[k] * 3.0 + 0.6 * r)) ** 6
-    lv_blood = p.blood * (1.0 - 0.55 * band * strands)
-    sd_cav = sd_endo if sd_pap is None else np.maximum(sd_endo, -sd_pap)
-    img += coverage(sd_cav, pixel) * (lv_blood - img)
-    if sd_rv is not None:
-        rv_band = np.exp(np.minimum(sd_rv, 0.0) / 3.0)
-        rv_blood = p.blood * 0.97 * (1.0 - 0.4 * rv_band * strands)
-        img += coverage(np.maximum(sd_rv, -sd_epi), pixel) * (rv_blood - img)
+    lv_blood = p.blood * (1.0 - 0.55 * mean("band") * strands)
+    # mitral inflow: a dephasing (dark) jet in basal slices during rapid filling
+    r_n = float(mid["r_n"])
+    jet = p.jet * np.sin(np.pi * np.clip((phase - p.t_ivr) / (p.t_rf - p.t_ivr), 0.0, 1.0)) ** 2
+    jet *= smoothstep((0.4 * p.length - float(mid["z0"])) / (0.2 * p.length))
+    if jet > 0.02 and r_n > 8.0:
+        d2 = (u - 0.15 * r_n) ** 2 + (w - 0.2 * r_n) ** 2
+        lv_blood = lv_blood * (1.0 - 0.4 * jet * np.exp(-d2 / (2.0 * (0.3 * r_n) ** 2)))
+    img += mean("lv") * (lv_blood - img)
+    rv = mean("rv")
+    if rv is not None:
+        rv_blood = p.blood * 0.97 * (1.0 - 0.4 * mean("rv_band") * strands)
+        img += rv * (rv_blood - img)
     return img
 
 
@@ -554,8 +610,9 @@ def render(p: SaxParams, rng: np.random.Generator, slices: int, frames: int, siz
     ci_c, cj_c = min(max(ci, 0), size - 1), min(max(cj, 0), size - 1)
     bias = np.exp(log_bias - log_bias[ci_c, cj_c]).astype(np.float32)
 
-    out = np.empty((slices, frames, size, size), np.float32)
+    out = np.empty((slices, frames, size, size), np.complex64)
     phases = np.arange(frames) / frames
+    fat_rot = np.complex64(np.exp(1j * p.fat_phase))
     for s, z in enumerate(zs):
         chest = _Chest(p, rng, x, y, float(z), pixel)
         bg = chest.image[i0:i1, j0:j1]
@@ -567,20 +624,21 @@ def render(p: SaxParams, rng: np.random.Generator, slices: int, frames: int, siz
         lo, hi = _lv_radii(p, max(float(z) - half_t, 0.0)), _lv_radii(p, float(z) + half_t)
         rv = [np.sqrt(max(0.0, 1.0 - (zz / p.rv_length) ** 2)) for zz in (max(float(z) - half_t, 0.0), z + half_t)]
         change = max(abs(lo[0] - hi[0]), abs(lo[1] - hi[1]), p.rv_depth * abs(rv[0] - rv[1]))
-        n_sub = int(np.clip(np.ceil(change / (0.8 * pixel)), 1, 6))
+        n_sub = int(np.clip(np.ceil(change / (0.8 * pixel)), 1, 4))
         subs = float(z) + p.thickness_mm * ((np.arange(n_sub) + 0.5) / n_sub - 0.5)
         for t, ph in enumerate(phases):
             out[s, t] = chest.image
-            heart = _heart(p, tabs, xc, yc, float(subs[0]), float(ph), pixel, bg, tex, apex_sign)
-            for zz in subs[1:]:
-                heart += _heart(p, tabs, xc, yc, float(zz), float(ph), pixel, bg, tex, apex_sign)
-            out[s, t, i0:i1, j0:j1] = heart / n_sub
-    out *= bias
+            out[s, t, i0:i1, j0:j1] = _heart(p, tabs, xc, yc, subs, float(ph), pixel, bg, tex, apex_sign)
+    out = (out.real + out.imag * fat_rot) * bias
     return _acquire(p, rng, out), zs, bias, pixel
 
 
 def _acquire(p: SaxParams, rng: np.random.Generator, clean: np.ndarray) -> np.ndarray:
-    """Finite, windowed k-space + complex noise -> magnitude (Rician, band-limited, mild ringing)."""
+    """Complex image -> finite, windowed k-space + white noise -> magnitude.
+
+    The magnitude of signal plus complex Gaussian noise is Rician; the truncated k-space makes
+    the image band-limited with mild ringing, and the noise correlated like a zero-filled recon.
+    """
     size_y, size_x = clean.shape[-2:]
 
     def window(freq: np.ndarray, frac: float) -> np.ndarray:
@@ -592,13 +650,18 @@ def _acquire(p: SaxParams, rng: np.random.Generator, clean: np.ndarray) -> np.nd
     fy, fx = (p.kspace_phase, p.kspace_read) if p.phase_axis == 0 else (p.kspace_read, p.kspace_phase)
     wy = window(np.fft.fftfreq(size_y), fy)[:, None]
     win = (wy * window(np.fft.fftfreq(size_x), fx)[None, :]).astype(np.float32)
-    win_r = (wy * window(np.fft.rfftfreq(size_x), fx)[None, :]).astype(np.float32)
-    signal = sfft.irfft2(sfft.rfft2(clean, workers=1) * win_r, s=(size_y, size_x), workers=1)
+    kspace = sfft.fft2(clean.astype(np.complex64), workers=1, overwrite_x=True)
     # white complex k-space noise through the same window: image noise std = p.noise per channel
-    scale = p.noise / np.sqrt(float(np.mean(win**2)))
-    # real and imaginary parts drawn straight into a complex64 buffer (no float64 temporaries)
-    kn = rng.standard_normal(clean.shape + (2,), dtype=np.float32).view(np.complex64)[..., 0]
-    kn *= (scale * win).astype(np.float32)
-    image = sfft.ifft2(kn, norm="ortho", workers=1, overwrite_x=True)
-    image += signal
+    # (the sqrt(N) turns the orthonormal noise level into fft2's unnormalised convention)
+    scale = p.noise / np.sqrt(float(np.mean(win**2))) * np.sqrt(size_y * size_x)
+    # noise is only drawn where the window is non-zero (the rest is discarded anyway); real and
+    # imaginary parts go straight into a complex64 buffer (no float64 temporaries)
+    rows = np.flatnonzero(win.any(axis=1))
+    cols = np.flatnonzero(win.any(axis=0))
+    shape = clean.shape[:-2] + (rows.size, cols.size)
+    noise = rng.standard_normal(shape + (2,), dtype=np.float32).view(np.complex64)[..., 0]
+    noise *= np.float32(scale)
+    kspace[..., rows[:, None], cols[None, :]] += noise
+    kspace *= win
+    image = sfft.ifft2(kspace, workers=1, overwrite_x=True)
     return np.abs(image).astype(np.float32)
