@@ -209,7 +209,8 @@ def find(node: DicomNode, calling_ae: str, level: str, keys: dict[str, str], ret
     try:
         for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
             if not status:
-                raise PacsUnavailable(f"{node}: association lost during C-FIND")
+                raise PacsUnavailable(f"{node}: association lost during C-FIND (does the PACS know our AE title "
+                                      f"{calling_ae}?)")
             code = int(status.Status)
             if code in (0xFF00, 0xFF01) and identifier is not None:
                 matches.append(identifier)
