@@ -96,43 +96,63 @@ def wait_port(port: int, timeout: float = 10) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def run_storescp(study: Path, work: Path) -> float:
-    out = work / "storescp"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(["storescp", "-od", str(out), str(port)], env=DCMTK_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        elapsed = send(port, study)
-    finally:
-        proc.terminate()
-        proc.wait()
-    count = len(list(out.iterdir()))
-    shutil.rmtree(out)
-    if count != len(list(study.iterdir())):
-        raise RuntimeError(f"storescp stored {count} files")
-    return elapsed
+class StorescpTarget:
+    """A long-running dcmtk storescp (TCP_NODELAY=1) writing into a folder emptied between runs."""
+
+    def __init__(self, work: Path) -> None:
+        self.out = work / "storescp"
+        self.out.mkdir()
+        self.port = free_port()
+        self.proc = subprocess.Popen(["storescp", "-od", str(self.out), str(self.port)], env=DCMTK_ENV,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def run(self, study: Path) -> tuple[float, float]:
+        elapsed = send(self.port, study)
+        count = len(list(self.out.iterdir()))
+        if count != len(list(study.iterdir())):
+            raise RuntimeError(f"storescp stored {count} files")
+        for f in self.out.iterdir():
+            f.unlink()
+        return elapsed, elapsed
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
 
 
-def run_ours(study: Path, work: Path, durability: str) -> tuple[float, float]:
-    """Seconds until storescu finished, and until every file is visible in the store."""
-    root = work / f"ours-{durability}"
-    store = InstanceStore(root, durability=durability, min_free_fraction=0.0, min_free_bytes=0)
-    handle = start_listener(ListenerConfig(port=0), store)
-    try:
-        t0 = time.perf_counter()
-        elapsed = send(handle.port, study)
-        store.flush()
-        visible = time.perf_counter() - t0
-    finally:
-        handle.stop()
-        store.close()
-    count = sum(1 for _ in (root / "instances").rglob("*.dcm"))
-    shutil.rmtree(root)
-    if count != len(list(study.iterdir())):
-        raise RuntimeError(f"our listener stored {count} files")
-    return elapsed, visible
+class OurTarget:
+    """Our listener and store, long-running like the service; the study is removed between runs."""
+
+    def __init__(self, work: Path, durability: str, max_pdu_size: int, fsync: bool = True) -> None:
+        self.root = work / f"ours-{durability}-{max_pdu_size}-{fsync}"
+        self.store = InstanceStore(self.root, durability=durability, min_free_fraction=0.0, min_free_bytes=0)
+        self.handle = start_listener(ListenerConfig(port=0, max_pdu_size=max_pdu_size), self.store)
+        self.fsync = fsync
+
+    def run(self, study: Path) -> tuple[float, float]:
+        """Seconds until storescu finished, and until every file is visible in the store."""
+        real = os.fdatasync
+        if not self.fsync:  # diagnostic only: what the protocol path costs without the flushes
+            os.fdatasync = lambda fd: None
+        try:
+            t0 = time.perf_counter()
+            elapsed = send(self.handle.port, study)
+            self.store.flush()
+            visible = time.perf_counter() - t0
+        finally:
+            os.fdatasync = real
+        studies = self.store.studies()
+        count = sum(len(self.store.instances(st, se)) for st in studies for se in self.store.series(st))
+        if count != len(list(study.iterdir())):
+            raise RuntimeError(f"our listener stored {count} files")
+        for st in studies:
+            self.store.remove_study(st)
+        return elapsed, visible
+
+    def close(self) -> None:
+        self.handle.stop()
+        self.store.close()
 
 
 def run_concurrent(work: Path, senders: int, per_sender: int) -> dict[str, object]:
@@ -184,6 +204,13 @@ def machine() -> dict[str, object]:
             "load_average_at_start": os.getloadavg()}
 
 
+def _cpu_pressure() -> str:
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -195,7 +222,10 @@ def git_commit() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--max-pdu", type=int, default=1 << 20, help="maximum PDU length our listener announces")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also time our listener with fdatasync disabled (diagnostic, not a product mode)")
     parser.add_argument("--concurrent-senders", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-write", action="store_true", help="print only, no JSON file")
@@ -203,29 +233,44 @@ def main() -> int:
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
         print("dcmtk (storescu, storescp) is not installed", file=sys.stderr)
         return 2
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cinesr-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
         study = work / "study"
         make_study(study, args.instances)
-        # warm-up: page cache, imports, first segment/file creation paths
-        run_storescp(study, work)
-        run_ours(study, work, "journal")
-        times: dict[str, list[float]] = {"ours_journal": [], "ours_journal_visible": [], "ours_file": [],
-                                         "storescp": []}
-        for _ in range(args.repeats):  # interleaved so that load changes hit all alike
-            t, v = run_ours(study, work, "journal")
-            times["ours_journal"].append(t)
-            times["ours_journal_visible"].append(v)
-            times["ours_file"].append(run_ours(study, work, "file")[0])
-            times["storescp"].append(run_storescp(study, work))
+        targets = {
+            "ours_journal": OurTarget(work, "journal", args.max_pdu),
+            "ours_file": OurTarget(work, "file", args.max_pdu),
+            "storescp": StorescpTarget(work),
+        }
+        if args.diagnose:
+            targets["ours_journal_no_fsync_DIAGNOSTIC"] = OurTarget(work, "journal", args.max_pdu, fsync=False)
+        times: dict[str, list[float]] = {name: [] for name in targets}
+        times["ours_journal_visible"] = []
+        try:
+            for target in targets.values():  # warm-up: page cache, first segment and folder creation
+                target.run(study)
+            for _ in range(args.repeats):  # interleaved so that load changes hit all alike
+                for name, target in targets.items():
+                    elapsed, visible = target.run(study)
+                    times[name].append(elapsed)
+                    if name == "ours_journal":
+                        times["ours_journal_visible"].append(visible)
+        finally:
+            for target in targets.values():
+                target.close()
         concurrent = run_concurrent(work, args.concurrent_senders, args.instances // args.concurrent_senders)
+    load_end = os.getloadavg()
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["storescp"] / med["ours_journal"]  # throughput ratio ours / storescp
     ratio_file = med["storescp"] / med["ours_file"]
+    # interleaved runs pair up: the median of per-round ratios resists load drifting over the run
+    paired = statistics.median(s / o for s, o in zip(times["storescp"], times["ours_journal"], strict=True))
     print(f"{args.instances} MR instances 256x256x16 bit, storescu -> receiver, median of {args.repeats}:")
     for k, v in times.items():
         print(f"  {k:22s} median {med[k]:.3f} s   runs {' '.join(f'{x:.3f}' for x in v)}")
-    print(f"  throughput ratio ours(journal)/storescp = {ratio:.2f}   ours(file)/storescp = {ratio_file:.2f}")
+    print(f"  throughput ratio ours(journal)/storescp = {ratio:.2f} (median of per-round ratios {paired:.2f})"
+          f"   ours(file)/storescp = {ratio_file:.2f}")
     print(f"  {args.concurrent_senders} concurrent senders: {concurrent}")
     result = {
         "benchmark": "ingest",
@@ -234,6 +279,7 @@ def main() -> int:
         "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "median_seconds": {k: round(v, 4) for k, v in med.items()},
         "throughput_ratio_ours_vs_storescp": round(ratio, 3),
+        "throughput_ratio_ours_vs_storescp_paired_median": round(paired, 3),
         "throughput_ratio_ours_file_durability_vs_storescp": round(ratio_file, 3),
         "acceptance_ratio_min": 0.8, "acceptance_met": ratio >= 0.8 and bool(concurrent["ok"]),
         "concurrent": concurrent,
@@ -241,7 +287,11 @@ def main() -> int:
                  "ours_journal: success after fdatasync of a write-ahead journal record; "
                  "ours_journal_visible: until every .dcm file is renamed into place; "
                  "ours_file: success after fdatasync + rename + directory fsync per instance; "
-                 "storescp does not fsync.",
+                 "storescp does not fsync. Receivers are long-running; the study is deleted between runs. "
+                 "The machine is shared: see load_average.",
+        "max_pdu_size": args.max_pdu,
+        "cpu_pressure_end": _cpu_pressure(),
+        "load_average": {"start": load_start, "end": load_end},
         "machine": machine(), "git_commit": git_commit(),
         "versions": {"python": platform.python_version(), "pynetdicom": pynetdicom.__version__,
                      "pydicom": pydicom.__version__, "dcmtk": _version(["storescp", "--version"])},

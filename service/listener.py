@@ -486,6 +486,18 @@ class _Association:
         self._respond(context_id, command_field, message_id, status, sop_class, sop_instance, comment)
 
 
+def _server_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # A receive buffer that holds a whole instance or two: fewer wakeups per C-STORE. Set before
+    # listen() so that accepted sockets inherit it (and the TCP window scale that goes with it).
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    server.bind((host, port))
+    server.listen(64)
+    return server
+
+
 class DicomListener:
     """A running listener: accept thread plus one thread per association."""
 
@@ -498,7 +510,7 @@ class DicomListener:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
-        self._server = socket.create_server((config.host, config.port), backlog=64, reuse_port=False)
+        self._server = _server_socket(config.host, config.port)
         self.host, self.port = self._server.getsockname()[:2]
         self._thread: threading.Thread | None = None
 

@@ -619,12 +619,15 @@ class InstanceStore:
         with self._lock:
             for p in paths:
                 self._index.pop(p.stem, None)
-        shutil.rmtree(self._series_dir(study_uid, series_uid), ignore_errors=True)
+        series_dir = self._series_dir(study_uid, series_uid)
+        self._known_dirs.discard(series_dir)  # recreated (and fsynced) if instances come again
+        shutil.rmtree(series_dir, ignore_errors=True)
         return len(paths)
 
     def remove_study(self, study_uid: str) -> int:
         """Delete a study's files (retention); return how many instances were removed."""
         removed = sum(self.remove_series(study_uid, s) for s in self.series(study_uid))
+        self._known_dirs.discard(self._study_dir(study_uid))
         shutil.rmtree(self._study_dir(study_uid), ignore_errors=True)
         return removed
 
