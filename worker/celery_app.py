@@ -21,6 +21,7 @@ from cinesr.worker.settings import Settings, load_settings
 QUEUE = "celery"  # the Redis list KEDA watches (helm values keda.listName)
 SUPERRESOLVE = "cinesr.superresolve_series"
 EXPORT = "cinesr.export_series"
+SOFT_SHUTDOWN_SECONDS = 60.0
 
 
 def broker_url(settings: Settings) -> str:
@@ -83,12 +84,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # the child is killed (a hung CUDA kernel cannot be interrupted any other way).
         "task_soft_time_limit": soft,
         "task_time_limit": hard,
-        # SIGTERM (pod stop, docker stop) starts a soft shutdown (`cinesr worker` maps SIGTERM to
-        # SIGQUIT): the running task gets up to its hard time limit to finish; if it still runs then,
-        # its message goes back to the queue at once (no wait for the visibility timeout).
-        "worker_soft_shutdown_timeout": hard,
-        # An idle worker with a reserved (not started) message also hands it back on shutdown.
-        "worker_enable_soft_shutdown_on_idle": True,
+        # SIGTERM (pod stop, docker stop, KEDA scale-down) is Celery's warm shutdown: no new task is taken
+        # and the running series finishes (bounded by the hard time limit; the chart's grace period is
+        # longer). SIGQUIT / a second Ctrl+C is the cold path; there the soft shutdown gives the running
+        # task SOFT_SHUTDOWN_SECONDS, then cancels it and hands its message back at once instead of after
+        # the visibility timeout. (Celery's soft shutdown sleeps its whole timeout whenever a task runs,
+        # so it is kept short rather than mapped onto SIGTERM with the task's full time limit.)
+        "worker_soft_shutdown_timeout": SOFT_SHUTDOWN_SECONDS,
+        # An idle worker exits at once (nothing to wait for).
+        "worker_enable_soft_shutdown_on_idle": False,
         # A broker blip (Redis restart) must not throw away minutes of GPU work: the running task goes
         # on and records its result in the job record; if its ack is lost with the old connection, the
         # redelivery later finds the series done and is a no-op.

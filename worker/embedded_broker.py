@@ -113,25 +113,30 @@ class Database:
             db.execute("DELETE FROM messages WHERE tag = ?", (tag,))
 
     def release(self, tag: str) -> None:
-        """Make a taken message visible again (requeue)."""
+        """Make a taken message visible again (requeue), marked as redelivered."""
         with self.transaction() as db:
             row = db.execute("SELECT payload FROM messages WHERE tag = ?", (tag,)).fetchone()
-            if row is None:
-                return
-            payload = json.loads(row[0])
-            payload["redelivered"] = True
-            db.execute("UPDATE messages SET owner = NULL, taken_at = NULL, payload = ? WHERE tag = ?",
-                       (json.dumps(payload), tag))
+            if row is not None:
+                self._free(db, tag, row[0])
+
+    @staticmethod
+    def _free(db: sqlite3.Connection, tag: str, payload_text: str) -> None:
+        # Celery reads request.delivery_info["redelivered"] from here (as Redis sets it on a restore).
+        payload = json.loads(payload_text)
+        payload["redelivered"] = True
+        payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+        db.execute("UPDATE messages SET owner = NULL, taken_at = NULL, payload = ? WHERE tag = ?",
+                   (json.dumps(payload), tag))
 
     def reclaim(self, visibility_timeout: float) -> int:
         """Free messages whose owner died or that were held past the visibility timeout; returns how many."""
         freed = 0
         with self.transaction() as db:
-            rows = db.execute("SELECT tag, owner, taken_at FROM messages WHERE owner IS NOT NULL").fetchall()
+            rows = db.execute("SELECT tag, owner, taken_at, payload FROM messages WHERE owner IS NOT NULL").fetchall()
             now = time.time()
-            for tag, owner, taken_at in rows:
+            for tag, owner, taken_at, payload in rows:
                 if not _owner_alive(owner) or now - (taken_at or now) > visibility_timeout:
-                    db.execute("UPDATE messages SET owner = NULL, taken_at = NULL WHERE tag = ?", (tag,))
+                    self._free(db, tag, payload)
                     freed += 1
         return freed
 

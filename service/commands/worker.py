@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Annotated
 
 import typer
 from cinesr.service.cli import UsageError, app
-
-# SIGTERM (pod or container stop) should start Celery's soft shutdown: the running series may finish within
-# the hard time limit, else its message is handed back at once. Celery reads this when billiard is first
-# imported, so it is set as early as possible (and `worker` re-executes itself if it was too late).
-os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
 
 
 @app.command()
@@ -26,16 +20,12 @@ def worker(
     hostname: Annotated[str | None, typer.Option(help="Celery node name (default cinesr-<pid>@<host>).")] = None,
 ) -> None:
     """Run a worker: takes super-resolution and export tasks from the broker (BROKER_URL, or the embedded
-    queue in DATA_DIR when empty), one at a time. Run one per GPU."""
+    queue in DATA_DIR when empty), one at a time. Run one per GPU. SIGTERM lets the running series finish
+    (warm shutdown); SIGQUIT gives it a minute, then hands it back to the queue."""
     if pool not in ("prefork", "solo"):
         raise UsageError(f"unknown pool {pool!r} (available: prefork, solo)")
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    import billiard.common
-
-    if billiard.common.REMAP_SIGTERM != "SIGQUIT":  # billiard was imported before the variable was set
-        os.execv(sys.executable, [sys.executable, "-c", "from cinesr.service.cli import main; main()", *sys.argv[1:]])
-
     from cinesr.worker.celery_app import get_app, is_embedded
     from cinesr.worker.settings import load_settings
 
