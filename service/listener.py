@@ -255,8 +255,8 @@ class _Association:
         primitive.result, primitive.result_source, primitive.diagnostic = result, source, reason
         pdu = A_ASSOCIATE_RJ()
         pdu.from_primitive(primitive)
+        self.listener.stats.rejected_associations += 1  # counted before the peer can see it
         self.sock.sendall(pdu.encode())
-        self.listener.stats.rejected_associations += 1
 
     def negotiate(self) -> bool:
         self.sock.settimeout(self.config.acse_timeout)
