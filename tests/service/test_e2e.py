@@ -37,7 +37,9 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
 def service(tmp_path_factory: pytest.TempPathFactory, pacs: OrthancServer) -> Iterator[Service]:
     settings = settings_for(tmp_path_factory.mktemp("data"), pacs_ae_title=pacs.ae_title, pacs_host=pacs.host,
                             pacs_port=pacs.dicom_port, auto_process=True, series_stable_seconds=0.3)
-    with Service(settings, dispatch="inline", min_free_bytes=1 << 20) as svc:
+    # "auto": Celery with the embedded worker process, as `cinesr serve` runs it (in-process thread only
+    # where the worker package is missing)
+    with Service(settings, dispatch="auto", min_free_bytes=1 << 20) as svc:
         pacs.register_modality(settings.ae_title, "127.0.0.1", svc.listener.port)
         yield svc
 

@@ -47,7 +47,9 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[Path
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = Service(settings_for(tmp_path_factory.mktemp("data")), dispatch="inline", min_free_bytes=1 << 20)
+    # AUTO_PROCESS off: these tests submit over REST only
+    svc = Service(settings_for(tmp_path_factory.mktemp("data"), auto_process=False), dispatch="inline",
+                  min_free_bytes=1 << 20)
     with svc:
         yield svc
 
@@ -208,3 +210,77 @@ def test_token_is_generated_once_into_the_data_dir(tmp_path: Path) -> None:
             assert c.get("/jobs", headers=AUTH).status_code == 401
     with Service(settings, dispatch="inline", min_free_bytes=1 << 20) as svc:
         assert svc.tokens == [token]  # the same token after a restart
+
+
+def _copy_as(source: Path, target: Path, study_uid: str, series_uid: str, sop_uid: str, **changes: Any) -> Path:
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(target)
+    return target
+
+
+def test_routing_auto_processes_eligible_series_and_cleans_up_the_rest(
+        tmp_path: Path, study: tuple[str, str, list[Path]]) -> None:
+    from cinesr.service.routing import sweep_ineligible
+
+    settings = settings_for(tmp_path / "data", auto_process=True)
+    study_uid = "1.2.826.0.1.3680043.8.498.88"
+    ct, report, cine = f"{study_uid}.1", f"{study_uid}.2", f"{study_uid}.3"
+    files = []
+    for i, path in enumerate(study[2]):
+        # a CT series, a non-image instance (SR document), and an MR cine without TriggerTime
+        if i < 2:
+            files.append(_copy_as(path, tmp_path / f"ct{i}.dcm", study_uid, ct, f"{ct}.{i + 1}", Modality="CT"))
+        files.append(_copy_as(path, tmp_path / f"mr{i}.dcm", study_uid, cine, f"{cine}.{i + 1}", TriggerTime=None))
+    files.append(_copy_as(study[2][0], tmp_path / "sr.dcm", study_uid, report, f"{report}.1", Modality="SR",
+                          SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", PixelData=None))
+    with Service(settings, dispatch="inline", min_free_bytes=1 << 20) as svc:
+        for path in files:
+            svc.store.put_file(path)
+        svc.store.flush()
+        job = wait_for(lambda: next(iter(svc.jobs.list(study_uid=study_uid, status="succeeded")), None),
+                       what="the automatic job")
+        assert [e.input_series_uid for e in job.series] == [cine] and job.source == "push"
+        assert len(svc.jobs.list(study_uid=study_uid)) == 1  # ineligible series start no job
+        ineligible = {e.series_uid: e.reason for e in wait_for(lambda: len(svc.routing.ineligible()) == 2
+                                                               and svc.routing.ineligible(), what="routing")}
+        assert "not MR" in ineligible[ct] and "not MR" in ineligible[report]
+        assert svc.routing.get(cine).eligible
+        # retention: nothing is old enough yet; an hour later both ineligible series are gone, the cine stays
+        assert sweep_ineligible(svc.store, svc.routing, retention_hours=1) == 0
+        assert sweep_ineligible(svc.store, svc.routing, retention_hours=1, now=time.time() + 3601) == 3
+        assert svc.store.series(study_uid) == [cine]
+        assert svc.routing.ineligible() == []
+        with TestClient(create_app(svc)) as c:
+            text = c.get("/metrics").text
+            assert "cinesr_ineligible_series 0.0" in text
+
+
+def test_redis_mode_keeps_jobs_in_redis(tmp_path: Path, study: tuple[str, str, list[Path]]) -> None:
+    from cinesr.worker.jobs import RedisJobStore
+
+    settings = settings_for(tmp_path, broker_url="redis://127.0.0.1:6379/0", auto_process=False)
+    try:
+        svc = Service(settings, dispatch="inline", min_free_bytes=1 << 20).start()
+        svc.jobs.ping()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no Redis: {exc}")
+    try:
+        assert isinstance(svc.jobs, RedisJobStore)
+        store_study(svc, study[2])
+        with TestClient(create_app(svc)) as c:
+            job_id = c.post(f"/studies/{study[0]}/superresolve", headers=AUTH, json={"steps": 3}).json()["job_id"]
+            assert c.get("/readyz").json()["checks"]["broker"]["kind"] == "redis"
+        assert wait_for(lambda: svc.jobs.get(job_id).status == "succeeded", what="job in Redis mode")
+        assert RedisJobStore("redis://127.0.0.1:6379/0").get(job_id).study_uid == study[0]
+    finally:
+        job = svc.jobs.get(job_id)
+        svc.jobs.redis.delete(f"cinesr:job:{job_id}", f"cinesr:jobkey:{job.key}")
+        svc.jobs.redis.zrem("cinesr:jobs", job_id)
+        svc.stop()
