@@ -4,6 +4,7 @@ empty, so one command on one machine is a working service."""
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Annotated
 
 import typer
@@ -27,6 +28,12 @@ def serve(
     from cinesr.service.gateway import create_app
     from cinesr.service.settings import load_settings
 
+    def _terminate(signum: int, frame: object) -> None:
+        # uvicorn shuts down on SIGTERM and then re-raises it to the previous handler: this one, so the
+        # finally below stops the listener and the embedded worker before the process exits
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _terminate)
     settings = load_settings()
     service = Service(settings, dispatch="inline" if inline else "auto", embedded_worker=worker)
     service.start()

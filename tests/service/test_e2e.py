@@ -131,3 +131,55 @@ def test_pacs_down_fails_the_job_and_retry_resends(tmp_path: Path, service: Serv
     assert done["attempts"] == 1 and done["error"] is None
     assert done["timings"]["compute"] == computed  # resent, not recomputed
     _assert_exported_once(pacs, done)
+
+
+def test_cinesr_serve_runs_the_whole_service(tmp_path: Path) -> None:
+    """The real command: REST and DICOM answer, a token is generated (its path logged, never the token), and
+    SIGTERM stops the service and its embedded worker."""
+    import os
+    import signal
+    import subprocess
+
+    import httpx
+
+    from tests.orthanc import free_port
+
+    http_port, dicom_port = free_port(), free_port()
+    env = {**os.environ, "CINESR_DATA_DIR": str(tmp_path / "data"), "CINESR_HTTP_PORT": str(http_port),
+           "CINESR_DICOM_PORT": str(dicom_port), "CINESR_API_TOKENS": "", "CINESR_DEFAULT_METHOD": "baseline"}
+    cinesr = Path(shutil.which("cinesr") or Path(os.sys.executable).with_name("cinesr"))
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(cinesr), "--log-level", "INFO", "serve", "--host", "127.0.0.1"], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return process.poll() is not None  # exited: stop waiting, the asserts below say why
+        wait_for(up, 60, "cinesr serve to answer")
+        assert process.poll() is None, log.read_text()
+        token = (tmp_path / "data" / "api-token").read_text().strip()
+        echo = subprocess.run(["echoscu", "-aec", "CINESR", "127.0.0.1", str(dicom_port)], capture_output=True,
+                              env={**os.environ, "TCP_NODELAY": "1"}, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+        headers = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"{url}/jobs", headers=headers).json() == {"jobs": []}
+        assert httpx.post(f"{url}/studies/1.2.3/superresolve", headers=headers).status_code == 404
+        ready = httpx.get(f"{url}/readyz").json()
+        assert ready["checks"]["storage"]["ok"] and ready["checks"]["broker"]["ok"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    text = log.read_text()
+    assert code == 0, text
+    assert str(tmp_path / "data" / "api-token") in text and token not in text
+    import re
+
+    worker = re.search(r"embedded worker started \(pid (\d+)\)", text)
+    assert worker, text
+    assert not Path(f"/proc/{worker.group(1)}").exists() or \
+        Path(f"/proc/{worker.group(1)}/stat").read_text().split()[2] == "Z"  # stopped with the service
