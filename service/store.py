@@ -521,6 +521,7 @@ class _Pending:
     offset: int
     length: int
     done: threading.Event | None = None  # only flush markers carry one
+    checkpoint: bool = False  # a marker that also waits for the files to be fsynced
 
 
 class InstanceStore:
@@ -542,7 +543,7 @@ class InstanceStore:
     def __init__(self, root: str | os.PathLike[str], *, durability: Durability = "journal",
                  min_free_fraction: float = 0.05, min_free_bytes: int = 1 << 30,
                  segment_size: int = 32 << 20, spare_segments: int = 4,
-                 apply_idle_seconds: float = 0.05, apply_max_backlog: int = 256,
+                 apply_idle_seconds: float = 0.05, apply_max_bytes: int | None = None,
                  on_instance: Callable[[StoredInstance], None] | None = None) -> None:
         if durability not in ("journal", "file"):
             raise ValueError(f"durability must be 'journal' or 'file', not {durability!r}")
@@ -553,7 +554,10 @@ class InstanceStore:
         # The applier waits for a pause in arrivals (or a large backlog) before writing files, so
         # that while instances stream in the only work per instance is one journal append.
         self.apply_idle_seconds = apply_idle_seconds
-        self.apply_max_backlog = apply_max_backlog
+        # journalled bytes not yet checkpointed above which the applier works even while
+        # instances arrive (default: half of the spare journal segments)
+        self.apply_max_bytes = apply_max_bytes if apply_max_bytes is not None else spare_segments * segment_size // 2
+        self._pending_bytes = 0
         self._last_put = 0.0
         self.min_free_fraction = min_free_fraction
         self.min_free_bytes = min_free_bytes
@@ -724,6 +728,8 @@ class InstanceStore:
                 seq, offset, length = record.commit(dataset, info)
                 writer._segment = record.segment
                 self._last_put = time.monotonic()
+                with self._lock:
+                    self._pending_bytes += length
                 # The applier copies the file bytes out of the journal (page cache), so the caller's
                 # buffer is free for reuse as soon as this returns.
                 self._queue.put(_Pending(info, seq, offset, length))
@@ -751,11 +757,12 @@ class InstanceStore:
         return self.put(dataset, ts, found.get("sop_class_uid") or _meta_value(meta, 0x0002),
                         found.get("sop_instance_uid") or _meta_value(meta, 0x0003), source_ae)
 
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every acknowledged instance is visible as a file; False on timeout."""
+    def flush(self, timeout: float | None = None, checkpoint: bool = False) -> bool:
+        """Wait until every acknowledged instance is visible as a file (with ``checkpoint``, also
+        fsynced and out of the journal); False on timeout."""
         if self._journal is None:
             return True
-        marker = _Pending(None, -1, 0, 0, threading.Event())  # type: ignore[arg-type]
+        marker = _Pending(None, -1, 0, 0, threading.Event(), checkpoint)  # type: ignore[arg-type]
         self._queue.put(marker)
         return marker.done.wait(timeout)  # type: ignore[union-attr]
 
@@ -857,48 +864,48 @@ class InstanceStore:
             _fsync_dir(directory)
 
     def _apply_loop(self) -> None:
+        """Turn journal records into files: after a pause in arrivals (or when the journal fills),
+        in arrival order; fsync them in batches, then release their journal space."""
         assert self._journal is not None
-        fds: list[int] = []
-        dirs: set[Path] = set()
-        segments_in_batch: dict[int, int] = {}
-        markers: list[_Pending] = []
+        batch: list[tuple[int, _Pending]] = []  # (open fd, item) written but not yet fsynced
+        waiters: list[_Pending] = []  # flush(checkpoint=True) callers
         segment_fds: dict[int, int] = {}
         stopping = False
         while True:
+            quiet = False
             try:
-                item = self._queue.get(timeout=0.2 if fds else None)
+                item = self._queue.get(timeout=0.2 if batch else None)
             except queue.Empty:
-                item = "idle"  # type: ignore[assignment]
-            if item is None:
+                item, quiet = None, True
+            if item is None and not quiet:
                 stopping = True
-            elif isinstance(item, _Pending) and item.info is None:
-                markers.append(item)
-            elif isinstance(item, _Pending):
+            elif item is not None and item.info is None:  # a flush marker: all before it is visible
+                if item.checkpoint:
+                    waiters.append(item)
+                else:
+                    item.done.set()  # type: ignore[union-attr]
+            elif item is not None:
                 while (time.monotonic() - self._last_put < self.apply_idle_seconds
-                       and self._queue.qsize() < self.apply_max_backlog):
+                       and self._pending_bytes < self.apply_max_bytes and not stopping):
                     time.sleep(self.apply_idle_seconds / 2)
                 try:
-                    fds.append(self._copy_out(item, segment_fds))
-                    dirs.add(item.info.path.parent)
-                    segments_in_batch[item.segment] = segments_in_batch.get(item.segment, 0) + 1
+                    batch.append((self._copy_out(item, segment_fds), item))
                     self._notify(item.info)
                 except OSError:
                     # The journal still holds it; the next start replays it.
                     LOGGER.exception("could not materialise %s", item.info.sop_instance_uid)
-            # Checkpoint when idle, at a flush/close request, or when the batch is large.
-            idle = item == "idle" or self._queue.empty()
-            if fds and (item == "idle" or stopping or markers or len(fds) >= 512 or idle):
-                self._checkpoint_batch(fds, dirs, segments_in_batch)
-                fds, dirs, segments_in_batch = [], set(), {}
+            if batch and (quiet or waiters or stopping or len(batch) >= 512):
+                self._checkpoint_batch(batch)
+                batch = []
                 for seg in [s for s in segment_fds if s not in self._journal.active]:
                     os.close(segment_fds.pop(seg))  # retired: its blocks may be recycled
-            if markers and not fds:
-                for marker in markers:
-                    marker.done.set()  # type: ignore[union-attr]
-                markers = []
+            if waiters and not batch:
+                for waiter in waiters:
+                    waiter.done.set()  # type: ignore[union-attr]
+                waiters = []
             if stopping and self._queue.empty():
-                if fds:
-                    self._checkpoint_batch(fds, dirs, segments_in_batch)
+                if batch:
+                    self._checkpoint_batch(batch)
                 for fd in segment_fds.values():
                     os.close(fd)
                 return
@@ -928,18 +935,26 @@ class InstanceStore:
             raise
         return fd
 
-    def _checkpoint_batch(self, fds: list[int], dirs: set[Path], segments: dict[int, int]) -> None:
+    def _checkpoint_batch(self, batch: list[tuple[int, _Pending]]) -> None:
         assert self._journal is not None
         t0 = time.perf_counter()
-        for fd in fds:
+        segments: dict[int, int] = {}
+        released = 0
+        dirs = set()
+        for fd, item in batch:
             os.fdatasync(fd)
             os.close(fd)
+            dirs.add(item.info.path.parent)
+            segments[item.segment] = segments.get(item.segment, 0) + 1
+            released += item.length
         for directory in dirs:
             _fsync_dir(directory)
         self._journal.checkpointed(segments)
+        with self._lock:
+            self._pending_bytes -= released
         if self._queue.empty():
             self._journal.prepare_spares()  # top up while nothing streams in
-        LOGGER.debug("checkpointed %d instances in %.1f ms", len(fds), 1000 * (time.perf_counter() - t0))
+        LOGGER.debug("checkpointed %d instances in %.1f ms", len(batch), 1000 * (time.perf_counter() - t0))
 
 
 class InstanceWriter:
