@@ -284,3 +284,50 @@ def test_redis_mode_keeps_jobs_in_redis(tmp_path: Path, study: tuple[str, str, l
         svc.jobs.redis.delete(f"cinesr:job:{job_id}", f"cinesr:jobkey:{job.key}")
         svc.jobs.redis.zrem("cinesr:jobs", job_id)
         svc.stop()
+
+
+def test_concurrent_identical_requests_share_one_job(client: TestClient, service: Service,
+                                                     study: tuple[str, str, list[Path]]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store_study(service, study[2])
+    body = {"method": "baseline", "steps": 7}
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: client.post(f"/studies/{study[0]}/superresolve", headers=AUTH,
+                                                        json=body), range(6)))
+    assert {r.status_code for r in responses} == {202}
+    assert len({r.json()["job_id"] for r in responses}) == 1
+
+
+def test_model_method_and_odd_matrix(client: TestClient, service: Service, tmp_path: Path,
+                                     study: tuple[str, str, list[Path]]) -> None:
+    """params.method selects the learned model; an odd matrix (62 x 66) comes out exactly 4x."""
+    import numpy as np
+
+    study_uid = "1.2.826.0.1.3680043.8.498.66"
+    for i, path in enumerate(study[2]):
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array[1:63, :]
+        pixels = np.pad(pixels, ((0, 0), (0, 2)), mode="edge")
+        ds.Rows, ds.Columns = pixels.shape
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        target = _copy_dataset(ds, tmp_path / f"{i}.dcm", study_uid, f"{study_uid}.1", f"{study_uid}.1.{i + 1}")
+        service.store.put_file(target)
+    service.store.flush()
+    response = client.post(f"/studies/{study_uid}/superresolve", headers=AUTH, json={"method": "model", "steps": 1})
+    assert response.status_code == 202
+    job_id = response.json()["job_id"]
+    done = wait_for(lambda: (j := client.get(f"/jobs/{job_id}", headers=AUTH).json())["status"]
+                    in ("succeeded", "failed") and j, 120, "the model job")
+    assert done["status"] == "succeeded", done
+    out = Path(service.settings.data_dir) / "outputs" / job_id / done["series"][0]["output_series_uid"]
+    ds = pydicom.dcmread(sorted(out.glob("*.dcm"))[0], stop_before_pixels=True)
+    assert (ds.Rows, ds.Columns) == (62 * 4, 66 * 4)
+    assert "by model" in ds.DerivationDescription
+
+
+def _copy_dataset(ds: pydicom.Dataset, target: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.save_as(target)
+    return target
