@@ -137,6 +137,33 @@ def test_superresolve_progress_and_shape(onnx_cpu):
     assert calls == [(k, 15) for k in range(1, 16)]
 
 
+def test_torch_engine_thread_setting_is_scoped(tiny):
+    engine = TorchEngine(tiny, "cpu", threads=1)
+    before = torch.get_num_threads()
+    out = engine.denoise(torch.zeros(1, 3, 64, 64), torch.tensor([3]), torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, 3, 64, 64) and torch.get_num_threads() == before
+    assert engine.describe()["threads"] == 1
+
+
+@pytest.mark.slow
+def test_bench_reports_stages_series_and_ratios(tiny):
+    from cinesr.worker.engines.bench import BenchConfig, run_bench, summary
+
+    configs = [BenchConfig("onnx", "onnx", "cpu", {"onnx": {"threads": 1}}),
+               BenchConfig("torch", "torch", "cpu", {"torch": {"threads": 1}}),
+               BenchConfig("trt", "tensorrt", "cpu")]
+    report = run_bench(tiny, configs=configs, slices=1, frames=2, size=32, steps=2, repeats=1, stage_repeats=1,
+                       log=lambda s: None)
+    assert set(report["results"]) == {"onnx", "torch"} and "trt" in report["skipped"]
+    series = report["results"]["onnx"]["series"]
+    assert series["windows"] == 6 and series["frames_out"] == 16
+    assert series["median_s"] > 0 and series["gflops_per_s"] > 0
+    assert report["speedup"]["onnx vs torch"] == pytest.approx(
+        report["results"]["torch"]["series"]["median_s"] / series["median_s"])
+    assert report["versions"]["onnxruntime"] and report["machine"]["cpu_count"]
+    assert "onnx" in summary(report)
+
+
 # ---- GPU / TensorRT (skipped where absent) ------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ class OnnxEngine(Engine):
         onnx_dir: str | Path | None = None,
         threads: int | None = None,
         optimization: str = "all",
+        spin: bool = False,
     ) -> None:
         ort = _import_ort()
         device = torch.device(device)
@@ -78,6 +79,10 @@ class OnnxEngine(Engine):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
+        # no busy-waiting between ops: idle ORT threads spinning would steal the cores other work
+        # (flow, the next slice, other workers, torch in a side-by-side benchmark) needs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.spin = spin
         self.optimization = optimization
         self.sessions = {
             g: ort.InferenceSession(str(self.onnx_dir / f"{g}.onnx"), sess_options=opts, providers=providers)
@@ -137,6 +142,7 @@ class OnnxEngine(Engine):
             "providers": self.sessions["unet"].get_providers(),
             "threads": self.threads,
             "optimization": self.optimization,
+            "spin": self.spin,
             "onnx_dir": str(self.onnx_dir),
         }
 

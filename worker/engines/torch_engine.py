@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ class TorchEngine(Engine):
         precision: str = "fp32",
         compile: bool = False,
         cuda_graphs: bool = False,
+        threads: int | None = None,
     ) -> None:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -53,19 +56,36 @@ class TorchEngine(Engine):
             self._decode = torch.compile(self.vqgan.decode, dynamic=False)
         self.cuda_graphs = bool(cuda_graphs and device.type == "cuda")
         self._graphs: dict[int, _LoopGraph] = {}
+        # CPU intra-op threads for this engine's calls (None: leave torch's process-wide setting)
+        self.threads = threads
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        if self.threads is None or self.device.type != "cpu":
+            yield
+            return
+        old = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(images.to(self.device, torch.float32))
+        with self._threads():
+            return self._encode(images.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def denoise(self, x_scaled: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        out = self._unet(x_scaled.to(self.device, self.dtype), t.to(self.device), lq=lq.to(self.device, self.dtype))
-        return out.float()
+        with self._threads():
+            x, lq = x_scaled.to(self.device, self.dtype), lq.to(self.device, self.dtype)
+            return self._unet(x, t.to(self.device), lq=lq).float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents.to(self.device, torch.float32))
+        with self._threads():
+            return self._decode(latents.to(self.device, torch.float32))
 
     @torch.inference_mode()
     def sample(
@@ -89,6 +109,7 @@ class TorchEngine(Engine):
             "precision": self.precision,
             "compile": self.compiled,
             "cuda_graphs": self.cuda_graphs,
+            "threads": self.threads if self.threads is not None else torch.get_num_threads(),
             "torch": torch.__version__,
         }
 

@@ -1,0 +1,190 @@
+"""ModelMethod: normalisation, tiling/windows/blending, any matrix size, batching, backends agree on a
+whole series, and the 2-slice 4-frame 64x64 study within the time budget."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from cinesr.model.baseline import bicubic_up
+from cinesr.model.cine import read_series
+from cinesr.model.flow import interpolate_cine
+from cinesr.model.metrics import psnr
+from cinesr.worker.engines import Engine, create_engine, load_model
+from cinesr.worker.engines.onnx_engine import OnnxEngine
+from cinesr.worker.engines.torch_engine import TorchEngine
+from cinesr.worker.modelsr import ModelMethod, Normalisation, tile_starts, window_starts
+from cinesr.worker.pipeline import superresolve_series
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny", seed=0)
+
+
+class NearestEngine(Engine):
+    """A model-free engine: each window's output is its lq frames upsampled by pixel replication.
+
+    With it the method's bookkeeping (padding, tiles, windows, blending, crop, inverse map) must give
+    back exactly the nearest-neighbour upsampling of the temporally interpolated input."""
+
+    name = "nearest"
+
+    def __init__(self, model) -> None:
+        super().__init__(model, torch.device("cpu"))
+        self.batches: list[int] = []
+
+    def encode(self, images):
+        return images[:, :, ::4, ::4]
+
+    def denoise(self, x_scaled, t, lq):
+        return lq
+
+    def decode(self, latents):
+        return latents.repeat_interleave(4, -2).repeat_interleave(4, -1)
+
+    def superresolve(self, lq, noise, on_step=None):
+        self.batches.append(int(lq.shape[0]))
+        assert noise.shape == (self.plan.steps, lq.shape[0], 3, 64, 64)
+        for k in range(self.plan.steps):
+            if on_step:
+                on_step(k + 1, self.plan.steps)
+        return lq.repeat_interleave(4, -2).repeat_interleave(4, -1)
+
+
+def _cine(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A moving bright disc on a dim background with noise, in scanner-like units."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    frames = []
+    for k in range(t):
+        cx = w / 2 + 0.1 * w * np.sin(2 * np.pi * k / t)
+        disc = ((yy - h / 2) ** 2 + (xx - cx) ** 2 < (0.25 * min(h, w)) ** 2).astype(np.float32)
+        frames.append(150 + 600 * disc + 15 * rng.standard_normal((h, w)))
+    return np.stack(frames).astype(np.float32)
+
+
+def test_normalisation_is_robust_and_exactly_invertible():
+    x = _cine(4, 32, 32)
+    x[0, 0, 0] = 1e6  # one hot pixel must not set the range
+    n = Normalisation.fit([x])
+    assert n.hi < 2000
+    y = n.forward(x)
+    assert np.percentile(y, 0.5) == pytest.approx(-1, abs=1e-3)
+    assert np.percentile(y, 99.5) == pytest.approx(1, abs=1e-3)
+    np.testing.assert_allclose(n.inverse(y), x, rtol=1e-6, atol=1e-3)
+    flat = Normalisation.fit([np.full((2, 4, 4), 7.0)])
+    assert flat.hi > flat.lo
+
+
+def test_tiles_and_windows_cover_everything():
+    for size in (64, 65, 100, 192, 300):
+        starts = tile_starts(size, 64, 16)
+        assert starts[0] == 0 and starts[-1] == size - 64
+        assert all(b - a <= 48 for a, b in zip(starts, starts[1:], strict=False))
+    for stride in (1, 2, 3):
+        covered = {(s + c) % 32 for s in window_starts(32, stride) for c in range(3)}
+        assert covered == set(range(32))
+    assert len(window_starts(32, 3)) == 11 and len(window_starts(32, 1)) == 32
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 80), (150, 100)])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_bookkeeping_reproduces_nearest_upsampling(tiny, shape, stride):
+    engine = NearestEngine(tiny)
+    method = ModelMethod(engine, steps=3, stride=stride, batch_size=5)
+    frames = _cine(3, *shape)
+    done = []
+    out = method.superresolve_slice(frames, done.append)
+    h, w = shape
+    assert out.shape == (24, 4 * h, 4 * w)
+    norm = Normalisation.fit([frames])
+    lq = np.clip(interpolate_cine(norm.forward(frames), 8), -1, 1)
+    expected = norm.inverse(lq.repeat(4, -2).repeat(4, -1))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-2)
+    # frames come back in time order: output frame 8i is input frame i (up to the range clip)
+    np.testing.assert_allclose(out[8][::4, ::4], np.clip(frames[1], norm.lo, norm.hi), rtol=1e-5, atol=1e-2)
+    # progress: every job reports every step; batches never exceed the batch size
+    assert max(engine.batches) <= 5
+    assert sum(done) == sum(engine.batches) * 3
+
+
+def test_series_normalisation_spans_all_slices(tiny):
+    from cinesr.model.cine import CineSeries, CineSlice
+    from pydicom.dataset import Dataset
+
+    def slice_(frames):
+        return CineSlice(frames, np.arange(len(frames)) * 40.0, np.zeros(3), np.array([1.0, 0, 0, 0, 1, 0]),
+                         np.ones(2), [])
+
+    dim, bright = _cine(2, 32, 32), _cine(2, 32, 32, seed=1) * 3
+    series = CineSeries("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.4", [slice_(dim), slice_(bright)], Dataset())
+    method = ModelMethod(NearestEngine(tiny), steps=2)
+    units = method.units(series)
+    assert units == 2 * len(window_starts(16, 3)) * 2
+    n = method.normalisation_for(series.slices[0].frames)
+    assert n == Normalisation.fit([dim, bright])
+    assert method.normalisation_for(dim.copy()) == Normalisation.fit([dim])  # not of this series
+    result = superresolve_series(series, method)
+    assert [f.shape for f in result.frames] == [(16, 128, 128), (16, 128, 128)]
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 80), pytest.param((192, 192), marks=pytest.mark.slow)])
+def test_model_any_matrix_size_gives_4x(tiny, shape):
+    engine = OnnxEngine(tiny, "cpu")
+    method = ModelMethod(engine, steps=2, stride=3)
+    out = method.superresolve_slice(_cine(2, *shape), lambda n: None)
+    assert out.shape == (16, 4 * shape[0], 4 * shape[1])
+    assert np.isfinite(out).all()
+
+
+def test_output_does_not_depend_on_batch_size(tiny):
+    engine = OnnxEngine(tiny, "cpu")
+    frames = _cine(2, 40, 40)
+    a = ModelMethod(engine, steps=3, batch_size=1).superresolve_slice(frames, lambda n: None)
+    b = ModelMethod(engine, steps=3, batch_size=4).superresolve_slice(frames, lambda n: None)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * (a.max() - a.min()) / 100)
+    c = ModelMethod(engine, steps=3, seed=1).superresolve_slice(frames, lambda n: None)
+    assert np.abs(a - c).mean() > 1e-4 * (a.max() - a.min())  # the seed matters
+
+
+@pytest.mark.slow
+def test_backends_agree_on_a_whole_series(tiny):
+    """Same seed, whole-slice output (15 steps): onnxruntime vs torch eager."""
+    frames = _cine(2, 40, 40)
+    outs = {}
+    for engine in (OnnxEngine(tiny, "cpu"), TorchEngine(tiny, "cpu")):
+        outs[engine.name] = ModelMethod(engine, seed=0).superresolve_slice(frames, lambda n: None)
+    a, b = outs["onnx"], outs["torch"]
+    rng = float(b.max() - b.min())
+    assert psnr(a, b, data_range=rng) > 60.0
+    assert np.abs(a - b).max() < 1e-2 * rng
+
+
+@pytest.mark.slow
+def test_lowres_study_superresolves_in_time(lowres_study):
+    """Acceptance: a 2-slice, 4-frame 64x64 study -> 2 x 32 frames of 256x256 in well under 2 min on CPU."""
+    (series,) = read_series(lowres_study / "lowres")
+    assert series.shape[0] == 2 and series.shape[1] == 4 and series.shape[2:] == (64, 64)
+    engine = create_engine("auto", "cpu", None)
+    method = ModelMethod(engine)
+    seen = []
+    start = time.perf_counter()
+    result = superresolve_series(series, method, lambda d, t: seen.append((d, t)))
+    elapsed = time.perf_counter() - start
+    assert [f.shape for f in result.frames] == [(32, 256, 256)] * 2
+    assert seen[-1][0] == seen[-1][1] and elapsed < 120, elapsed
+    if engine.model.source["kind"] == "bundle":
+        # a trained model stays close to the baseline's intensities (random weights would not)
+        base = bicubic_up(interpolate_cine(series.slices[0].frames, 8), 4)
+        assert abs(float(result.frames[0].mean()) - float(base.mean())) < 0.25 * float(base.std())
