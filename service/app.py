@@ -141,7 +141,7 @@ class Service:
 
     def __init__(self, settings: Settings, dispatch: Literal["auto", "celery", "inline"] = "auto",
                  embedded_worker: bool | None = None, durability: Literal["journal", "file"] = "journal",
-                 min_free_bytes: int = 1 << 30) -> None:
+                 min_free_bytes: int | None = None) -> None:
         self.settings = settings
         self.dispatch_mode = dispatch
         self.embedded_worker_wanted = embedded_worker
@@ -170,7 +170,10 @@ class Service:
         data = Path(settings.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.tokens, self.token_file = ensure_api_tokens(settings)
-        self.store = InstanceStore(data, durability=self.durability, min_free_bytes=self.min_free_bytes)
+        self.store = InstanceStore(
+            data, durability=self.durability,
+            min_free_bytes=settings.disk_min_free_bytes if self.min_free_bytes is None else self.min_free_bytes,
+            min_free_fraction=settings.disk_min_free_fraction)
         self.jobs = open_job_store(settings)
         self.routing = RoutingLog(data / "routing.sqlite3")
         self.dispatcher = self._make_dispatcher()

@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     # extra destinations for the REST `destination` field: comma list of AE@host:port
     destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
     retention_hours: float = Field(24.0, ge=0)  # ineligible series / non-image instances kept this long
+    # listener (read by cinesr.service.listener.ListenerConfig.from_settings by these names)
+    dicom_host: str = "0.0.0.0"
+    max_associations: int = Field(32, ge=1)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(120.0, gt=0)
+    tls_cert: str | None = None  # PEM certificate + key: DICOM TLS on the listener
+    tls_key: str | None = None
+    tls_ca: str | None = None  # clients must present a certificate signed by this CA
+    # disk watermark: C-STORE answers "out of resources" rather than fill the disk
+    disk_min_free_bytes: int = Field(1 << 30, ge=0)
+    disk_min_free_fraction: float = Field(0.05, ge=0, lt=1)
     # --- end service ---
 
     @field_validator("allowed_calling_aets", "api_tokens", "destinations", mode="before")
