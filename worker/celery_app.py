@@ -43,7 +43,7 @@ def visibility_timeout(settings: Settings) -> int:
     slow shutdown): a healthy worker always finishes or is killed before its task is handed out again, so
     a running series is never processed twice; a dead worker's task comes back after at most this long.
     """
-    return int(settings.task_time_limit * 1.1) + 60
+    return int(settings.task_time_limit * 1.1) + 10
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -52,6 +52,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout(settings)}
     if embedded:
         transport_options["path"] = str(embedded_broker_path(settings))
+    else:
+        # Look for tasks of dead workers (past the visibility timeout) every 10 s instead of kombu's
+        # default of every 100 s; the scan reads one sorted-set range, cheap next to a GPU job.
+        transport_options["unacked_restore_throttle"] = 1
     soft = float(settings.task_soft_time_limit)
     hard = max(float(settings.task_time_limit), soft + 1.0)
     return {
