@@ -22,14 +22,14 @@ import dataclasses
 import zlib
 
 import numpy as np
-from cinesr.model import phantom_fourier, phantom_sax
+from cinesr.model import phantom_fourier, phantom_lax, phantom_sax
 from cinesr.model.phantom_common import PhantomStudy, area_downsample, normalise_study, sax_geometry
 
-__all__ = ["GENERATORS", "PhantomStudy", "degrade_acquisition", "make_study", "motion_curve"]
+__all__ = ["GENERATORS", "PhantomStudy", "degrade_acquisition", "lv_region", "make_study", "motion_curve"]
 
-GENERATORS: tuple[str, ...] = ("sax", "sax-fourier")
+GENERATORS: tuple[str, ...] = ("sax", "sax-fourier", "lax")
 
-_MODULES = {"sax": phantom_sax, "sax-fourier": phantom_fourier}
+_MODULES = {"sax": phantom_sax, "sax-fourier": phantom_fourier, "lax": phantom_lax}
 
 
 def _streams(seed: int, generator: str) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
@@ -58,6 +58,16 @@ def motion_curve(seed: int, phase: np.ndarray, generator: str = "sax") -> np.nda
     return module.area_curve(module.sample_params(params_rng), np.asarray(phase, dtype=np.float64))
 
 
+def lv_region(seed: int, generator: str = "sax") -> tuple[np.ndarray, float]:
+    """Where the LV cavity of patient `seed` is: centre (mm from the FOV centre, x to the right,
+    y down) and its end-diastolic radius (mm) in the first slice. For heart-centred crops and
+    ROI metrics; multiply by size / FOV (i.e. divide by pixel spacing) for pixels."""
+    params_rng, _, _ = _streams(seed, generator)
+    module = _MODULES[generator]
+    centre, radius = module.lv_region(module.sample_params(params_rng))
+    return np.asarray(centre, dtype=np.float64), float(radius)
+
+
 def make_study(seed: int, *, slices: int = 3, frames: int = 32, size: int = 256,
                generator: str = "sax") -> PhantomStudy:
     """One synthetic patient's short-axis cine study; deterministic in all arguments."""
@@ -66,9 +76,12 @@ def make_study(seed: int, *, slices: int = 3, frames: int = 32, size: int = 256,
     params_rng, render_rng, geom_rng = _streams(seed, generator)
     module = _MODULES[generator]
     params = module.sample_params(params_rng)
-    raw, z_offsets, _bias, pixel = module.render(params, render_rng, slices, frames, size)
-    orientation, positions = sax_geometry(geom_rng, z_offsets, size, pixel,
-                                          (float(params.heart_xy[0]), float(params.heart_xy[1])))
+    raw, offsets, _bias, pixel = module.render(params, render_rng, slices, frames, size)
+    if generator == "lax":
+        orientation, positions = phantom_lax.lax_geometry(geom_rng, params, offsets, size, pixel)
+    else:
+        orientation, positions = sax_geometry(geom_rng, offsets, size, pixel,
+                                              (float(params.heart_xy[0]), float(params.heart_xy[1])))
     rr = float(params.rr_ms)
     return PhantomStudy(
         patient_id=f"PHANTOM-{seed:04d}",

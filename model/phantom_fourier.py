@@ -334,6 +334,11 @@ def _heart(p: FourierParams, prof: _Profiles, x: np.ndarray, y: np.ndarray, z: f
     return img.astype(np.float32)
 
 
+def lv_region(p: FourierParams) -> tuple[np.ndarray, float]:
+    """LV centre (FOV mm) and end-diastolic cavity radius at the first slice."""
+    return p.heart_xy.copy(), p.r0 * max(0.0, 1.0 - p.first_slice_mm / p.length) ** p.taper
+
+
 def render(p: FourierParams, rng: np.random.Generator, slices: int, frames: int, size: int
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     pixel = p.fov_mm / size

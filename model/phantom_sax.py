@@ -583,6 +583,27 @@ def _heart(p: SaxParams, tabs: _Tables, x: np.ndarray, y: np.ndarray, zs: np.nda
     return img
 
 
+def lv_region(p: SaxParams) -> tuple[np.ndarray, float]:
+    """LV centre (FOV mm) and end-diastolic cavity radius at the first slice."""
+    return p.heart_xy.copy(), _lv_radii(p, p.first_slice_mm)[0]
+
+
+def coil_bias(p: SaxParams, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Smooth multiplicative coil shading: a random quadratic log-field, brighter near the body
+    surface (where the coil elements are), 1.0 at the LV centre."""
+
+    def log_field(xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        xn, yn = xx / (p.fov_mm / 2), yy / (p.fov_mm / 2)
+        b = p.bias_coef
+        out = b[0] * xn + b[1] * yn + b[2] * xn * xn + b[3] * yn * yn + b[4] * xn * yn
+        bx = (xx - p.heart_xy[0] - p.body_xy[0]) / p.body_ab[0]
+        by = (yy - p.heart_xy[1] - p.body_xy[1]) / p.body_ab[1]
+        return out + p.bias_radial * np.minimum(bx * bx + by * by, 1.5)
+
+    at_heart = log_field(np.array(p.heart_xy[0]), np.array(p.heart_xy[1]))
+    return np.exp(log_field(x, y) - at_heart).astype(np.float32)
+
+
 def render(p: SaxParams, rng: np.random.Generator, slices: int, frames: int, size: int
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Noise-free anatomy -> shading -> noisy band-limited magnitude, shape (S, T, H, W)."""
@@ -600,15 +621,7 @@ def render(p: SaxParams, rng: np.random.Generator, slices: int, frames: int, siz
     i0, i1 = max(ci - half, 0), min(ci + half, size)
     j0, j1 = max(cj - half, 0), min(cj + half, size)
     xc, yc = x[i0:i1, j0:j1], y[i0:i1, j0:j1]
-    # smooth multiplicative coil shading: random quadratic log-field, brighter near the surface
-    xn, yn = x / (p.fov_mm / 2), y / (p.fov_mm / 2)
-    b = p.bias_coef
-    log_bias = b[0] * xn + b[1] * yn + b[2] * xn * xn + b[3] * yn * yn + b[4] * xn * yn
-    bx = (x - p.heart_xy[0] - p.body_xy[0]) / p.body_ab[0]
-    by = (y - p.heart_xy[1] - p.body_xy[1]) / p.body_ab[1]
-    log_bias = log_bias + p.bias_radial * np.minimum(bx * bx + by * by, 1.5)
-    ci_c, cj_c = min(max(ci, 0), size - 1), min(max(cj, 0), size - 1)
-    bias = np.exp(log_bias - log_bias[ci_c, cj_c]).astype(np.float32)
+    bias = coil_bias(p, x, y)
 
     out = np.empty((slices, frames, size, size), np.complex64)
     phases = np.arange(frames) / frames

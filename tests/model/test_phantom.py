@@ -6,8 +6,14 @@ import dataclasses
 
 import numpy as np
 import pytest
-from cinesr.model import phantom
-from cinesr.model.phantom import GENERATORS, PhantomStudy, degrade_acquisition, make_study, motion_curve
+from cinesr.model.phantom import (
+    GENERATORS,
+    PhantomStudy,
+    degrade_acquisition,
+    lv_region,
+    make_study,
+    motion_curve,
+)
 
 
 @pytest.fixture(scope="module", params=GENERATORS)
@@ -17,7 +23,7 @@ def small_study(request: pytest.FixtureRequest) -> PhantomStudy:
 
 def test_at_least_two_generators() -> None:
     assert len(GENERATORS) >= 2
-    assert "sax" in GENERATORS
+    assert {"sax", "sax-fourier", "lax"} <= set(GENERATORS)
 
 
 @pytest.mark.parametrize("generator", GENERATORS)
@@ -40,16 +46,21 @@ def test_default_study_shape_range_and_timing(generator: str) -> None:
     assert 4.0 <= study.slice_thickness_mm <= 10.0
 
 
-def test_geometry_is_a_valid_short_axis_stack(small_study: PhantomStudy) -> None:
+def test_geometry_is_a_valid_cardiac_stack(small_study: PhantomStudy) -> None:
     row, col = small_study.image_orientation[:3], small_study.image_orientation[3:]
     np.testing.assert_allclose([np.linalg.norm(row), np.linalg.norm(col)], [1.0, 1.0], atol=1e-12)
     assert abs(row @ col) < 1e-12
-    # oblique, like a real short axis: not aligned with any patient axis
+    # oblique, like real cardiac planes: not aligned with any patient axis
     normal = np.cross(row, col)
     assert np.max(np.abs(normal)) < 0.95
-    # rows run to the patient's left, columns posterior/inferior (anterior is up in the image)
+    # rows run to the patient's left (LV on the image right)
     assert row[0] > 0.3
-    assert col @ np.array([0.0, 1.0, -1.0]) > 0.0
+    if small_study.generator == "lax":
+        # four-chamber: apex up, so columns run from apex to base (posterior, superior)
+        assert col @ np.array([0.0, 1.0, 0.0]) > 0.0 and col[2] > 0.0
+    else:
+        # short axis: columns posterior / inferior (anterior is up in the image)
+        assert col @ np.array([0.0, 1.0, -1.0]) > 0.0
     positions = small_study.image_positions
     assert positions.shape == (2, 3)
     # slices are parallel: successive positions differ along the normal only, by >= the thickness
@@ -128,12 +139,11 @@ def test_sax_curve_has_filling_diastasis_and_atrial_kick(seed: int) -> None:
 
 def _lv_blood_pixels(study: PhantomStudy, seed: int, frame: int) -> int:
     """Bright pixels within the end-diastolic LV cavity radius around the LV centre (slice 0)."""
-    params_rng, _, _ = phantom._streams(seed, study.generator)
-    params = phantom._MODULES[study.generator].sample_params(params_rng)
+    centre_mm, radius_mm = lv_region(seed, study.generator)
     size = study.frames.shape[-1]
-    centre = params.heart_xy / study.pixel_spacing_mm + (size - 1) / 2.0
+    centre = centre_mm / study.pixel_spacing_mm + (size - 1) / 2.0
     yy, xx = np.mgrid[0:size, 0:size]
-    disk = np.hypot(xx - centre[0], yy - centre[1]) < (params.r0 + 2.0) / study.pixel_spacing_mm
+    disk = np.hypot(xx - centre[0], yy - centre[1]) < (radius_mm + 2.0) / study.pixel_spacing_mm
     image = study.frames[0, frame]
     threshold = 0.5 * float(np.percentile(study.frames[0, 0][disk], 95))
     return int(np.count_nonzero(image[disk] > threshold))
@@ -163,7 +173,10 @@ def test_cavity_shrinks_from_base_to_apex() -> None:
 def test_generators_differ() -> None:
     a = make_study(3, slices=1, frames=8, size=128, generator=GENERATORS[0])
     b = make_study(3, slices=1, frames=8, size=128, generator=GENERATORS[1])
+    c = make_study(3, slices=1, frames=8, size=128, generator="lax")
     assert float(np.abs(a.frames - b.frames).mean()) > 0.03
+    assert float(np.abs(a.frames - c.frames).mean()) > 0.01  # same chest, different view of the heart
+    assert not np.allclose(a.image_orientation, c.image_orientation)
     phase = np.linspace(0, 1, 200, endpoint=False)
     ca, cb = motion_curve(3, phase, GENERATORS[0]), motion_curve(3, phase, GENERATORS[1])
     assert np.abs(ca - cb).max() > 0.05
@@ -216,6 +229,17 @@ def test_degrade_keeps_the_field_of_view_centre_on_an_oblique_stack() -> None:
     np.testing.assert_allclose(low.image_positions - study.image_positions,
                                np.tile(1.5 * study.pixel_spacing_mm * (row + col), (2, 1)), atol=1e-12)
     assert float(low.frames.max()) <= 1.0 and float(low.frames.min()) >= 0.0
+
+
+def test_lv_region_points_at_the_lv_blood_pool() -> None:
+    for generator in GENERATORS:
+        study = make_study(12, slices=1, frames=2, size=128, generator=generator)
+        centre, radius = lv_region(12, generator)
+        assert 15.0 < radius < 45.0
+        j, i = np.round(centre / study.pixel_spacing_mm + 63.5).astype(int)
+        patch = study.frames[0, 0, i - 2:i + 3, j - 2:j + 3]
+        # blood is among the brightest tissue: far above the image median
+        assert float(patch.mean()) > 3.0 * float(np.median(study.frames[0, 0]))
 
 
 def test_rejects_bad_arguments() -> None:
