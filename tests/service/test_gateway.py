@@ -299,6 +299,7 @@ def test_concurrent_identical_requests_share_one_job(client: TestClient, service
     assert len({r.json()["job_id"] for r in responses}) == 1
 
 
+@pytest.mark.slow  # loads the learned model (~15-20 s on 2 busy cores)
 def test_model_method_and_odd_matrix(client: TestClient, service: Service, tmp_path: Path,
                                      study: tuple[str, str, list[Path]]) -> None:
     """params.method selects the learned model; an odd matrix (62 x 66) comes out exactly 4x."""
