@@ -2,8 +2,8 @@
 
 `make_study(seed, generator=...)` returns a `PhantomStudy`: magnitude frames (S, T, H, W) in
 [0, 1] over one R-R interval, plus the DICOM geometry (orientation, positions, spacing) and
-timing. Two structurally different generators exist so that a model trained on one can be
-tested on the other:
+timing. Structurally different generators exist so that a model trained on one can be tested on
+another:
 
 * ``"sax"``: a detailed anatomical model (ellipsoidal LV with trabeculae and papillary muscles,
   RV crescent, epicardial fat, chest with lungs/liver/spine/aorta), a piecewise physiological
@@ -11,6 +11,9 @@ tested on the other:
 * ``"sax-fourier"``: Fourier-descriptor contours, a polar-band RV, a von Mises mixture volume
   curve, spectral-synthesis textures, 2x supersampled hard-edge rendering with a Gaussian PSF,
   coil-array shading and image-domain Rician noise.
+* ``"lax"``: a four-chamber long-axis view (ventricles, atria, valves, AV-plane descent) over
+  the "sax" chest and acquisition: a different view for generalisation tests. Its
+  ``image_orientation`` is a four-chamber plane and its slices are parallel four-chamber planes.
 
 `degrade_acquisition` makes the matching low-resolution acquisition (every 8th frame, 4x
 smaller by area averaging) with consistent geometry.

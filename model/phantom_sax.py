@@ -2,13 +2,21 @@
 
 Anatomy: a truncated-ellipsoid LV (endocardium with trabeculation, myocardium whose area is
 conserved per angular sector so the wall thickens as the cavity shrinks, two papillary muscles),
-an RV crescent (ellipse minus the LV), epicardial fat, pericardium, and a static chest around it
-(body outline, subcutaneous fat, chest-wall muscle, ribs, lungs with vessels, liver, spine with
-CSF, descending aorta, stomach). Motion: a piecewise cardiac-cycle curve (isovolumic contraction,
-ejection, isovolumic relaxation, rapid filling, diastasis, atrial kick), apical-to-basal
-differences, twist, base descent (through-plane) and a small translation. Acquisition: coil
-shading, complex Gaussian noise, and a truncated, windowed k-space (finite acquired matrix: the
-image is band-limited with mild ringing) whose magnitude gives Rician statistics.
+an RV crescent (ellipse minus the LV, bounded by the insertion points), epicardial fat,
+pericardium (sometimes with an effusion), and a static chest around it (body outline,
+subcutaneous fat, chest-wall muscle, ribs, lungs with hilar vessels, liver with vessels, spine
+with CSF, descending aorta, stomach). Phenotypes: normal, dilated (big, thin, poorly
+contracting), hypertrophic (small cavity, thick wall) and infarct (an akinetic, thinned sector).
+
+Motion: a piecewise cardiac-cycle curve (isovolumic contraction, ejection, isovolumic
+relaxation, rapid filling, diastasis, atrial kick) with landmarks scaled to the heart rate,
+stronger apical contraction, twist, base descent (through-plane) and a small translation; a
+dark mitral inflow jet in basal slices during rapid filling.
+
+Acquisition: partial volume over the slice thickness, water and fat combined with a fat-water
+phase (dark rims where they share a voxel), smooth coil shading, white complex noise in a
+truncated, windowed k-space (band-limited image with mild ringing, correlated noise) and the
+magnitude of it all (Rician statistics).
 """
 
 from __future__ import annotations
@@ -233,7 +241,7 @@ def sample_params(rng: np.random.Generator) -> SaxParams:
         phase_axis=int(rng.integers(0, 2)),
         bias_coef=rng.normal(0.0, 0.18, 5),
         bias_radial=u(0.05, 0.45),
-        fat_phase=u(2.2, np.pi) if rng.random() < 0.6 else u(0.0, 0.7),
+        fat_phase=u(1.7, 2.6) if rng.random() < 0.6 else u(0.0, 0.7),
         effusion=u(1.0, 4.0) if rng.random() < 0.25 else 0.0,
         effusion_angle=u(0.5, 2.6),
         jet=u(0.3, 1.0) if rng.random() < 0.5 else 0.0,
