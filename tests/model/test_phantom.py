@@ -261,3 +261,36 @@ def test_frames_follow_the_motion_curve(generator: str) -> None:
     curve = motion_curve(4, phases, generator)
     counts = np.array([_lv_blood_pixels(study, 4, t) for t in range(16)], dtype=float)
     assert np.corrcoef(curve, counts)[0, 1] > 0.75
+
+
+def test_rendered_heart_is_periodic() -> None:
+    """The noise-free heart at phase 1 (the next R wave) is the heart at phase 0, for every generator."""
+    from cinesr.model import phantom_fourier, phantom_lax, phantom_sax
+
+    grid = (np.arange(96, dtype=np.float32) - 47.5) * 1.4
+    y, x = np.meshgrid(grid, grid, indexing="ij")
+    bg = np.zeros_like(x, dtype=np.complex64)
+    tex = np.zeros_like(x)
+
+    sax = phantom_sax.sample_params(np.random.default_rng(3))
+    x_h, y_h = x + sax.heart_xy[0], y + sax.heart_xy[1]
+    tabs = phantom_sax._Tables(sax)
+    zs = np.array([30.0, 34.0])
+    at = [phantom_sax._heart(sax, tabs, x_h, y_h, zs, ph, 1.4, bg, tex, 1.0) for ph in (0.0, 1.0, 0.4)]
+    np.testing.assert_allclose(at[0], at[1], atol=1e-6)
+    assert np.abs(at[0] - at[2]).max() > 0.5  # and it does move in between
+
+    lax = phantom_lax.sample_params(np.random.default_rng(3))
+    x_l, y_l = x + lax.heart_xy[0], y + lax.heart_xy[1]
+    at = [phantom_lax._heart(lax, x_l, y_l, 0.0, ph, 1.4, bg, tex) for ph in (0.0, 1.0, 0.4)]
+    np.testing.assert_allclose(at[0], at[1], atol=1e-6)
+    assert np.abs(at[0] - at[2]).max() > 0.5
+
+    four = phantom_fourier.sample_params(np.random.default_rng(3))
+    prof = phantom_fourier._Profiles(four)
+    x_f, y_f = x + four.heart_xy[0], y + four.heart_xy[1]
+    ftex = np.ones((x.shape[0] + 20, x.shape[1] + 20), np.float32)
+    bg_f = np.zeros_like(x)
+    at = [phantom_fourier._heart(four, prof, x_f, y_f, 20.0, ph, bg_f, ftex, 0.7) for ph in (0.0, 1.0, 0.4)]
+    np.testing.assert_allclose(at[0], at[1], atol=1e-6)
+    assert np.abs(at[0] - at[2]).max() > 0.5
