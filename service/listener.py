@@ -155,12 +155,35 @@ class _Abort(Exception):
         self.reason = reason
 
 
+_WAITALL = getattr(socket, "MSG_WAITALL", 0)
+
+
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    # MSG_WAITALL: the kernel gathers the whole fragment before returning (one trip through
+    # Python per PDV, not one per TCP segment). TLS sockets take no flags.
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else _WAITALL
     while view:
-        n = sock.recv_into(view)
+        try:
+            n = sock.recv_into(view, len(view), flags)
+        except BlockingIOError:  # SO_RCVTIMEO expired (see _set_timeout)
+            raise TimeoutError("receive timed out") from None
         if n == 0:
             raise _Closed()
         view = view[n:]
+
+
+def _set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Timeouts for a blocking socket. Plain TCP: kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO), so
+    the socket stays blocking and MSG_WAITALL works; Python's settimeout would make it non-blocking."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+        return
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def _read_pdu(sock: socket.socket, header: bytearray) -> tuple[int, bytearray]:
@@ -259,7 +282,7 @@ class _Association:
         self.sock.sendall(pdu.encode())
 
     def negotiate(self) -> bool:
-        self.sock.settimeout(self.config.acse_timeout)
+        _set_timeout(self.sock, self.config.acse_timeout)
         pdu_type, body = _read_pdu(self.sock, self.header)
         if pdu_type != 0x01:
             raise _Abort(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", reason=2)
@@ -350,7 +373,7 @@ class _Association:
         command: dict[int, bytes] | None = None
         context_id = 0
         streaming = False
-        sock.settimeout(config.network_timeout)
+        _set_timeout(sock, config.network_timeout)
         while True:
             _recv_exact(sock, header_view)
             pdu_type = header[0]
@@ -392,10 +415,10 @@ class _Association:
                         if _us(command.get(0x0800)) == _NO_DATASET:
                             self._handle(command, context_id, None)
                             command = None
-                            sock.settimeout(config.network_timeout)
+                            _set_timeout(sock, config.network_timeout)
                         else:
                             streaming = self._begin(command, context_id)
-                            sock.settimeout(config.dimse_timeout)
+                            _set_timeout(sock, config.dimse_timeout)
                     continue
                 if command is None or pc_id != context_id:
                     raise _Abort("dataset fragment without its command")
@@ -416,7 +439,7 @@ class _Association:
                         self._handle(command, context_id, view[:filled])
                         filled = 0
                         command = None
-                        sock.settimeout(config.network_timeout)
+                        _set_timeout(sock, config.network_timeout)
                 if filled == 0 and len(buffer) > 64 << 20:
                     buffer = bytearray(1 << 18)  # don't keep a huge buffer for the next message
 

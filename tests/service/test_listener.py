@@ -443,3 +443,28 @@ def test_instances_spanning_journal_segments(make_listener, tmp_path: Path, max_
     for path in files:
         assert dataset_bytes(path)[0] == dataset_bytes(expected[path.stem])[0]
     assert listener.handle.stats.duplicates == 12  # the second pass
+
+
+def test_silent_peer_is_dropped_after_the_acse_timeout(make_listener) -> None:
+    import socket
+    listener = make_listener(acse_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", listener.port)) as peer:
+        peer.settimeout(5)
+        start = time.monotonic()
+        data = peer.recv(100)  # an A-ABORT, then the connection closes
+        assert data[:1] in (b"\x07", b"")
+        assert 0.4 <= time.monotonic() - start < 4
+    assert echo("127.0.0.1", listener.port, "CINESR")
+
+
+def test_idle_association_is_aborted_after_the_network_timeout(make_listener) -> None:
+    listener = make_listener(network_timeout=0.5)
+    ae = AE(ae_title="IDLE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="CINESR")
+    assert assoc.is_established
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    ae.shutdown()
