@@ -72,14 +72,18 @@ def lv_region(seed: int, generator: str = "sax") -> tuple[np.ndarray, float]:
 
 
 def make_study(seed: int, *, slices: int = 3, frames: int = 32, size: int = 256,
-               generator: str = "sax") -> PhantomStudy:
-    """One synthetic patient's short-axis cine study; deterministic in all arguments."""
+               generator: str = "sax", noise: bool = True) -> PhantomStudy:
+    """One synthetic patient's cine study; deterministic in all arguments.
+
+    `noise=False` gives the noise-free twin: the same anatomy, motion, shading, band limit and
+    intensity scale, without the acquisition noise (a clean reference for evaluation).
+    """
     if slices < 1 or frames < 2 or size < 16:
         raise ValueError(f"need slices >= 1, frames >= 2, size >= 16; got {slices}, {frames}, {size}")
     params_rng, render_rng, geom_rng = _streams(seed, generator)
     module = _MODULES[generator]
     params = module.sample_params(params_rng)
-    raw, offsets, _bias, pixel = module.render(params, render_rng, slices, frames, size)
+    raw, offsets, pixel, level = module.render(params, render_rng, slices, frames, size, noise)
     if generator == "lax":
         orientation, positions = phantom_lax.lax_geometry(geom_rng, params, offsets, size, pixel)
     else:
@@ -88,7 +92,7 @@ def make_study(seed: int, *, slices: int = 3, frames: int = 32, size: int = 256,
     rr = float(params.rr_ms)
     return PhantomStudy(
         patient_id=f"PHANTOM-{seed:04d}",
-        frames=normalise_study(raw),
+        frames=normalise_study(raw, level),
         trigger_times_ms=np.arange(frames, dtype=np.float64) * rr / frames,
         rr_interval_ms=rr,
         pixel_spacing_mm=float(pixel),

@@ -135,11 +135,18 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: flo
     return field / std if std > 0 else field
 
 
-def normalise_study(frames: np.ndarray, percentile: float = 99.9) -> np.ndarray:
-    """Scale to [0, 1] by a high percentile (robust to a few noise spikes) and clip."""
-    sample = frames.reshape(-1)[:: 7]
-    top = float(np.percentile(sample, percentile))
-    out = frames / (top * 1.02 if top > 0 else 1.0)
+def signal_level(frames: np.ndarray, percentile: float = 99.9) -> float:
+    """A high percentile of the (noise-free) magnitude: the brightest tissue, robust to outliers."""
+    return float(np.percentile(np.abs(frames).reshape(-1)[::7], percentile))
+
+
+def normalise_study(frames: np.ndarray, level: float) -> np.ndarray:
+    """Scale to [0, 1] by the noise-free signal level and clip (noise spikes may reach 1).
+
+    Using the level of the noise-free image means a study and its noise-free twin
+    (`make_study(..., noise=False)`) share one intensity scale.
+    """
+    out = frames / (level * 1.02 if level > 0 else 1.0)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from cinesr.model.phantom_common import area_downsample, slice_offsets
+from cinesr.model.phantom_common import area_downsample, signal_level, slice_offsets
 from scipy import ndimage
 
 
@@ -339,8 +339,8 @@ def lv_region(p: FourierParams) -> tuple[np.ndarray, float]:
     return p.heart_xy.copy(), p.r0 * max(0.0, 1.0 - p.first_slice_mm / p.length) ** p.taper
 
 
-def render(p: FourierParams, rng: np.random.Generator, slices: int, frames: int, size: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def render(p: FourierParams, rng: np.random.Generator, slices: int, frames: int, size: int,
+           noise: bool = True) -> tuple[np.ndarray, np.ndarray, float, float]:
     pixel = p.fov_mm / size
     sup = 2  # supersampling factor
     n = size * sup
@@ -394,7 +394,9 @@ def render(p: FourierParams, rng: np.random.Generator, slices: int, frames: int,
             frame[i0 // sup:i1 // sup, j0 // sup:j1 // sup] = area_downsample(heart, sup)
             out[s, t] = ndimage.gaussian_filter(frame, p.psf_px, mode="nearest") * bias
     # Rician magnitude: independent complex Gaussian noise per pixel
-    n1 = rng.standard_normal(out.shape, dtype=np.float32)
-    n2 = rng.standard_normal(out.shape, dtype=np.float32)
-    out = np.sqrt((out + p.noise * n1) ** 2 + (p.noise * n2) ** 2)
-    return out, zs, bias, pixel
+    level = signal_level(out)
+    if noise:  # drawn last: the noise-free twin has the same anatomy
+        n1 = rng.standard_normal(out.shape, dtype=np.float32)
+        n2 = rng.standard_normal(out.shape, dtype=np.float32)
+        out = np.sqrt((out + p.noise * n1) ** 2 + (p.noise * n2) ** 2)
+    return out, zs, pixel, level

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from cinesr.model import phantom_sax
-from cinesr.model.phantom_common import coverage, ellipse_sd, smooth_min, smoothstep
+from cinesr.model.phantom_common import coverage, ellipse_sd, signal_level, smooth_min, smoothstep
 from cinesr.model.phantom_sax import SaxParams
 
 
@@ -221,8 +221,8 @@ def lv_region(p: LaxParams) -> tuple[np.ndarray, float]:
     return p.base.heart_xy + np.array([dx, dy]), p.w_lv
 
 
-def render(p: LaxParams, rng: np.random.Generator, slices: int, frames: int, size: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def render(p: LaxParams, rng: np.random.Generator, slices: int, frames: int, size: int, noise: bool = True
+           ) -> tuple[np.ndarray, np.ndarray, float, float]:
     b = p.base
     pixel = b.fov_mm / size
     coords = (np.arange(size, dtype=np.float32) - (size - 1) / 2.0) * pixel
@@ -247,7 +247,8 @@ def render(p: LaxParams, rng: np.random.Generator, slices: int, frames: int, siz
             out[si, t] = chest.image
             out[si, t, i0:i1, j0:j1] = _heart(p, xc, yc, float(d), t / frames, pixel, bg, tex)
     out = (out.real + out.imag * fat_rot) * bias
-    return phantom_sax._acquire(b, rng, out), offsets, bias, pixel
+    level = signal_level(out)
+    return phantom_sax._acquire(b, rng, out, noise), offsets, pixel, level
 
 
 def lax_geometry(rng: np.random.Generator, p: LaxParams, slice_offsets_mm: np.ndarray, size: int,

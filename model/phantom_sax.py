@@ -29,6 +29,7 @@ from cinesr.model.phantom_common import (
     coverage,
     ellipse_sd,
     rotate,
+    signal_level,
     slice_offsets,
     smooth_min,
     smooth_noise,
@@ -612,8 +613,8 @@ def coil_bias(p: SaxParams, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.exp(log_field(x, y) - at_heart).astype(np.float32)
 
 
-def render(p: SaxParams, rng: np.random.Generator, slices: int, frames: int, size: int
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def render(p: SaxParams, rng: np.random.Generator, slices: int, frames: int, size: int, noise: bool = True
+           ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Noise-free anatomy -> shading -> noisy band-limited magnitude, shape (S, T, H, W)."""
     pixel = p.fov_mm / size
     coords = (np.arange(size, dtype=np.float32) - (size - 1) / 2.0) * pixel
@@ -651,10 +652,13 @@ def render(p: SaxParams, rng: np.random.Generator, slices: int, frames: int, siz
             out[s, t] = chest.image
             out[s, t, i0:i1, j0:j1] = _heart(p, tabs, xc, yc, subs, float(ph), pixel, bg, tex, apex_sign)
     out = (out.real + out.imag * fat_rot) * bias
-    return _acquire(p, rng, out), zs, bias, pixel
+    # everything random about the anatomy is drawn by now: noise comes last, so a noise-free
+    # twin of the same seed has exactly the same anatomy
+    level = signal_level(out)
+    return _acquire(p, rng, out, noise), zs, pixel, level
 
 
-def _acquire(p: SaxParams, rng: np.random.Generator, clean: np.ndarray) -> np.ndarray:
+def _acquire(p: SaxParams, rng: np.random.Generator, clean: np.ndarray, noise: bool = True) -> np.ndarray:
     """Complex image -> finite, windowed k-space + white noise -> magnitude.
 
     The magnitude of signal plus complex Gaussian noise is Rician; the truncated k-space makes
@@ -677,12 +681,13 @@ def _acquire(p: SaxParams, rng: np.random.Generator, clean: np.ndarray) -> np.nd
     scale = p.noise / np.sqrt(float(np.mean(win**2))) * np.sqrt(size_y * size_x)
     # noise is only drawn where the window is non-zero (the rest is discarded anyway); real and
     # imaginary parts go straight into a complex64 buffer (no float64 temporaries)
-    rows = np.flatnonzero(win.any(axis=1))
-    cols = np.flatnonzero(win.any(axis=0))
-    shape = clean.shape[:-2] + (rows.size, cols.size)
-    noise = rng.standard_normal(shape + (2,), dtype=np.float32).view(np.complex64)[..., 0]
-    noise *= np.float32(scale)
-    kspace[..., rows[:, None], cols[None, :]] += noise
+    if noise:
+        rows = np.flatnonzero(win.any(axis=1))
+        cols = np.flatnonzero(win.any(axis=0))
+        shape = clean.shape[:-2] + (rows.size, cols.size)
+        white = rng.standard_normal(shape + (2,), dtype=np.float32).view(np.complex64)[..., 0]
+        white *= np.float32(scale)
+        kspace[..., rows[:, None], cols[None, :]] += white
     kspace *= win
     image = sfft.ifft2(kspace, workers=1, overwrite_x=True)
     return np.abs(image).astype(np.float32)

@@ -294,3 +294,19 @@ def test_rendered_heart_is_periodic() -> None:
     at = [phantom_fourier._heart(four, prof, x_f, y_f, 20.0, ph, bg_f, ftex, 0.7) for ph in (0.0, 1.0, 0.4)]
     np.testing.assert_allclose(at[0], at[1], atol=1e-6)
     assert np.abs(at[0] - at[2]).max() > 0.5
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_noise_free_twin(generator: str) -> None:
+    noisy = make_study(6, slices=1, frames=4, size=96, generator=generator)
+    clean = make_study(6, slices=1, frames=4, size=96, generator=generator, noise=False)
+    # same anatomy and scale: the difference is zero-mean-ish noise of a few percent
+    diff = noisy.frames - clean.frames
+    assert 0.003 < float(diff.std()) < 0.08
+    inside = clean.frames > 0.3  # where the signal dominates, Rician noise is nearly unbiased
+    assert abs(float(diff[inside].mean())) < 0.01
+    # air is black without noise, not with it
+    assert float(clean.frames[..., :6, :6].max()) < 0.01
+    assert float(noisy.frames[..., :6, :6].mean()) > 0.004
+    np.testing.assert_array_equal(clean.image_positions, noisy.image_positions)
+    assert clean.heart_rate_bpm == noisy.heart_rate_bpm
