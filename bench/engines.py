@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--tune-ort", action="store_true", help="also time onnxruntime per optimisation level/threads")
     p.add_argument("--stride-study", action="store_true",
                    help="instead: PSNR/SSIM vs phantom truth and time for window strides 1, 2, 3")
     a = p.parse_args(argv)
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"written: {out}")
         return 0
     report = run_bench(model=a.model, device=a.device, slices=a.slices, frames=a.frames, size=a.size,
-                       steps=a.steps, repeats=a.repeats, batch_size=a.batch_size, threads=a.threads)
+                       steps=a.steps, repeats=a.repeats, batch_size=a.batch_size, threads=a.threads,
+                       tune_ort=a.tune_ort)
     print(summary(report))
     print(f"written: {write_report(report, a.out)}")
     return 0

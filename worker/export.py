@@ -197,6 +197,33 @@ def ensure_onnx(model: LoadedModel, directory: str | Path | None = None) -> Path
     return d
 
 
+def export_tensorrt(
+    source: str | Path | Mapping[str, Any] | LoadedModel | None,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Build (or find cached) TensorRT plans for every graph and batch size on this GPU.
+
+    Returns {"built": True, "plans": [...], ...} or {"built": False, "reason": "..."} where TensorRT or a
+    GPU is missing (`cinesr export` prints the reason and still succeeds with the ONNX graphs)."""
+    from cinesr.worker.engines.base import EngineUnavailable
+
+    model = load_model(source)
+    try:
+        from cinesr.worker.engines.tensorrt_engine import TensorRTEngine
+
+        engine = TensorRTEngine(model, batch_sizes=tuple(batch_sizes), cache_dir=cache_dir)
+    except EngineUnavailable as exc:
+        return {"built": False, "reason": str(exc)}
+    t0 = time.perf_counter()
+    for b in engine.batch_sizes:
+        for g in GRAPHS:
+            engine.graph(b, g)
+    plans = sorted(str(p) for p in engine.cache_dir.glob("*.plan"))
+    return {"built": True, "plans": plans, "cache_dir": str(engine.cache_dir), "gpu": engine.gpu,
+            "tensorrt": engine.trt.__version__, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 # ---- parity self-test ----------------------------------------------------------------------------------
 
 

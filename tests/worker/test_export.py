@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from cinesr.worker.engines import load_model
-from cinesr.worker.export import GRAPHS, OPSET, ensure_onnx, export_bundle, onnx_record, selftest
+from cinesr.worker.export import GRAPHS, OPSET, ensure_onnx, export_bundle, export_tensorrt, onnx_record, selftest
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,3 +72,9 @@ def test_selftest_torch_against_onnxruntime(tmp_path, monkeypatch):
     assert report["ok"], report
     assert report["engine"]["backend"] == "torch" and report["reference"]["backend"] == "onnx"
     assert report["differences"]["unet_max_abs"] < 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_export_tensorrt_says_why_not():
+    result = export_tensorrt("tiny")
+    assert result["built"] is False and "tensorrt" in result["reason"]

@@ -119,6 +119,16 @@ def test_bookkeeping_reproduces_nearest_upsampling(tiny, shape, stride):
     assert sum(done) == sum(engine.batches) * 3
 
 
+def test_parameters_and_respaced_steps(tiny):
+    method = ModelMethod(NearestEngine(tiny), steps=5, stride=2)
+    p = method.parameters()
+    assert p["steps"] == 5 and p["stride"] == 2 and p["seed"] == 0
+    assert p["weights"] == tiny.weights_hash[:16] and "backend" not in p
+    assert method.engine.plan.timesteps[0] == 14 and len(method.engine.plan.timesteps) == 5
+    with pytest.raises(ValueError, match="stride"):
+        ModelMethod(NearestEngine(tiny), stride=4)
+
+
 def test_series_normalisation_spans_all_slices(tiny):
     from cinesr.model.cine import CineSeries, CineSlice
     from pydicom.dataset import Dataset

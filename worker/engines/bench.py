@@ -164,6 +164,21 @@ def stage_times(engine: Engine, batch: int, repeats: int = 5) -> dict[str, Any]:
     return out
 
 
+def ort_tuning(model: LoadedModel, threads: Sequence[int] = (1, 2), repeats: int = 5) -> dict[str, Any]:
+    """Per-window encode / UNet step / decode times of onnxruntime CPU per graph-optimisation level and
+    intra-op thread count (the settings OnnxEngine uses were chosen from this)."""
+    from cinesr.worker.engines.onnx_engine import OnnxEngine
+
+    out: dict[str, Any] = {}
+    for level in ("basic", "extended", "all"):
+        for n in threads:
+            engine = OnnxEngine(model, "cpu", threads=n, optimization=level)
+            st = stage_times(engine, 1, repeats)
+            out[f"{level}-{n}t"] = {k: st[k]["median_s"] for k in ("encode", "unet_step", "decode")}
+            engine.close()
+    return out
+
+
 def _machine() -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -221,6 +236,7 @@ def run_bench(
     batch_size: int | None = None,
     threads: int | None = None,
     log: Callable[[str], None] = print,
+    tune_ort: bool = False,
 ) -> dict[str, Any]:
     """Measure every loadable configuration; returns the report (see module doc).
 
@@ -289,6 +305,12 @@ def run_bench(
         })
         st = res["stages"]
         st["unet_gflops_per_s"] = stats["gflops_unet_step"] * st["batch"] / st["unet_step"]["median_s"]
+    tuning = None
+    if tune_ort:
+        log("[bench] onnxruntime CPU settings ...")
+        from cinesr.worker.engines.onnx_engine import cpu_threads
+
+        tuning = ort_tuning(loaded, sorted({1, cpu_threads()}), stage_repeats)
     ratios = {}
     labels = list(results)
     for a in labels:
@@ -323,6 +345,7 @@ def run_bench(
         "skipped": skipped,
         "speedup": ratios,  # "A vs B": B's median series time / A's (> 1: A is faster)
         "headline": headline,
+        "ort_tuning": tuning,
     }
 
 
