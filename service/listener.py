@@ -270,6 +270,7 @@ class _Association:
         self.contexts: dict[int, tuple[str, str]] = {}  # context id -> (abstract, transfer syntax)
         self.header = bytearray(6)
         self.writer = listener.store.open_writer()
+        self.admitted = False
 
     # ---- negotiation -----------------------------------------------------------------------
 
@@ -313,6 +314,7 @@ class _Association:
                            self.calling_ae, self.peer, config.max_associations)
             self._reject(2, 3, 2)  # transient, local limit exceeded
             return False
+        self.admitted = True  # from here on it holds a slot, released however it ends
         if not config.allowed_calling_aets:
             LOGGER.info("accepting association from %s (%s): no calling AE allow-list set",
                         self.calling_ae, self.peer)
@@ -567,20 +569,19 @@ class DicomListener:
 
     def _serve_connection(self, conn: socket.socket, address: tuple[str, int]) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle delay on small responses
+        raw = conn
         with self._lock:
-            self._connections.add(conn)
-        admitted = False
+            self._connections.add(raw)
         assoc: _Association | None = None
         try:
             if self._ssl is not None:
                 conn.settimeout(self.config.acse_timeout)
                 conn = self._ssl.wrap_socket(conn, server_side=True)
             assoc = _Association(self, conn, address)
-            admitted = assoc.negotiate()
-            if admitted:
+            if assoc.negotiate():
                 assoc.serve()
         except _Closed:
-            if admitted:
+            if assoc is not None and assoc.admitted:
                 LOGGER.warning("connection from %s closed without release", address[0])
         except _Abort as exc:
             LOGGER.warning("aborting association from %s: %s", address[0], exc)
@@ -609,11 +610,11 @@ class DicomListener:
                     assoc.writer.close()
                 except OSError:
                     LOGGER.exception("closing the journal writer failed")
-            if admitted:
+            if assoc is not None and assoc.admitted:
                 with self._lock:
                     self._active -= 1
             with self._lock:
-                self._connections.discard(conn)
+                self._connections.discard(raw)
             try:
                 conn.close()
             except OSError:
