@@ -1,0 +1,443 @@
+"""`cinesr demo`: a newcomer's first run through the real service path, on one machine, no setup.
+
+    phantom study (truth + low-resolution acquisition, DICOM)
+    -> a local PACS (pynetdicom storage SCP writing to a folder) and `cinesr serve` (listener, gateway,
+       embedded worker) on free ports
+    -> C-STORE of the low-resolution series to the service; the series assembler queues a job (AUTO_PROCESS)
+    -> the worker super-resolves it and C-STOREs the derived series to the local PACS
+    -> comparison picture (rows: low-res input, baseline, CineSR, ground truth; columns: time), an animated
+       cine GIF, metrics against the ground truth and per-stage end-to-end timings
+
+The CineSR row is whatever the service runs by default (DEFAULT_METHOD: the learned model where it loads),
+so the demo follows the service's default without changes here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cinesr.model.errors import CineSRError
+
+PACS_AE = "DEMOPACS"
+SERVICE_AE = "CINESR"
+TEMPORAL = 8
+SPATIAL = 4
+
+# report(stage, done, total, note): progress of a stage; total None = indeterminate
+Report = Callable[[str, float, float | None, str], None]
+
+
+class DemoError(CineSRError):
+    """The demo could not complete (the message says which step and where the logs are)."""
+
+
+@dataclass
+class DemoOptions:
+    out: Path
+    slices: int = 2
+    frames: int = 32  # ground-truth frames per cycle (the acquisition keeps every 8th)
+    size: int = 128  # ground-truth matrix (the acquisition is size / 4)
+    seed: int = 7
+    generator: str = "sax"
+    method: str | None = None  # None: the service's default method
+    steps: int | None = None  # None: the method's default
+    stable_seconds: float = 2.0  # the service's SERIES_STABLE_SECONDS for this run
+    timeout: float = 900.0
+    columns: int = 8  # time points in the comparison picture
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    picture: Path
+    animation: Path
+    metrics_file: Path
+    pacs_folder: Path
+    study_folder: Path
+    logs: Path
+    method: str
+    metrics: dict[str, dict[str, float]]
+    timings: dict[str, float]
+    job: dict[str, Any] = field(repr=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---- the local PACS ------------------------------------------------------------------------------
+
+class DemoPacs:
+    """A storage SCP that writes what it receives to folder/<SeriesInstanceUID>/<SOPInstanceUID>.dcm."""
+
+    def __init__(self, folder: Path, ae_title: str = PACS_AE) -> None:
+        self.folder = Path(folder)
+        self.ae_title = ae_title
+        self.port = 0
+        self.received: dict[str, int] = {}
+        self.last_received: dict[str, float] = {}  # series -> wall-clock time of its latest instance
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        series = str(ds.SeriesInstanceUID)
+        folder = self.folder / series
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{ds.SOPInstanceUID}.tmp"
+        tmp.write_bytes(event.encoded_dataset())
+        os.replace(tmp, folder / f"{ds.SOPInstanceUID}.dcm")
+        with self._lock:
+            self.received[series] = len(list(folder.glob("*.dcm")))
+            self.last_received[series] = time.time()
+        return 0x0000
+
+    def start(self) -> DemoPacs:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = 4
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def count(self, series_uid: str) -> int:
+        with self._lock:
+            return self.received.get(series_uid, 0)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+# ---- the service ---------------------------------------------------------------------------------
+
+class ServiceProcess:
+    """`cinesr serve` as a subprocess with demo settings (the same command a user runs)."""
+
+    def __init__(self, data_dir: Path, pacs: DemoPacs, log: Path, stable_seconds: float,
+                 method: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.token = secrets.token_urlsafe(24)
+        self.heartbeat = data_dir / "worker-heartbeat"
+        self.log = log
+        self.env = {
+            **os.environ,
+            "CINESR_DATA_DIR": str(data_dir), "CINESR_DICOM_PORT": str(self.dicom_port),
+            "CINESR_HTTP_PORT": str(self.http_port), "CINESR_AE_TITLE": SERVICE_AE,
+            "CINESR_BROKER_URL": "", "CINESR_API_TOKENS": self.token, "CINESR_AUTO_PROCESS": "true",
+            "CINESR_PACS_AE_TITLE": pacs.ae_title, "CINESR_PACS_HOST": "127.0.0.1",
+            "CINESR_PACS_PORT": str(pacs.port), "CINESR_SERIES_STABLE_SECONDS": str(stable_seconds),
+            "CINESR_HEARTBEAT_FILE": str(self.heartbeat), "CINESR_ALLOWED_CALLING_AETS": "",
+        }
+        if method:  # else the service's own default (DEFAULT_METHOD)
+            self.env["CINESR_DEFAULT_METHOD"] = method
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> ServiceProcess:
+        from cinesr.worker.dispatch import CLI
+
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([*CLI, "--log-level", "INFO", "serve", "--host", "127.0.0.1"],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def get(self, path: str, **params: Any) -> Any:
+        import httpx
+
+        response = httpx.get(f"{self.url}{path}", params=params, timeout=10,
+                             headers={"Authorization": f"Bearer {self.token}"})
+        response.raise_for_status()
+        return response.json()
+
+    def healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def push_series(files: list[Path], port: int, called_ae: str = SERVICE_AE, calling_ae: str = "DEMO-SCANNER") -> int:
+    """C-STORE the files on one association; returns how many were stored with Success."""
+    import pydicom
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(p) for p in files]
+    ae = AE(ae_title=calling_ae)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise DemoError(f"the service did not accept an association on port {port}")
+    stored = 0
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            stored += int(bool(status) and status.Status == 0x0000)
+    finally:
+        assoc.release()
+        ae.shutdown()
+    return stored
+
+
+# ---- pictures and metrics ------------------------------------------------------------------------
+
+def _stack(series: Any) -> np.ndarray:
+    return np.stack([s.frames for s in series.slices]).astype(np.float32)  # (S, T, H, W)
+
+
+def _panel(frame: np.ndarray, size: int) -> Any:
+    from PIL import Image
+
+    img = Image.fromarray((np.clip(frame, 0, 1) * 255).astype(np.uint8), mode="L")
+    return img if img.size == (size, size) else img.resize((size, size), Image.NEAREST)
+
+
+def comparison_picture(rows: list[tuple[str, np.ndarray]], times: list[int], path: Path,
+                       time_labels: list[str]) -> Path:
+    """A grid: one row per (label, (T, H, W) frames in [0, 1]), one column per time index."""
+    from PIL import Image, ImageDraw
+
+    size = max(rows[-1][1].shape[1], 128)
+    label_w, head_h, pad = 150, 18, 2
+    width = label_w + len(times) * (size + pad)
+    height = head_h + len(rows) * (size + pad)
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(time_labels):
+        draw.text((label_w + c * (size + pad) + 4, 3), label, fill=255)
+    for r, (label, frames) in enumerate(rows):
+        y = head_h + r * (size + pad)
+        for i, line in enumerate(label.split("\n")):
+            draw.text((6, y + size // 2 - 12 + 12 * i), line, fill=255)
+        for c, t in enumerate(times):
+            canvas.paste(_panel(frames[t], size), (label_w + c * (size + pad), y))
+    canvas.save(path)
+    return path
+
+
+def cine_gif(panels: list[tuple[str, np.ndarray]], path: Path, frame_ms: float) -> Path:
+    """Side-by-side animation of (label, (T, H, W)) cines with the same T, one loop per cardiac cycle."""
+    from PIL import Image, ImageDraw
+
+    size = max(panels[-1][1].shape[1], 128)
+    head_h, pad = 16, 2
+    n = panels[-1][1].shape[0]
+    images = []
+    for t in range(n):
+        canvas = Image.new("L", (len(panels) * (size + pad), head_h + size), 0)
+        draw = ImageDraw.Draw(canvas)
+        for i, (label, frames) in enumerate(panels):
+            draw.text((i * (size + pad) + 3, 2), label, fill=255)
+            canvas.paste(_panel(frames[t], size), (i * (size + pad), head_h))
+        images.append(canvas.convert("P"))
+    images[0].save(path, save_all=True, append_images=images[1:], loop=0, duration=max(20, int(round(frame_ms))),
+                   optimize=False)
+    return path
+
+
+def score(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """PSNR / SSIM / LPIPS (cinesr.model.metrics) over every frame of every slice, values in [0, 1]."""
+    from cinesr.model.evaluate import score_frames
+
+    return score_frames(pred.reshape(-1, *pred.shape[-2:]), truth.reshape(-1, *truth.shape[-2:]))
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, logs: Path,
+          alive: Callable[[], bool] | None = None, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if alive is not None and not alive():
+            raise DemoError(f"the service stopped while {what}; see {logs}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f} s {what}; see {logs}")
+        time.sleep(every)
+
+
+def _parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
+    """Run the whole demo; files go under options.out. Raises DemoError with the step and the logs."""
+    from cinesr.model.acquisition import write_phantom
+    from cinesr.model.baseline import baseline_superresolve
+    from cinesr.model.cine import read_series
+    from cinesr.model.phantom import make_study
+
+    report = report or (lambda stage, done, total, note="": None)
+    if options.frames % TEMPORAL or options.size % SPATIAL:
+        raise DemoError(f"--frames must be a multiple of {TEMPORAL} and --size of {SPATIAL}")
+    out = Path(options.out).resolve()
+    if (out / "service-data").exists():  # a previous run: start clean so its jobs do not answer for this one
+        import shutil
+
+        shutil.rmtree(out / "service-data")
+        shutil.rmtree(out / "pacs", ignore_errors=True)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    report("phantom", 0, 1, "synthetic short-axis cine")
+    study = make_study(options.seed, slices=options.slices, frames=options.frames, size=options.size,
+                       generator=options.generator)
+    written = {w.role: w for w in write_phantom(study, out / "study", seed=options.seed, truth=True, lowres=True)}
+    truth_series, lowres_series = written["truth"], written["lowres"]
+    report("phantom", 1, 1, f"{len(lowres_series.files)} low-res instances")
+
+    pacs = DemoPacs(out / "pacs").start()
+    service = ServiceProcess(out / "service-data", pacs, logs / "serve.log", options.stable_seconds,
+                             options.method)
+    worker_log = out / "service-data" / "logs" / "worker.log"
+    try:
+        report("service", 0, 2, "starting cinesr serve")
+        service.start()
+        _wait(service.healthy, 120, "starting (REST)", logs / "serve.log", service.alive)
+        report("service", 1, 2, "loading the model in the worker")
+        _wait(service.heartbeat.exists, 300, "waiting for the worker to load its engine", worker_log, service.alive)
+        report("service", 2, 2, f"DICOM :{service.dicom_port}, REST {service.url}")
+
+        report("push", 0, len(lowres_series.files), "C-STORE to the service")
+        stored = push_series(lowres_series.files, service.dicom_port)
+        pushed_at = time.time()
+        if stored != len(lowres_series.files):
+            raise DemoError(f"the service stored {stored} of {len(lowres_series.files)} instances; see {logs}")
+        report("push", stored, len(lowres_series.files), "stored")
+
+        report("wait", 0, None, f"series complete after {options.stable_seconds:g} s quiet")
+
+        def find_job() -> dict[str, Any] | None:
+            jobs = service.get("/jobs", study_uid=lowres_series.study_uid)["jobs"]
+            return jobs[0] if jobs else None
+
+        job = _wait(find_job, options.stable_seconds + 120, "waiting for the job", logs / "serve.log", service.alive)
+        job_id = job["job_id"]
+
+        def finished() -> dict[str, Any] | None:
+            current = service.get(f"/jobs/{job_id}")
+            report("process", current["progress"], 1.0, current["status"])
+            return current if current["status"] in ("succeeded", "failed") else None
+
+        job = _wait(finished, options.timeout, "processing", worker_log, service.alive, every=0.5)
+        if job["status"] != "succeeded":
+            raise DemoError(f"the job failed: {job['error']}; see {worker_log}")
+        entry = job["series"][0]
+        output_uid = entry["output_series_uid"]
+        total = entry["instances_total"]
+        _wait(lambda: pacs.count(output_uid) >= total, 60, "waiting for the PACS", worker_log)
+        stored_at = pacs.last_received[output_uid]
+        report("process", 1.0, 1.0, "derived series stored in the PACS")
+    finally:
+        service.stop()
+        pacs.stop()
+
+    report("metrics", 0, 3, "reading series")
+    truth_cine = read_series(truth_series.folder)[0]
+    scale = max(float(np.max(_stack(truth_cine))), 1.0)
+    truth = _stack(truth_cine) / scale
+    lowres = _stack(read_series(lowres_series.folder)[0]) / scale
+    derived_cine = read_series(out / "pacs" / output_uid)[0]
+    cinesr = _stack(derived_cine) / scale
+    method = str(derived_cine.header.get("DerivationDescription", "") or "CineSR")
+    if cinesr.shape != truth.shape:
+        raise DemoError(f"derived series shape {cinesr.shape} differs from the ground truth {truth.shape}")
+    report("metrics", 1, 3, "baseline")
+    baseline = np.stack([baseline_superresolve(s, TEMPORAL, SPATIAL) for s in lowres]).astype(np.float32)
+    report("metrics", 2, 3, "PSNR / SSIM / LPIPS")
+    metrics = {"baseline": score(baseline, truth), "cinesr": score(cinesr, truth)}
+
+    # picture and animation of the middle slice
+    s = truth.shape[0] // 2
+    n = truth.shape[1]
+    held = np.repeat(np.repeat(np.repeat(lowres[s], TEMPORAL, axis=0), SPATIAL, axis=1), SPATIAL, axis=2)
+    times = sorted({int(round(k * n / options.columns)) % n for k in range(options.columns)})
+    rr = float(study.rr_interval_ms)
+    labels = [f"{t * rr / n:.0f} ms" for t in times]
+    rows = [("Low-res input\n(acquired frames)", held), ("Baseline\n(flow + bicubic)", baseline[s]),
+            (f"CineSR\n({short_method(method)[:22]})", cinesr[s]), ("Ground truth", truth[s])]
+    picture = comparison_picture(rows, times, out / "comparison.png", labels)
+    animation = cine_gif([("low-res", held), ("baseline", baseline[s]), ("CineSR", cinesr[s]), ("truth", truth[s])],
+                         out / "cine.gif", rr / n)
+    report("metrics", 3, 3, "done")
+
+    timings = _timings(job, pushed_at, stored_at)
+    metrics_file = out / "metrics.json"
+    result = DemoResult(out=out, picture=picture, animation=animation, metrics_file=metrics_file,
+                        pacs_folder=out / "pacs" / output_uid, study_folder=out / "study", logs=logs,
+                        method=method, metrics=metrics, timings=timings, job=job)
+    metrics_file.write_text(json.dumps({
+        "method": method, "metrics": metrics, "timings_seconds": timings, "job": job,
+        "study": {"slices": options.slices, "frames": options.frames, "size": options.size, "seed": options.seed},
+        "files": {k: str(v) for k, v in asdict(result).items() if isinstance(v, Path)},
+    }, indent=2, default=str))
+    return result
+
+
+def short_method(description: str) -> str:
+    """'model tiny-49ce093c983d' out of a DerivationDescription '... by model tiny-49ce093c983d (params)'."""
+    text = description.split(" by ", 1)[-1].split(" (", 1)[0].strip()
+    return text or description[:30]
+
+
+def _timings(job: dict[str, Any], pushed_at: float, stored_at: float) -> dict[str, float]:
+    """Stages from the last instance received to the derived series stored in the PACS (seconds)."""
+    created = _parse_time(str(job["created_at"]))
+    stages = job["series"][0].get("timings") or job.get("timings") or {}
+    timings = {"series completion (quiet period + routing)": max(0.0, created - pushed_at)}
+    names = {"queue": "queue (waiting for the worker)", "load": "load series", "compute": "compute (SR method)",
+             "write": "write derived DICOM", "export": "export (C-STORE to PACS)"}
+    for key, label in names.items():
+        if key in stages:
+            timings[label] = float(stages[key])
+    total = max(0.0, stored_at - pushed_at)
+    timings["other (bookkeeping, polling)"] = max(0.0, total - sum(timings.values()))
+    timings["end to end: last instance received -> derived series stored in PACS"] = total
+    return {k: round(v, 3) for k, v in timings.items()}

@@ -1,0 +1,93 @@
+"""`cinesr demo` end to end: the real command, a real `cinesr serve` subprocess, C-STORE in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cinesr.model.cine import read_series
+from cinesr.service.demo import DemoPacs, comparison_picture, push_series, short_method
+from cinesr.worker.dispatch import CLI
+from PIL import Image
+
+
+def _demo(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CINESR_BROKER_URL", None)
+    return subprocess.run([*CLI, "demo", "-o", str(out), "--quiet", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_demo_with_the_baseline_matches_a_local_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = _demo(out, "--slices", "1", "--frames", "16", "--size", "64", "--method", "baseline")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "metrics.json").read_text())
+    # the derived series went through listener -> queue -> worker -> C-STORE and equals the baseline the demo
+    # computes itself (up to the integer pixels of DICOM)
+    base, served = report["metrics"]["baseline"], report["metrics"]["cinesr"]
+    assert served["psnr"] == pytest.approx(base["psnr"], abs=0.3)
+    assert served["ssim"] == pytest.approx(base["ssim"], abs=0.01)
+    assert 15 < base["psnr"] < 60
+    assert "baseline" in report["method"]
+    # what the PACS received: one derived series, 8x the frames at 4x the matrix
+    derived = read_series(Path(report["files"]["pacs_folder"]))[0]
+    assert derived.shape == (1, 16, 64, 64)
+    assert report["job"]["status"] == "succeeded"
+    timings = report["timings_seconds"]
+    end_to_end = timings["end to end: last instance received -> derived series stored in PACS"]
+    assert end_to_end > 0
+    assert timings["series completion (quiet period + routing)"] >= 1.5  # the 2 s quiet period
+    assert {"queue (waiting for the worker)", "compute (SR method)", "export (C-STORE to PACS)"} <= set(timings)
+    # picture: 4 rows (input, baseline, CineSR, truth) x 8 time columns of 128 px panels (64 px upscaled)
+    picture = Image.open(out / "comparison.png")
+    assert picture.size == (150 + 8 * 130, 18 + 4 * 130)
+    pixels = np.asarray(picture)
+    assert pixels[18 + 2 * 130 + 64, 150:].std() > 5  # the CineSR row is an image, not blank
+    gif = Image.open(out / "cine.gif")
+    assert gif.n_frames == 16
+    for name in ("comparison picture:", "animated cine:", "PSNR", "end to end"):
+        assert name in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_default_runs_the_service_default_method(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = _demo(out, "--slices", "1", "--frames", "16", "--size", "64")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["job"]["status"] == "succeeded"
+    assert report["job"]["params"]["method"] is None  # the demo asks for nothing: the service decides
+    assert all(np.isfinite(v) for v in report["metrics"]["cinesr"].values())
+
+
+def test_demo_rejects_an_unknown_method(tmp_path: Path) -> None:
+    result = _demo(tmp_path / "demo", "--method", "magic", timeout=60)
+    assert result.returncode == 2
+    assert "unknown method 'magic'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_pacs_receives_by_c_store(tmp_path: Path, lowres_study: Path) -> None:
+    pacs = DemoPacs(tmp_path / "pacs").start()
+    try:
+        files = sorted((lowres_study / "lowres").glob("*.dcm"))
+        assert push_series(files, pacs.port, called_ae=pacs.ae_title) == len(files)
+    finally:
+        pacs.stop()
+    series_uid = read_series(lowres_study / "lowres")[0].series_uid
+    assert pacs.count(series_uid) == len(files)
+    assert len(list((tmp_path / "pacs" / series_uid).glob("*.dcm"))) == len(files)
+    assert read_series(tmp_path / "pacs" / series_uid)[0].shape == read_series(lowres_study / "lowres")[0].shape
+
+
+def test_comparison_picture_layout(tmp_path: Path) -> None:
+    frames = np.linspace(0, 1, 4 * 32 * 32, dtype=np.float32).reshape(4, 32, 32)
+    path = comparison_picture([("a", frames), ("b", 1 - frames)], [0, 3], tmp_path / "p.png", ["0 ms", "9 ms"])
+    image = np.asarray(Image.open(path))
+    assert image.shape == (18 + 2 * 130, 150 + 2 * 130)
+    assert short_method("CineSR 0.1.0: x4 by model tiny-49ce093c983d (steps=15)") == "model tiny-49ce093c983d"
