@@ -2,22 +2,27 @@
 
 Layout: ``<root>/instances/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``, each file being the
 bytes as received (128-byte preamble, ``DICM``, a file meta group built from the C-STORE request,
-then the encoded dataset exactly as it came off the wire). Nothing is decoded or re-encoded.
+then the encoded dataset exactly as it came off the wire). Nothing is decoded or re-encoded: a
+structural walk of the dataset checks it is complete and reads the UIDs used to file it.
 
 Durability ("success only after the bytes are on stable storage") has two strategies:
 
 ``journal`` (default)
-    The instance is appended to a preallocated write-ahead journal and ``fdatasync``-ed (one
-    device flush, shared by concurrent associations: group commit); a background applier then
-    writes the file (temp name, rename) and, in batches, fsyncs files and directories before the
-    journal segment is dropped. On open, records not yet checkpointed are replayed. Measured on
-    ext4/virtio: ~0.2 ms per instance against ~0.55 ms for a per-file fsync + directory fsync.
+    Each association owns a segment of a write-ahead journal (``<root>/journal``). A dataset is
+    written into it as its PDUs arrive (with early writeback), and at the last fragment the
+    record header goes in and one ``fdatasync`` makes it durable. Segments are zero-filled ahead
+    of time and recycled, so that flush is a data write + device flush, not an ext4 metadata
+    commit (measured here ~0.2 ms against ~0.55 ms for fsync of a new file + its directory).
+    A background applier, once arrivals pause (or the journal fills), writes each instance's
+    file (temp name, in-kernel copy from the journal, rename), fsyncs files and directories in
+    batches and recycles the journal space. On open, records not yet checkpointed are replayed.
 ``file``
     Temp file, ``fdatasync``, rename, directory fsync (group-committed across threads), then
     success. Simpler; the file is visible when ``put`` returns.
 
-Either way a visible ``.dcm`` file is complete (rename is atomic) and a crash loses only
-instances that were never acknowledged.
+Either way a visible ``.dcm`` file is complete (rename is atomic), and a crash loses only
+instances that were never acknowledged. Records carry a per-segment random nonce and a CRC, so
+torn writes, stale bytes of a recycled segment or crafted data never replay as instances.
 """
 
 from __future__ import annotations
@@ -259,13 +264,13 @@ def _text_block(file_length: int, info: StoredInstance) -> bytes:
     return _STR_HEAD.pack(file_length, *(len(t) for t in texts)) + b"".join(texts)
 
 
-def _decode_segment(buf: bytes) -> Iterator[tuple[list[str], bytes]]:
-    """Committed records of a segment file."""
+def _decode_segment(buf: bytes, expected_seq: int) -> Iterator[tuple[list[str], bytes]]:
+    """Committed records of the segment file named ``<expected_seq>.wal``."""
     if len(buf) < _SEG_DATA:
         return
     magic, seq, nonce = _SEG_HEAD.unpack_from(buf, 0)
-    if magic != _SEG_MAGIC:
-        return
+    if magic != _SEG_MAGIC or seq != expected_seq:
+        return  # e.g. a recycled spare renamed, but its new header not yet on disk at a crash
     pos = _SEG_DATA
     while pos + _REC_HEAD.size <= len(buf):
         magic, rec_seq, rec_nonce, length, crc = _REC_HEAD.unpack_from(buf, pos)
@@ -840,7 +845,7 @@ class InstanceStore:
         replayed = 0
         fds: list[int] = []
         for seg in segments:
-            for texts, file_bytes in _decode_segment(seg.read_bytes()):
+            for texts, file_bytes in _decode_segment(seg.read_bytes(), int(seg.stem)):
                 study, series, sop = texts[:3]
                 if not (is_valid_uid(study) and is_valid_uid(series) and is_valid_uid(sop)):
                     continue
