@@ -299,20 +299,21 @@ class Service:
             resolve_method_name(params.method, self.settings)
         except PermanentError as exc:
             raise InvalidRequest(str(exc)) from exc
-        here = self.store.series(study_uid)
-        if here:
-            known = set(here)
-        else:
+        known = set(self.store.series(study_uid))
+        if not known or set(series or []) - known:  # the study, or a requested series, is not here
             node = pacs_node(self.settings)
             if node is None:
-                raise StudyNotFound(f"study {study_uid} is not here and no PACS is configured")
-            try:
-                at_pacs = study_series_at_pacs(self.settings, node, study_uid)
-            except PacsUnavailable as exc:
-                raise PacsUnreachable(f"study {study_uid} is not here and the PACS cannot be asked: {exc}") from exc
-            if not at_pacs:
-                raise StudyNotFound(f"study {study_uid} is neither here nor at {node}")
-            known = {s["series_uid"] for s in at_pacs}
+                if not known:
+                    raise StudyNotFound(f"study {study_uid} is not here and no PACS is configured")
+            else:
+                try:
+                    at_pacs = study_series_at_pacs(self.settings, node, study_uid)
+                except PacsUnavailable as exc:
+                    raise PacsUnreachable(f"study {study_uid} (or a requested series) is not here and the PACS "
+                                          f"cannot be asked: {exc}") from exc
+                if not at_pacs and not known:
+                    raise StudyNotFound(f"study {study_uid} is neither here nor at {node}")
+                known |= {s["series_uid"] for s in at_pacs}
         missing = sorted(set(series or []) - known)
         if missing:
             raise StudyNotFound(f"series not in study {study_uid}: {', '.join(missing)}")
@@ -326,7 +327,8 @@ class Service:
         job = self.jobs.get(job_id)
         study_uid = job.study_uid
         try:
-            if not self.store.series(study_uid):
+            here = set(self.store.series(study_uid))
+            if not here or set(job.requested_series) - here:
                 node = pacs_node(self.settings)
                 if node is None:
                     raise RetrieveFailed("the study is not here and no PACS is configured")

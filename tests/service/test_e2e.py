@@ -183,3 +183,38 @@ def test_cinesr_serve_runs_the_whole_service(tmp_path: Path) -> None:
     assert worker, text
     assert not Path(f"/proc/{worker.group(1)}").exists() or \
         Path(f"/proc/{worker.group(1)}/stat").read_text().split()[2] == "Z"  # stopped with the service
+
+
+def test_requested_series_missing_here_is_pulled(tmp_path: Path, service: Service, client: TestClient,
+                                                 pacs: OrthancServer) -> None:
+    import pydicom
+
+    study_uid, series_uid, files = write_lowres_study(tmp_path, seed=14)
+    other = series_uid + ".9"
+    copies = []
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = other
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{other}.{i + 1}"
+        ds.save_as(tmp_path / f"other{i}.dcm")
+        copies.append(tmp_path / f"other{i}.dcm")
+    pacs.upload(copies)  # the second series only at the PACS
+    for path in files:  # the first one only here
+        service.store.put_file(path)
+    service.store.flush()
+    response = client.post(f"/studies/{study_uid}/superresolve", headers=AUTH, json={"series": [other]})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    job = wait_for(lambda: (j := client.get(f"/jobs/{job_id}", headers=AUTH).json())["status"]
+                   in ("succeeded", "failed") and j, 60, "the job for the missing series")
+    assert job["status"] == "succeeded", job
+    assert [e["input_series_uid"] for e in job["series"]] == [other]
+    assert sorted(service.store.series(study_uid)) == sorted([series_uid, other])
+    _assert_exported_once(pacs, job)
+    # a series neither here nor at the PACS is 404
+    missing = client.post(f"/studies/{study_uid}/superresolve", headers=AUTH, json={"series": [other + ".1"]})
+    assert missing.status_code == 404
+    # AUTO_PROCESS also took the series that was stored here; let that job finish before the worker stops
+    wait_for(lambda: all(j["status"] in ("succeeded", "failed") for j in
+                         client.get("/jobs", headers=AUTH, params={"study_uid": study_uid}).json()["jobs"]),
+             60, "the automatic job")
