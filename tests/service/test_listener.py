@@ -468,3 +468,35 @@ def test_idle_association_is_aborted_after_the_network_timeout(make_listener) ->
         time.sleep(0.05)
     assert assoc.is_aborted
     ae.shutdown()
+
+
+def test_instance_larger_than_a_journal_segment(listener: RunningListener, tmp_path: Path) -> None:
+    """An oversized matrix (8 MiB of pixels, twice the test segment size) is stored intact."""
+    require_dcmtk()
+    ds = mr_dataset(rows=2048)
+    source = write_file(tmp_path / "huge.dcm", ds)
+    result = storescu(listener.port, source)
+    assert result.returncode == 0, result.stderr
+    [path] = listener.files()
+    assert dataset_bytes(path)[0] == dataset_bytes(source)[0]
+    listener.store.flush(checkpoint=True)
+    assert echo("127.0.0.1", listener.port, "CINESR")
+
+
+def test_pdata_on_a_context_never_accepted_aborts_only_that_association(listener: RunningListener) -> None:
+    import socket
+    ae = AE(ae_title="GOOD")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="CINESR")
+    assert assoc.is_established
+    # hand-made P-DATA-TF on presentation context 99, which was never proposed
+    pdv = struct.pack(">IBB", 6, 99, 0x03) + b"\0\0\0\0"
+    raw = assoc.dul.socket.socket
+    assert isinstance(raw, socket.socket)
+    raw.sendall(struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv)
+    deadline = time.monotonic() + 5
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    ae.shutdown()
+    assert echo("127.0.0.1", listener.port, "CINESR")
