@@ -82,6 +82,11 @@ def test_pushed_study_comes_back_as_a_derived_series(tmp_path: Path, service: Se
     service.assembler.start()
     jobs = client.get("/jobs", headers=AUTH, params={"study_uid": study_uid}).json()["jobs"]
     assert len(jobs) == 1
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
+               if line and not line.startswith("#")}
+    assert metrics['cinesr_received_instances_total{outcome="stored"}'] >= len(files)
+    assert metrics['cinesr_received_instances_total{outcome="duplicate"}'] >= 2
+    assert metrics['cinesr_job_stage_seconds_count{stage="export"}'] >= 1
 
 
 def test_rest_request_pulls_a_study_only_the_pacs_has(tmp_path: Path, service: Service, client: TestClient,
