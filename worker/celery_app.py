@@ -84,6 +84,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": 1,
         # Engines and model bundles are loaded per process; recycling children would reload them.
         "worker_max_tasks_per_child": None,
+        # The child loads its engine in a background thread (runtime.start), so it reports up quickly;
+        # the margin over Celery's 4 s covers importing the stack on a busy or slow-disk node.
+        "worker_proc_alive_timeout": 60.0,
         # Soft limit: the task gets SoftTimeLimitExceeded and records a clear failure; hard limit:
         # the child is killed (a hung CUDA kernel cannot be interrupted any other way).
         "task_soft_time_limit": soft,

@@ -170,7 +170,7 @@ class EmbeddedWorker:
         if proc is None or proc.poll() is not None:
             return
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)  # the main process only: it stops its pool child itself
         except ProcessLookupError:
             return
         try:

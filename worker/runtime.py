@@ -96,13 +96,28 @@ def heartbeat_age(path: Path) -> float | None:
         return None
 
 
-def start() -> None:
-    """Load the engine for the default method, then start the heartbeat (idempotent per process)."""
+def start(background: bool = True) -> None:
+    """Load the engine for the default method, then start the heartbeat (idempotent per process).
+
+    In the background by default: Celery waits only a few seconds (worker_proc_alive_timeout) for a new
+    pool child to report, and building TensorRT engines takes minutes. A task that arrives meanwhile waits
+    for the engine (process.make_method holds its lock while loading); the probe says "not ready" until then.
+    """
     with _lock:
         _fresh_process()
         if _state.get("started"):
             return
         _state["started"] = True
+        stop_event = threading.Event()
+        _state["heartbeat_stop"] = stop_event
+    if background:
+        threading.Thread(target=_load_and_beat, args=(stop_event,), name="cinesr-engine-loader",
+                         daemon=True).start()
+    else:
+        _load_and_beat(stop_event)
+
+
+def _load_and_beat(stop_event: threading.Event) -> None:
     s = settings()
     try:
         method = get_method(None)
@@ -118,19 +133,15 @@ def start() -> None:
         except Exception:  # noqa: BLE001 - description is informative only
             pass
     path = Path(s.heartbeat_file)
+    if stop_event.is_set():  # stopped while loading: never claim readiness
+        return
     write_heartbeat(path, info)
-    stop = threading.Event()
-    _state["heartbeat_stop"] = stop
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL):
-            try:
-                write_heartbeat(path, info)
-            except OSError as exc:  # a full /tmp must not kill the worker; the probe will notice
-                log.warning("heartbeat not written: %s", exc)
-
-    threading.Thread(target=beat, name="cinesr-heartbeat", daemon=True).start()
     log.info("worker ready: %s", info)
+    while not stop_event.wait(HEARTBEAT_INTERVAL):
+        try:
+            write_heartbeat(path, info)
+        except OSError as exc:  # a full /tmp must not kill the worker; the probe will notice
+            log.warning("heartbeat not written: %s", exc)
 
 
 def stop() -> None:

@@ -153,7 +153,7 @@ class WorkerProcess:
         if self.process is None or self.process.poll() is not None:
             self.process = None
             return
-        os.killpg(self.pid, signal.SIGTERM)
+        os.kill(self.pid, signal.SIGTERM)  # as Kubernetes does: PID 1 only
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -233,3 +233,27 @@ def test_permanent_error_fails_the_series_with_its_reason(tmp_path: Path, method
         worker.stop()
     assert "unknown method" in (done.error or "")
     assert "export_series[" not in worker.log_file.read_text()  # the chain stopped: nothing exported
+
+
+def test_embedded_worker_is_restarted_after_it_dies(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    settings = _settings(tmp_path)
+    worker = start_embedded_worker(settings, loglevel="INFO", restart_delay=0.5)
+    try:
+        wait_for(settings.heartbeat_file.exists, 60, what="worker ready")
+        first = worker.pid
+        os.killpg(first, signal.SIGKILL)  # the worker and its pool child, as the OOM killer might
+        wait_for(lambda: worker.pid != first and worker.alive(), 30, what="worker restarted")
+        assert worker.restarts == 1
+        # the restarted worker takes new work
+        staged = stage_series(settings.data_dir, 6, slices=1, frames=16, size=64)
+        store = open_job_store(settings)
+        job, _ = store.create_or_get(staged.study_uid, [staged.series_uid], {"method": "baseline"})
+        enqueue_job(job.job_id, settings)
+        done = wait_for(lambda: (j := store.get(job.job_id)).status in ("succeeded", "failed") and j, 60,
+                        what="job finished")
+        assert done.status == "succeeded", done.error
+    finally:
+        worker.stop()
