@@ -246,3 +246,30 @@ def test_two_workers_share_a_queue_without_double_processing(tmp_path: Path, red
         assert job.attempts == 0
     held = sum(len(pacs.series_instances(j.series[0].output_series_uid or "")) for j in jobs)
     assert held == pacs.instance_count() == sum(j.series[0].instances_total for j in jobs)
+
+
+def test_sigterm_lets_the_running_series_finish(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, "", None)
+    staged = stage_series(settings.data_dir, 23, slices=2, frames=32, size=128)
+    store, job_id = _new_job(settings, staged)
+    enqueue_job(job_id, settings)
+    worker = _worker(settings, tmp_path, "t1")
+    _computing(store, job_id, staged.series_uid)
+    assert worker.process is not None
+    process = worker.process
+    import os
+    import signal
+
+    os.kill(process.pid, signal.SIGTERM)  # pod stop / scale-down: warm shutdown
+    assert process.wait(JOB_TIMEOUT) == 0
+    # the series in progress was finished, not abandoned; the export queued after it waits for a worker
+    entry = store.get(job_id).entry(staged.series_uid)
+    assert entry.status == "processed" and entry.output_series_uid
+    assert "derived series written" in worker.log_text()
+    nxt = _worker(settings, tmp_path, "t2")
+    try:
+        job = _finished(store, job_id)
+    finally:
+        nxt.stop()
+    assert job.status == "succeeded" and job.attempts == 0
+    assert nxt.log_text().count("derived series written") == 0  # not recomputed
