@@ -205,6 +205,27 @@ def machine() -> dict[str, object]:
             "load_average_at_start": os.getloadavg()}
 
 
+def flush_probe(folder: Path, n: int = 100, size: int = 131072) -> dict[str, float]:
+    """This disk's durable-write latency: pwrite of an instance-sized block + fdatasync (ms)."""
+    path = folder / "flush-probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, bytes(n * size))
+        os.fsync(fd)
+        block, samples = os.urandom(size), []
+        for i in range(n):
+            t0 = time.perf_counter()
+            os.pwrite(fd, block, i * size)
+            os.fdatasync(fd)
+            samples.append(1000 * (time.perf_counter() - t0))
+    finally:
+        os.close(fd)
+        path.unlink()
+    samples.sort()
+    return {"p10_ms": round(samples[n // 10], 3), "p50_ms": round(samples[n // 2], 3),
+            "p90_ms": round(samples[9 * n // 10], 3)}
+
+
 def _cpu_pressure() -> str:
     try:
         return Path("/proc/pressure/cpu").read_text().splitlines()[0]
@@ -239,6 +260,7 @@ def main() -> int:
         work = Path(tmp)
         study = work / "study"
         make_study(study, args.instances)
+        probe_start = flush_probe(work)
         targets = {
             "ours_journal": OurTarget(work, "journal", args.max_pdu),
             "ours_file": OurTarget(work, "file", args.max_pdu),
@@ -261,6 +283,7 @@ def main() -> int:
             for target in targets.values():
                 target.close()
         concurrent = run_concurrent(work, args.concurrent_senders, args.instances // args.concurrent_senders)
+        probe_end = flush_probe(work)
     load_end = os.getloadavg()
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["storescp"] / med["ours_journal"]  # throughput ratio ours / storescp
@@ -273,6 +296,8 @@ def main() -> int:
     print(f"  throughput ratio ours(journal)/storescp = {ratio:.2f} (median of per-round ratios {paired:.2f})"
           f"   ours(file)/storescp = {ratio_file:.2f}")
     print(f"  {args.concurrent_senders} concurrent senders: {concurrent}")
+    print(f"  disk flush latency (pwrite 128 KiB + fdatasync): start {probe_start}, end {probe_end}; "
+          f"load average start {load_start[0]:.1f}, end {load_end[0]:.1f}")
     result = {
         "benchmark": "ingest",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -293,6 +318,7 @@ def main() -> int:
         "max_pdu_size": args.max_pdu,
         "cpu_pressure_end": _cpu_pressure(),
         "load_average": {"start": load_start, "end": load_end},
+        "disk_flush_latency": {"start": probe_start, "end": probe_end},
         "machine": machine(), "git_commit": git_commit(),
         "versions": {"python": platform.python_version(), "pynetdicom": pynetdicom.__version__,
                      "pydicom": pydicom.__version__, "dcmtk": _version(["storescp", "--version"])},
