@@ -170,4 +170,7 @@ def _settings_error(exc: ValidationError) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the imported module so that sub-commands register on the same `app` object.
+    from cinesr.service.cli import main as _main
+
+    _main()
