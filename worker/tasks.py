@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from cinesr.worker import runtime
 from cinesr.worker.errors import JobError, TransientError
 
@@ -47,8 +47,11 @@ class JobTask(Task):
 
     def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
         job_id, series_uid = _ids(args, kwargs)
+        stage = self.name.rsplit(".", 1)[-1]
         if isinstance(exc, SoftTimeLimitExceeded):
-            reason = f"{self.name.rsplit('.', 1)[-1]} took longer than the soft time limit"
+            reason = f"{stage} took longer than the soft time limit (TASK_SOFT_TIME_LIMIT) and was stopped"
+        elif isinstance(exc, TimeLimitExceeded):
+            reason = f"{stage} took longer than the hard time limit (TASK_TIME_LIMIT); its process was killed"
         elif isinstance(exc, JobError):
             reason = str(exc) or type(exc).__name__
         else:

@@ -273,3 +273,19 @@ def test_sigterm_lets_the_running_series_finish(tmp_path: Path) -> None:
         nxt.stop()
     assert job.status == "succeeded" and job.attempts == 0
     assert nxt.log_text().count("derived series written") == 0  # not recomputed
+
+
+def test_soft_time_limit_fails_the_series_with_the_reason(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, "", None, task_soft_time_limit=2.0, task_time_limit=30.0)
+    staged = stage_series(settings.data_dir, 24, slices=2, frames=32, size=128)
+    store, job_id = _new_job(settings, staged, steps=4)
+    worker = _worker(settings, tmp_path, "l1")
+    try:
+        _ready(worker)  # the limit applies to the task, not to loading the engine
+        enqueue_job(job_id, settings)
+        job = _finished(store, job_id)
+    finally:
+        worker.stop()
+    assert job.status == "failed"
+    assert "soft time limit" in (job.error or "")
+    assert job.attempts == 0  # a timeout is a failure, not a lost worker: no redelivery loop
