@@ -342,7 +342,12 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
         service.start()
         _wait(service.healthy, 120, "starting (REST)", logs / "serve.log", service.alive)
         report("service", 1, 2, "loading the model in the worker")
-        _wait(service.heartbeat.exists, 300, "waiting for the worker to load its engine", worker_log, service.alive)
+        def worker_ready() -> bool:
+            if worker_log.exists() and "engine not loaded" in worker_log.read_text(errors="replace"):
+                raise DemoError(f"the worker could not load its engine; see {worker_log}")
+            return service.heartbeat.exists()
+
+        _wait(worker_ready, 300, "waiting for the worker to load its engine", worker_log, service.alive)
         report("service", 2, 2, f"DICOM :{service.dicom_port}, REST {service.url}")
 
         report("push", 0, len(lowres_series.files), "C-STORE to the service")
