@@ -159,7 +159,8 @@ class DicomSource(Source):
                 for cine in s.slices:
                     if cine.num_frames < self.min_frames:
                         continue
-                    slices.append(resize_square(normalise_intensity(cine.frames), self.size))
+                    # cubic resizing overshoots at edges: clip back to [0, 1]
+                    slices.append(np.clip(resize_square(normalise_intensity(cine.frames), self.size), 0.0, 1.0))
         return slices
 
     def describe(self) -> dict:

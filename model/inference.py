@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from .bundle import ModelBundle
-from .diffusion import sample, sample_deterministic, unet_denoiser, upsample_lq
+from .diffusion import (
+    posterior_mean_variance,
+    prior_sample,
+    sample_deterministic,
+    scale_input,
+    unet_denoiser,
+    upsample_lq,
+)
 
 Progress = Callable[[int, int], None]  # (windows done, windows total)
 
@@ -43,19 +50,31 @@ def _blend_weight(size: int, scale: int) -> torch.Tensor:
 def _run_windows(
     bundle: ModelBundle,
     lq: torch.Tensor,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     deterministic: bool,
-    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """(B, 3, s, s) windows in [-1, 1] on the bundle's device -> (B, 3, 4s, 4s) in [-1, 1]."""
+    """(B, 3, s, s) windows in [-1, 1] on the bundle's device -> (B, 3, 4s, 4s) in [-1, 1].
+
+    Window b draws all its noise from generators[b] (on the CPU), so its result does not depend
+    on which other windows share the batch, nor on the device.
+    """
     schedule = bundle.schedule
     y = bundle.autoencoder.encode(upsample_lq(lq, bundle.scale))
-    noise = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+
+    def noise() -> torch.Tensor:
+        return torch.stack([torch.randn(y.shape[1:], generator=g) for g in generators]).to(y)
+
+    denoise = unet_denoiser(bundle.unet)
     if deterministic:
-        z = sample_deterministic(unet_denoiser(bundle.unet), y, lq, schedule, noise=noise, on_step=on_step)
-    else:
-        # per-step noise is drawn on the CPU generator, so a seed gives the same noise on any device
-        z = sample(unet_denoiser(bundle.unet), y, lq, schedule, noise=noise, generator=generator, on_step=on_step)
+        z = sample_deterministic(denoise, y, lq, schedule, noise=noise())
+    else:  # ResShift's ancestral sampler (as diffusion.sample), with per-window noise
+        x = prior_sample(y, schedule, noise())
+        for i in reversed(range(schedule.steps)):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            x0 = denoise(scale_input(x, t, schedule), t, lq)
+            mean, var = posterior_mean_variance(x0, x, t, schedule)
+            x = mean + torch.sqrt(var) * noise() if i > 0 else mean
+        z = x
     return bundle.autoencoder.decode(z).clamp(-1.0, 1.0)
 
 
@@ -70,9 +89,10 @@ def superresolve_windows(
 ) -> np.ndarray:
     """Super-resolve (B, 3, h, w) windows in [0, 1] -> (B, 3, 4h, 4w) float32 in [0, 1].
 
-    `seed` fixes the sampler's noise: the same inputs and seed give the same output on the same
-    device. `deterministic=True` uses the noise-free DDIM-like sampler instead of ResShift's
-    ancestral one. `progress(done, total)` is called after each batch of windows.
+    `seed` fixes the sampler's noise: window i draws from its own stream (seed, i), so the same
+    inputs and seed give the same output whatever the batch size. `deterministic=True` uses the
+    DDIM-like sampler (noise only at the start) instead of ResShift's ancestral one.
+    `progress(done, total)` is called after each batch of windows.
     """
     x = torch.as_tensor(np.asarray(windows, dtype=np.float32) if isinstance(windows, np.ndarray) else windows)
     if x.ndim != 4 or x.shape[1] != 3:
@@ -91,13 +111,14 @@ def superresolve_windows(
     out = torch.zeros(b, 3, hp * sf, wp * sf)
     norm = torch.zeros(1, 1, hp * sf, wp * sf)
     device = bundle.device
-    generator = torch.Generator().manual_seed(int(seed))
     total, done = b * len(tiles), 0
     jobs = [(i, r, c) for i in range(b) for r, c in tiles]
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         batch = torch.stack([x[i, :, r : r + size, c : c + size] for i, r, c in chunk]).to(device)
-        result = _run_windows(bundle, batch, generator, deterministic).float().cpu()
+        # one noise stream per (window, tile), from the seed and its position in this call
+        gens = [torch.Generator().manual_seed((int(seed) * 1_000_003 + start + j) % 2**63) for j in range(len(chunk))]
+        result = _run_windows(bundle, batch, gens, deterministic).float().cpu()
         for (i, r, c), tile in zip(chunk, result, strict=True):
             out[i, :, r * sf : (r + size) * sf, c * sf : (c + size) * sf] += tile * weight
             if i == 0:

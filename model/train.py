@@ -321,6 +321,11 @@ def train_autoencoder(cfg: Mapping[str, Any], out_dir: Path, ae: nn.Module, data
     total = int(c["steps"])
     usage = torch.zeros(ae.quantize.embedding.weight.shape[0], dtype=torch.long, device=device)
     t0, last_t, last_step = time.monotonic(), time.monotonic(), step
+    if step == 0 and state is None and int(c["restart_codes_every"]):
+        # start the codebook on encoder outputs: random codes far from them would all be dead
+        with torch.no_grad():
+            _restart_codes(ae, usage, ae.encode(_ae_batch(dataset, 0, c, seed).to(device)),
+                           _step_generator(seed, 0, 2))
     while step < total:
         x = _ae_batch(dataset, step, c, seed).to(device)
         loss, parts, rec, idx = autoencoder_losses(ae, x, lpips_net, c)
