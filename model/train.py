@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "threads": 0,
     "data": {"source": "phantom:0-99", "split": "train", "degradation": {"kind": "realesrgan"},
-             "val_source": None, "val_split": "val", "cache_patients": 128, "pool": 0},
+             "val_source": None, "val_split": "val", "cache_patients": 128, "pool": 0, "phantom": {}},
     "autoencoder": {"steps": 1000, "batch_size": 8, "crop": 128, "lr": 2e-4, "betas": [0.5, 0.9],
                     "l1_weight": 1.0, "lpips_weight": 1.0, "codebook_weight": 1.0, "commitment": 0.25,
                     "lq_fraction": 0.25, "adversarial_weight": 0.0, "adversarial_start": 0,
@@ -125,10 +125,11 @@ def _load_checkpoint(path: Path) -> dict[str, Any] | None:
 def _datasets(cfg: Mapping[str, Any]) -> tuple[SampleDataset, SampleDataset | None]:
     data = cfg["data"]
     degradation = DegradationConfig.from_dict(dict(data.get("degradation") or {}))
-    source = open_source(data["source"])
+    phantom = dict(data.get("phantom") or {})  # slices/frames/size of on-the-fly phantoms
+    source = open_source(data["source"], **phantom)
     train = SampleDataset(source, data.get("split", "train"), degradation, seed=int(cfg["seed"]),
                           cache_patients=int(data.get("cache_patients", 128)))
-    val_source = open_source(data["val_source"]) if data.get("val_source") else source
+    val_source = open_source(data["val_source"], **phantom) if data.get("val_source") else source
     try:
         val = SampleDataset(val_source, data.get("val_split", "val"), degradation, seed=int(cfg["seed"]) + 1,
                             cache_patients=16)
