@@ -6,8 +6,9 @@ Pixel data never travels through the broker. Each delivery first looks at the jo
 - work already done (a duplicate or a redelivery after the ack was lost) is skipped, so the chain goes on
   without recomputing;
 - a delivery that finds the series mid-flight, or that the broker marks as redelivered, follows a worker
-  that died on it; those are counted in the job record (`attempts`), and after MAX_REDELIVERIES the series
-  is marked failed instead of killing worker after worker (a poison job);
+  that died on it; those are counted in the job record (`attempts`; per series too where SeriesEntry has
+  `deliveries`), and after MAX_REDELIVERIES the series is marked failed instead of killing worker after
+  worker (a poison job);
 - TransientError (PACS down, store busy) is retried with exponential backoff and jitter; PermanentError
   and exhausted retries end the series `failed` with the reason.
 """
@@ -94,11 +95,14 @@ def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> bool:
     crashed = redelivered or (entry.status == _IN_FLIGHT[stage] and not request.retries)
     if crashed:
         job = store.update(job_id, attempts=job.attempts + 1)
-        log.warning("%s of %s/%s redelivered after a lost worker (%d so far)", stage, job_id, series_uid,
-                    job.attempts)
-        if job.attempts > MAX_REDELIVERIES:
-            _record_failure(job_id, series_uid, f"the worker was lost {job.attempts} times while processing "
-                                                f"this job (poison job?); not retried again")
+        count = job.attempts
+        if "deliveries" in type(entry).model_fields:  # a per-series counter, where the job record has one
+            count = store.update_series(job_id, series_uid, deliveries=entry.deliveries + 1).entry(
+                series_uid).deliveries
+        log.warning("%s of %s/%s redelivered after a lost worker (%d so far)", stage, job_id, series_uid, count)
+        if count > MAX_REDELIVERIES:
+            _record_failure(job_id, series_uid, f"the worker was lost {count} times while processing this "
+                                                f"series (poison job?); not retried again")
             raise Ignore()
     enqueued = _header(request, "cinesr_enqueued_at")
     if enqueued and not request.retries and not crashed:
