@@ -161,6 +161,7 @@ def evaluate(
     slices_per_patient: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    phantom: dict[str, int] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model bundle (folder, loaded ModelBundle, or None for the bundled model) on `data`.
@@ -168,7 +169,8 @@ def evaluate(
     data: a folder of ground-truth DICOM cine studies (one sub-folder per patient) or a phantom
     spec `phantom:<seeds>[:<generator>]`. split: only patients of that split ('test', ...) or all.
     Writes evaluation.json, evaluation.md and figure_<protocol>.png into out_dir (if given) and
-    returns the report (as in evaluation.json).
+    returns the report (as in evaluation.json). phantom: options of on-the-fly phantoms (slices,
+    frames, size); the defaults are 3 slices of 32 frames at 256x256.
     """
     from .bundle import ModelBundle, load_bundle
     from .datasets import open_source, split_patients
@@ -182,7 +184,7 @@ def evaluate(
             raise InputError(f"unknown degradation {d!r} (one of {', '.join(DEGRADATIONS)})")
     configs = {d: DegradationConfig(kind=d) for d in degradations}
     model = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle, device=device)
-    source = open_source(data)
+    source = open_source(data, **(phantom or {}))
     patients = split_patients(source, split)
     if max_patients is not None:
         patients = patients[:max_patients]

@@ -574,7 +574,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     model_cfg = cfg["model"] if isinstance(cfg["model"], Mapping) else load_config(cfg["model"])
-    model_cfg = {"name": cfg["name"], **dict(model_cfg)}
+    model_cfg = {**dict(model_cfg), "name": cfg["name"]}
     torch.manual_seed(int(cfg["seed"]))
     if int(cfg.get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["threads"]))
