@@ -245,6 +245,7 @@ def run_bench(
     from cinesr.worker.modelsr import ModelMethod
     from cinesr.worker.pipeline import superresolve_series
 
+    commit = _git_commit()  # the code as it was when measuring started
     threads = threads or cpu_threads()
     torch.set_num_threads(threads)  # torch eager gets the same cores as onnxruntime's intra-op pool
     loaded = load_model(model)
@@ -334,7 +335,7 @@ def run_bench(
     return {
         "benchmark": "engines",
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "machine": _machine(),
         "versions": _versions(),
         "model": {"source": loaded.source, "stats": stats},
