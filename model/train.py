@@ -39,7 +39,7 @@ from .errors import InputError
 from .metrics import LPIPS
 
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "train"
-STAGES = ("autoencoder", "denoiser", "both")
+STAGES = ("autoencoder", "denoiser", "decoder", "both")
 
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total steps, latest metrics)
 
@@ -55,6 +55,12 @@ DEFAULTS: dict[str, Any] = {
                     "l1_weight": 1.0, "lpips_weight": 1.0, "codebook_weight": 1.0, "commitment": 0.25,
                     "lq_fraction": 0.25, "adversarial_weight": 0.0, "adversarial_start": 0,
                     "restart_codes_every": 100, "log_every": 10, "checkpoint_every": 200},
+    # optional last stage: fine-tune the VQGAN decoder alone (encoder and codebook frozen, so the
+    # latents the denoiser learned stay valid)
+    "decoder": {"steps": 0, "batch_size": 8, "crop": 128, "lr": 1e-4, "betas": [0.5, 0.9],
+                "l1_weight": 1.0, "lpips_weight": 1.0, "codebook_weight": 0.0, "commitment": 0.0,
+                "lq_fraction": 0.0, "adversarial_weight": 0.0, "adversarial_start": 0,
+                "restart_codes_every": 0, "log_every": 10, "checkpoint_every": 200},
     "denoiser": {"steps": 2000, "batch_size": 8, "grad_accum": 1, "lr": 5e-5, "warmup": 0,
                  "ema_decay": 0.999, "amp": True, "log_every": 10, "checkpoint_every": 250,
                  "val_every": 250, "val_windows": 8},
@@ -299,14 +305,24 @@ def _ae_batch(dataset: SampleDataset | SamplePool, step: int, cfg: Mapping[str, 
 
 
 def train_autoencoder(cfg: Mapping[str, Any], out_dir: Path, ae: nn.Module, dataset: SampleDataset | SamplePool,
-                      device: torch.device, resume: bool, progress: Progress | None) -> dict[str, Any]:
-    c = cfg["autoencoder"]
-    seed = int(cfg["seed"])
-    ckpt_path = out_dir / "checkpoints" / "autoencoder.pt"
-    log = _JsonlLog(out_dir / "logs" / "autoencoder.jsonl")
+                      device: torch.device, resume: bool, progress: Progress | None,
+                      decoder_only: bool = False) -> dict[str, Any]:
+    """Train the VQGAN (or, decoder_only, fine-tune its decoder with encoder and codebook frozen)."""
+    name = "decoder" if decoder_only else "autoencoder"
+    c = cfg[name]
+    seed = int(cfg["seed"]) + (17 if decoder_only else 0)
+    ckpt_path = out_dir / "checkpoints" / f"{name}.pt"
+    log = _JsonlLog(out_dir / "logs" / f"{name}.jsonl")
     ae.to(device).train()
     lpips_net = LPIPS().to(device)
-    opt = torch.optim.Adam(ae.parameters(), lr=float(c["lr"]), betas=tuple(c["betas"]))
+    if decoder_only:
+        ae.requires_grad_(False)
+        trainable = [*ae.decoder.parameters(), *ae.post_quant_conv.parameters()]
+        for p in trainable:
+            p.requires_grad_(True)
+    else:
+        trainable = list(ae.parameters())
+    opt = torch.optim.Adam(trainable, lr=float(c["lr"]), betas=tuple(c["betas"]))
     use_adv = float(c["adversarial_weight"]) > 0
     disc = PatchDiscriminator().to(device) if use_adv else None
     opt_d = torch.optim.Adam(disc.parameters(), lr=float(c["lr"]), betas=tuple(c["betas"])) if disc else None
@@ -354,20 +370,20 @@ def train_autoencoder(cfg: Mapping[str, Any], out_dir: Path, ae: nn.Module, data
             usage.zero_()
         if step % int(c["log_every"]) == 0 or step == total:
             now = time.monotonic()
-            record = {"stage": "autoencoder", "step": step, "loss": float(loss.detach()), **parts,
+            record = {"stage": name, "step": step, "loss": float(loss.detach()), **parts,
                       "lr": opt.param_groups[0]["lr"], "wall_time_s": round(wall + now - t0, 2),
                       "steps_per_s": round((step - last_step) / max(now - last_t, 1e-9), 4)}
             log.write(record)
             last_t, last_step = now, step
             if progress:
-                progress("autoencoder", step, total, record)
+                progress(name, step, total, record)
         if step % int(c["checkpoint_every"]) == 0 or step == total:
             st = {"step": step, "wall_time_s": wall + time.monotonic() - t0, "model": ae.state_dict(),
                   "optimizer": opt.state_dict()}
             if disc is not None:
                 st["discriminator"], st["optimizer_d"] = disc.state_dict(), opt_d.state_dict()
             _save_checkpoint(ckpt_path, st)
-    ae.eval()
+    ae.eval().requires_grad_(True)
     return {"steps": step, "wall_time_s": round(wall + time.monotonic() - t0, 1)}
 
 
@@ -560,8 +576,10 @@ def train(
 ) -> Path:
     """Train from a config (name, YAML path or dict) into `out_dir`; returns the written bundle folder.
 
-    stage: 'autoencoder', 'denoiser' (needs an autoencoder: a previous run in out_dir or `init_from`)
-    or 'both'. init_from: bundle folder or ResShift/LDM checkpoint file(s) to start from. resume:
+    stage: 'autoencoder', 'denoiser' (needs an autoencoder: a previous run in out_dir or `init_from`),
+    'decoder' (fine-tune the decoder alone, latents unchanged) or 'both' (autoencoder, denoiser, and
+    the decoder when its steps > 0). Returns out_dir/bundle, or out_dir when no denoiser exists yet.
+    init_from: bundle folder or ResShift/LDM checkpoint file(s) to start from. resume:
     continue from out_dir/checkpoints when present. max_steps caps each stage (smoke runs).
     """
     if stage not in STAGES:
@@ -570,6 +588,7 @@ def train(
     if max_steps is not None:
         cfg["autoencoder"]["steps"] = min(int(cfg["autoencoder"]["steps"]), max_steps)
         cfg["denoiser"]["steps"] = min(int(cfg["denoiser"]["steps"]), max_steps)
+        cfg["decoder"]["steps"] = min(int(cfg["decoder"]["steps"]), max_steps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -609,6 +628,15 @@ def train(
                                                                           "ema_decay")},
                               "sample_pool": int(cfg["data"].get("pool") or 0)}
         record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    elif (out / "checkpoints" / "denoiser.pt").is_file():
+        unet.load_state_dict(_load_checkpoint(out / "checkpoints" / "denoiser.pt")["ema"])
+    if stage == "decoder" or (stage == "both" and int(cfg["decoder"]["steps"]) > 0):
+        result = train_autoencoder(cfg, out, ae, samples or train_set, device, resume, progress, decoder_only=True)
+        record["decoder"] = {**result, "note": "decoder fine-tuned alone (encoder and codebook frozen)",
+                             **{k: cfg["decoder"][k] for k in ("batch_size", "crop", "lr")}}
+        record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    if not (out / "checkpoints" / "denoiser.pt").is_file():
+        return out  # no denoiser yet: nothing to bundle (the autoencoder lives in out/checkpoints)
     _write_bundle(out / "bundle", unet, ae, model_cfg, cfg, record,
                   {"denoiser_steps": (record.get("denoiser") or {}).get("steps")},
                   float((record.get("denoiser") or {}).get("wall_time_s") or 0))

@@ -149,3 +149,17 @@ def test_train_config_validation() -> None:
         load_train_config({"bogus": 1})
     with pytest.raises(InputError):
         train(micro_config(1), "/tmp/never", stage="everything")
+
+
+def test_decoder_stage_keeps_the_latent_space(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = micro_config(2)
+    train(cfg, out, stage="autoencoder")
+    before = torch.load(out / "checkpoints" / "autoencoder.pt", weights_only=True)["model"]
+    cfg["decoder"] = {"steps": 2, "batch_size": 2, "crop": 32, "log_every": 1, "checkpoint_every": 1}
+    assert train(cfg, out, stage="decoder") == out  # no denoiser yet: no bundle
+    after = torch.load(out / "checkpoints" / "decoder.pt", weights_only=True)["model"]
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv.", "quantize."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert [r["step"] for r in read_log(out / "logs" / "decoder.jsonl")] == [1, 2]
