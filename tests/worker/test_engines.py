@@ -41,7 +41,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def torch_cpu(tiny):
-    return TorchEngine(tiny, "cpu")
+    return TorchEngine(tiny, "cpu", threads=1)  # one OpenMP thread: robust on a shared 2-core box
 
 
 @pytest.fixture(scope="module")
