@@ -78,3 +78,23 @@ def test_selftest_torch_against_onnxruntime(tmp_path, monkeypatch):
 def test_export_tensorrt_says_why_not():
     result = export_tensorrt("tiny")
     assert result["built"] is False and "tensorrt" in result["reason"]
+
+
+def test_export_into_a_model_bundle(tmp_path, monkeypatch):
+    """A bundle folder (model.bundle format): graphs go next to the weights, model.json keeps its keys,
+    and engines then use the bundle's own graphs instead of the cache."""
+    from cinesr.model.bundle import load_bundle, save_bundle
+    from cinesr.worker.engines import create_engine
+
+    monkeypatch.setenv("CINESR_CACHE_DIR", str(tmp_path / "cache"))
+    net = load_model("tiny", seed=3)
+    bundle = save_bundle(tmp_path / "bundle", net.unet, net.vqgan, net.config, meta={"name": "t"})
+    model = load_model(bundle)
+    assert model.source["kind"] == "bundle" and model.source["version"].startswith("t-")
+    engine = create_engine("onnx", "cpu", model)
+    assert engine.onnx_dir.is_relative_to(tmp_path / "cache")  # not exported yet: the cache
+    export_bundle(bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["format"] == "cinesr-model-bundle" and meta["onnx"]["source_weights_sha256"] == model.weights_hash
+    assert load_bundle(bundle).version == model.source["version"]  # still a loadable bundle
+    assert create_engine("onnx", "cpu", load_model(bundle)).onnx_dir == bundle
