@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from cinesr.worker.engines.bench import run_bench, stride_study, summary, write_report
+from cinesr.worker.engines.bench import record_stride, run_bench, stride_study, summary, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-ort", action="store_true", help="also time onnxruntime per optimisation level/threads")
     p.add_argument("--stride-study", action="store_true",
                    help="instead: PSNR/SSIM vs phantom truth and time for window strides 1, 2, 3")
+    p.add_argument("--record", action="store_true", help="with --stride-study: write the choice into the bundle")
     a = p.parse_args(argv)
     if a.stride_study:
         report = stride_study(a.model, device="cpu" if a.device == "auto" else a.device)
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(a.out) / f"stride-{report['created'].replace(':', '').replace('-', '')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"written: {out}")
+        print(f"written: {out}; chosen stride {report['chosen_stride']} ({report['rule']})")
+        if a.record and a.model:
+            record_stride(a.model, report)
+            print(f"recorded in {a.model}/model.json")
         return 0
     report = run_bench(model=a.model, device=a.device, slices=a.slices, frames=a.frames, size=a.size,
                        steps=a.steps, repeats=a.repeats, batch_size=a.batch_size, threads=a.threads,

@@ -28,6 +28,8 @@ from cinesr.worker.engines.base import Engine, draw_noise
 
 TEMPORAL_FACTOR = 8
 WINDOW = 3  # frames per window: the three channels of the networks
+# each frame from one window: a third of the cost of stride 1; a bundle may record a measured choice
+DEFAULT_STRIDE = 3
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class ModelMethod:
     engine: Engine
     steps: int = 15
     seed: int = 0
-    stride: int = 3
+    stride: int | None = None  # None: the bundle's model.json "inference.stride", else DEFAULT_STRIDE
     batch_size: int | None = None  # None: the engine's preferred batch
     overlap: int = 16
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -128,6 +130,9 @@ class ModelMethod:
     _series_norm: tuple[list[np.ndarray], Normalisation] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.stride is None:
+            inference = self.engine.model.meta.get("inference") or {}
+            self.stride = int(inference.get("stride", DEFAULT_STRIDE))
         if not 1 <= self.stride <= WINDOW:
             raise ValueError(f"stride must be 1..{WINDOW} (larger strides leave frames uncovered)")
         if self.batch_size is None:

@@ -198,3 +198,17 @@ def test_lowres_study_superresolves_in_time(lowres_study):
         # a trained model stays close to the baseline's intensities (random weights would not)
         base = bicubic_up(interpolate_cine(series.slices[0].frames, 8), 4)
         assert abs(float(result.frames[0].mean()) - float(base.mean())) < 0.25 * float(base.std())
+
+
+def test_default_stride_comes_from_the_bundle(tmp_path):
+    from cinesr.model.bundle import save_bundle
+    from cinesr.worker.engines.bench import record_stride
+
+    net = load_model("tiny", seed=4)
+    bundle = save_bundle(tmp_path / "b", net.unet, net.vqgan, net.config, meta={"name": "s"})
+    assert ModelMethod(NearestEngine(load_model(bundle))).stride == 3
+    study = {"chosen_stride": 2, "table": {"stride2": {"psnr": 30.0}}, "rule": "r", "seeds": [1], "slices": 1,
+             "created": "now"}
+    record_stride(bundle, study)
+    assert ModelMethod(NearestEngine(load_model(bundle))).stride == 2
+    assert ModelMethod(NearestEngine(load_model(bundle)), stride=1).stride == 1

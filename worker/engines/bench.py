@@ -421,6 +421,20 @@ def stride_study(
                 add(f"stride{stride}", out, gt, time.perf_counter() - t0)
                 log(f"[stride] seed {seed} slice {s} stride {stride}: psnr {rows[f'stride{stride}']['psnr'][-1]:.2f}")
     table = {k: {m: float(np.mean(v)) for m, v in r.items()} for k, r in rows.items()}
+    # the cheapest (largest) stride within 0.1 dB PSNR of the best one
+    best = max(table[f"stride{s}"]["psnr"] for s in strides)
+    chosen = max(s for s in strides if table[f"stride{s}"]["psnr"] >= best - 0.1)
     return {"model": loaded.source, "engine": engine.describe(), "seeds": list(seeds), "slices": slices,
-            "table": table, "git_commit": _git_commit(),
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            "table": table, "chosen_stride": chosen, "rule": "largest stride within 0.1 dB PSNR of the best",
+            "git_commit": _git_commit(), "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def record_stride(bundle_dir: str | Path, study: dict[str, Any]) -> None:
+    """Write the chosen default stride and the study behind it into a bundle's model.json
+    ("inference": {"stride", "stride_study"}); ModelMethod reads it from there."""
+    from cinesr.model.bundle import read_meta, write_meta
+
+    inference = dict(read_meta(bundle_dir).get("inference") or {})
+    inference.update({"stride": study["chosen_stride"],
+                      "stride_study": {k: study[k] for k in ("table", "rule", "seeds", "slices", "created")}})
+    write_meta(bundle_dir, {"inference": inference})
