@@ -205,36 +205,57 @@ class ModelMethod:
 
     def superresolve_frames(self, lq: np.ndarray, step: Callable[[int], None] | None = None) -> np.ndarray:
         """(N, h, w) temporally upsampled frames in [-1, 1] -> (N, 4h, 4w) in [-1, 1] (model units)."""
-        n, h, w = lq.shape
-        plan = self._plan((n // TEMPORAL_FACTOR, h, w))
-        plan.frames = n
-        plan.windows = window_starts(n, self.stride)
+        return self.superresolve_stacks([lq], step)[0]
+
+    def superresolve_stacks(
+        self, stacks: list[np.ndarray], step: Callable[[int], None] | None = None
+    ) -> list[np.ndarray]:
+        """Several slices' (N_i, h_i, w_i) upsampled frames at once, batches filled across slices (a GPU
+        batch of 8 is then rarely partial). The result equals running each stack on its own."""
         g = self.engine.geometry
         size, sf = g.lq_size, g.sf
-        padded = _pad_to(lq, plan.height, plan.width)
-        acc = np.zeros((n, plan.height * sf, plan.width * sf), np.float32)
-        wsum = np.zeros_like(acc)
         taper = self.overlap * sf
         tile_w = np.outer(_ramp(size * sf, taper), _ramp(size * sf, taper))
         cw = np.asarray(self.channel_weights, np.float32)
-        jobs = list(self._jobs(plan))
+        padded, accs, wsums = [], [], []
+        jobs: list[tuple[int, int, int, int, int]] = []  # (stack, window index, start, y, x)
+        for i, lq in enumerate(stacks):
+            n, h, w = lq.shape
+            plan = self._plan((n // TEMPORAL_FACTOR, h, w))
+            plan.frames, plan.windows = n, window_starts(n, self.stride)
+            padded.append(_pad_to(lq, plan.height, plan.width))
+            accs.append(np.zeros((n, plan.height * sf, plan.width * sf), np.float32))
+            wsums.append(np.zeros_like(accs[-1]))
+            jobs += [(i, *job) for job in self._jobs(plan)]
         for first in range(0, len(jobs), self.batch_size):
             batch = jobs[first : first + self.batch_size]
             windows = np.stack([
-                padded[[(s + c) % n for c in range(WINDOW)], y : y + size, x : x + size] for _, s, y, x in batch
+                padded[i][[(s + c) % len(padded[i]) for c in range(WINDOW)], y : y + size, x : x + size]
+                for i, _, s, y, x in batch
             ])
-            noise = torch.cat([self._noise(wi, y, x) for wi, _, y, x in batch], dim=1)
+            noise = torch.cat([self._noise(wi, y, x) for _, wi, _, y, x in batch], dim=1)
             report = (lambda k, total, m=len(batch): step(m)) if step is not None else None
             images = self.engine.superresolve(torch.from_numpy(windows), noise, report).numpy()
-            for (_, s, y, x), img in zip(batch, images, strict=True):
+            for (i, _, s, y, x), img in zip(batch, images, strict=True):
+                n = len(padded[i])
                 ys, xs = slice(y * sf, (y + size) * sf), slice(x * sf, (x + size) * sf)
                 for c in range(WINDOW):
                     f = (s + c) % n
-                    acc[f, ys, xs] += cw[c] * tile_w * img[c]
-                    wsum[f, ys, xs] += cw[c] * tile_w
-        out = acc / np.maximum(wsum, 1e-12)
-        # the model's range, as in training; the intensity map's inverse then brings back series units
-        return np.clip(out[:, : h * sf, : w * sf], -1.0, 1.0)
+                    accs[i][f, ys, xs] += cw[c] * tile_w * img[c]
+                    wsums[i][f, ys, xs] += cw[c] * tile_w
+        out = []
+        for lq, acc, wsum in zip(stacks, accs, wsums, strict=True):
+            h, w = lq.shape[1:]
+            # the model's range, as in training; the intensity map's inverse then brings back series units
+            out.append(np.clip((acc / np.maximum(wsum, 1e-12))[:, : h * sf, : w * sf], -1.0, 1.0))
+        return out
+
+    def superresolve_series(self, series: CineSeries, step: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """All slices of a series with batches across slices: per slice (8T, 4h, 4w) in series units.
+        Same result as the pipeline's slice-by-slice calls; `step` counts the same units as units()."""
+        norm = self.prepare(series)
+        stacks = [np.clip(interpolate_cine(norm.forward(s.frames), TEMPORAL_FACTOR), -1.0, 1.0) for s in series.slices]
+        return [norm.inverse(o) for o in self.superresolve_stacks(stacks, step)]
 
     def _noise(self, window: int, y: int, x: int) -> torch.Tensor:
         """(steps, 1, C, s, s) noise for one job, from its own seeded generator."""

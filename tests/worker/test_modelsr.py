@@ -212,3 +212,24 @@ def test_default_stride_comes_from_the_bundle(tmp_path):
     record_stride(bundle, study)
     assert ModelMethod(NearestEngine(load_model(bundle))).stride == 2
     assert ModelMethod(NearestEngine(load_model(bundle)), stride=1).stride == 1
+
+
+def test_batches_across_slices_give_the_same_series(tiny):
+    from cinesr.model.cine import CineSeries, CineSlice
+    from pydicom.dataset import Dataset
+
+    def slice_(frames):
+        return CineSlice(frames, np.arange(len(frames)) * 40.0, np.zeros(3), np.array([1.0, 0, 0, 0, 1, 0]),
+                         np.ones(2), [])
+
+    series = CineSeries("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.4",
+                        [slice_(_cine(2, 32, 32)), slice_(_cine(2, 32, 32, seed=2) * 2)], Dataset())
+    engine = OnnxEngine(tiny, "cpu")
+    method = ModelMethod(engine, steps=2, batch_size=4)
+    per_slice = superresolve_series(series, method).frames
+    done: list[int] = []
+    together = method.superresolve_series(series, done.append)
+    assert sum(done) == method.units(series)
+    for a, b in zip(per_slice, together, strict=True):
+        assert a.shape == b.shape == (16, 128, 128)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * float(a.max() - a.min()))
