@@ -251,6 +251,7 @@ def main() -> int:
     parser.add_argument("--concurrent-senders", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--no-write", action="store_true", help="print only, no JSON file")
+    parser.add_argument("--suffix", default="", help="appended to the result file name (ingest-<date><suffix>.json)")
     args = parser.parse_args()
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
         print("dcmtk (storescu, storescp) is not installed", file=sys.stderr)
@@ -325,7 +326,7 @@ def main() -> int:
     }
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"ingest-{datetime.now(timezone.utc):%Y-%m-%d}.json"
+        path = args.out / f"ingest-{datetime.now(timezone.utc):%Y-%m-%d}{args.suffix}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0 if result["acceptance_met"] else 1
