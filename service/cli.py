@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .logs import configure_logging
+from .settings import load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CineSR: 4x spatial and 8x temporal super-resolution of cardiac cine MRI, DICOM in and out.")
@@ -26,7 +27,7 @@ class UsageError(CineSRError):
     """A command-line mistake (bad option combination, missing file)."""
 
 
-def _progress(disable: bool) -> Progress:
+def progress_bar(disable: bool = False) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, disable=disable, transient=False)
 
@@ -46,26 +47,30 @@ def _root(
 def superresolve(
     inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders (one or more cine series).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the derived series.")],
-    method: Annotated[str, typer.Option(help="model (the learned CineSR model) or baseline (optical flow + "
-                                             "bicubic).")] = "baseline",
+    method: Annotated[str, typer.Option(help="auto (the model when a trained bundle is installed, else the "
+                                             "baseline), model, or baseline (optical flow + bicubic).")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto|tensorrt|onnx|torch.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
+    steps: Annotated[int, typer.Option(min=1, max=15, help="Sampler steps (15 = as trained).")] = 15,
+    seed: Annotated[int, typer.Option(help="Sampler noise seed (same seed, same output on every backend).")] = 0,
+    model: Annotated[str | None, typer.Option("--model", help="Model bundle folder (default: MODEL_DIR or the "
+                                                              "bundled model).")] = None,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Super-resolve cine series offline: one derived series per input series is written to OUTPUT."""
     from cinesr.model.cine import read_series
     from cinesr.worker.derived import Derivation, write_derived_series
-    from cinesr.worker.pipeline import BaselineMethod, superresolve_series
+    from cinesr.worker.pipeline import superresolve_series
 
-    if method != "baseline":
-        raise UsageError(f"unknown method {method!r} (available: baseline)")
-    sr_method = BaselineMethod()
+    sr_method = _method(method, backend, device, steps, seed, model)
     series_list = read_series(inputs)  # validates everything before anything is written
     derivation = Derivation(sr_method.name, sr_method.version, sr_method.parameters())
     created_output = not output.exists()
     written: list[Path] = []
     summary = []
     try:
-        with _progress(quiet or json_summary) as bar:
+        with progress_bar(quiet or json_summary) as bar:
             for series in series_list:
                 task = bar.add_task(f"series …{series.series_uid[-12:]}", total=sr_method.units(series))
                 result = superresolve_series(series, sr_method,
@@ -121,7 +126,7 @@ def phantom(
         raise UsageError("--size must be a multiple of 4 for --degraded")
     if not (truth or degraded):
         raise UsageError("nothing to write: --no-truth without --degraded")
-    with _progress(False) as bar:
+    with progress_bar(False) as bar:
         task = bar.add_task("phantoms", total=patients)
         for k in range(patients):
             study = make_study(seed + k, slices=slices, frames=frames, size=size, generator=generator)
@@ -129,6 +134,31 @@ def phantom(
                 out.print(f"{series.role}: {len(series.files)} instances -> {series.folder}", soft_wrap=True,
                           highlight=False)
             bar.update(task, advance=1)
+
+
+def _method(name: str, backend: str, device: str, steps: int, seed: int, model: str | None) -> object:
+    """The SR method for the offline command (the service builds its own through worker.process)."""
+    from cinesr.worker.pipeline import BaselineMethod
+    from cinesr.worker.process import trained_model_available
+
+    settings = load_settings()
+    model = model or (str(settings.model_dir) if settings.model_dir else None)
+    if name == "auto":
+        name = "model" if (model or trained_model_available()) else "baseline"
+        if name == "baseline":
+            err.print("cinesr: no trained model bundle installed; using the baseline method", highlight=False)
+    if name == "baseline":
+        return BaselineMethod()
+    if name != "model":
+        raise UsageError(f"unknown method {name!r} (available: auto, model, baseline)")
+    from cinesr.worker.engines import EngineUnavailable, create_engine
+    from cinesr.worker.modelsr import ModelMethod
+
+    try:
+        engine = create_engine(backend=backend, device=device, model=model)
+    except (EngineUnavailable, ValueError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    return ModelMethod(engine, steps=steps, seed=seed)
 
 
 def _fail(message: str, code: int) -> None:

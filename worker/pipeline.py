@@ -79,5 +79,9 @@ def superresolve_series(series: CineSeries, method: Method, progress: Progress |
             progress(min(done, total), total)
 
     start = time.perf_counter()
-    frames = [method.superresolve_slice(s.frames, step) for s in series.slices]
+    whole = getattr(method, "superresolve_series", None)
+    if callable(whole):  # methods that batch across slices (the model) take the whole series at once
+        frames = whole(series, step)
+    else:
+        frames = [method.superresolve_slice(s.frames, step) for s in series.slices]
     return SeriesResult(frames=frames, timings={"compute": time.perf_counter() - start})

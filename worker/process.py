@@ -54,12 +54,23 @@ def model_available() -> bool:
     return True
 
 
+def trained_model_available(model_dir: object = None) -> bool:
+    """Whether a trained model bundle is there: MODEL_DIR when set, else the bundle shipped in the package.
+
+    Without one the model method would run untrained weights, so 'auto' falls back to the baseline.
+    """
+    from cinesr.model.bundle import DEFAULT_BUNDLE, MODEL_JSON
+
+    folder = Path(str(model_dir)) if model_dir else DEFAULT_BUNDLE
+    return model_available() and (folder / MODEL_JSON).is_file()
+
+
 def resolve_method_name(requested: str | None, settings: Settings) -> str:
-    """'model' or 'baseline' for a job's params.method (None: the DEFAULT_METHOD setting; auto: model when its
-    code is installed)."""
+    """'model' or 'baseline' for a job's params.method (None: the DEFAULT_METHOD setting; auto: the model when
+    its code and a trained bundle are installed, else the baseline)."""
     name = requested or getattr(settings, "default_method", "auto") or "auto"
     if name == "auto":
-        return "model" if model_available() else "baseline"
+        return "model" if trained_model_available(settings.model_dir) else "baseline"
     if name not in METHODS:
         raise PermanentError(f"unknown method {name!r} (available: {', '.join(METHODS)})")
     return name
