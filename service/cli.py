@@ -63,8 +63,8 @@ def superresolve(
     from cinesr.worker.derived import Derivation, write_derived_series
     from cinesr.worker.pipeline import superresolve_series
 
-    sr_method = _method(method, backend, device, steps, seed, model)
     series_list = read_series(inputs)  # validates everything before anything is written
+    sr_method = _method(method, backend, device, steps, seed, model)
     derivation = Derivation(sr_method.name, sr_method.version, sr_method.parameters())
     created_output = not output.exists()
     written: list[Path] = []
