@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     task_time_limit: float = Field(2100.0, gt=0)  # seconds: the worker child is killed; must exceed the soft one
     # --- end workers ---
     # --- service: PACS export/pull, gateway, routing (issue 6) ---
-    default_method: Literal["auto", "model", "baseline"] = "auto"  # auto: model if it loads, else baseline
+    default_method: Literal["auto", "model", "baseline"] = "auto"  # auto: model if a trained bundle is installed
     export_batch_size: int = Field(64, ge=1)  # instances sent per association
     export_retries: int = Field(5, ge=0)  # further attempts after the first, exponential backoff
     export_backoff_seconds: float = Field(2.0, ge=0)  # first wait; doubles each attempt
