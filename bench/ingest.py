@@ -297,6 +297,13 @@ def main() -> int:
     print(f"  throughput ratio ours(journal)/storescp = {ratio:.2f} (median of per-round ratios {paired:.2f})"
           f"   ours(file)/storescp = {ratio_file:.2f}")
     print(f"  {args.concurrent_senders} concurrent senders: {concurrent}")
+    flush_ms = (probe_start["p50_ms"] + probe_end["p50_ms"]) / 2
+    floor = None
+    if "ours_journal_no_fsync_DIAGNOSTIC" in med:
+        # one flush per instance is on the critical path of a synchronous sender
+        floor = med["ours_journal_no_fsync_DIAGNOSTIC"] + args.instances * flush_ms / 1000
+        print(f"  model (an upper bound: streaming starts writeback early): ours(no fsync) + "
+              f"{args.instances} x flush p50 = {floor:.3f} s (measured {med['ours_journal']:.3f} s)")
     print(f"  disk flush latency (pwrite 128 KiB + fdatasync): start {probe_start}, end {probe_end}; "
           f"load average start {load_start[0]:.1f}, end {load_end[0]:.1f}")
     result = {
@@ -320,6 +327,7 @@ def main() -> int:
         "cpu_pressure_end": _cpu_pressure(),
         "load_average": {"start": load_start, "end": load_end},
         "disk_flush_latency": {"start": probe_start, "end": probe_end},
+        "model_seconds_no_fsync_plus_flush_per_instance": round(floor, 4) if floor is not None else None,
         "machine": machine(), "git_commit": git_commit(),
         "versions": {"python": platform.python_version(), "pynetdicom": pynetdicom.__version__,
                      "pydicom": pydicom.__version__, "dcmtk": _version(["storescp", "--version"])},
