@@ -7,14 +7,13 @@ smaller) share one study and frame of reference, as two series of one examinatio
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from .folders import staged_folder
 from .instance import encode_pixels, new_mr_image, uid_from
 from .phantom import PhantomStudy, degrade_acquisition
 
@@ -91,17 +90,9 @@ def write_phantom(study: PhantomStudy, out_dir: str | os.PathLike[str], *, seed:
         if not wanted:
             continue
         data = data or degrade_acquisition(study, temporal=temporal, spatial=spatial)
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".phantom-", dir=root))
-        try:
+        final = root / role
+        with staged_folder(final) as staging:
             series = _write_series(data, identity, role, number, staging, seed)
-            final = root / role
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         written.append(WrittenSeries(role, series.study_uid, series.series_uid, final,
                                      [final / p.name for p in series.files]))
     return written

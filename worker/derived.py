@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import pydicom
 from cinesr.model.cine import ENHANCED_MR_IMAGE_STORAGE, MR_IMAGE_STORAGE, CineSeries, CineSlice
 from cinesr.model.flow import interpolate_times
+from cinesr.model.folders import staged_folder
 from cinesr.model.instance import (
     encode_pixels,
     file_meta_for,
@@ -160,7 +159,6 @@ def write_derived_series(series: CineSeries, frames: list[np.ndarray], out_dir: 
     out_root.mkdir(parents=True, exist_ok=True)
     new_series_uid = derived_series_uid(series.series_uid, derivation)
     final = out_root / new_series_uid
-    staging = Path(tempfile.mkdtemp(prefix=".cinesr-", dir=out_root))
     enhanced = series.sop_class_uid == ENHANCED_MR_IMAGE_STORAGE
     header = series.header
     description = (str(header.get("SeriesDescription", "")) + SERIES_SUFFIX).strip()[:64]
@@ -169,7 +167,7 @@ def write_derived_series(series: CineSeries, frames: list[np.ndarray], out_dir: 
     total = sum(len(f) for f in frames)
     files: list[Path] = []
     uids: list[str] = []
-    try:
+    with staged_folder(final) as staging:
         source_cache: dict[Path, Dataset] = {}
         for slice_index, (s, out) in enumerate(zip(series.slices, frames, strict=True)):
             n_in, n_out = s.num_frames, len(out)
@@ -205,12 +203,6 @@ def write_derived_series(series: CineSeries, frames: list[np.ndarray], out_dir: 
                 uids.append(sop_uid)
                 if progress:
                     progress(len(files), total)
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("derived series written", extra={"series_uid": new_series_uid, "source_series_uid": series.series_uid,
                                               "instances": len(files)})
     return DerivedSeries(new_series_uid, final, files, uids)

@@ -26,19 +26,6 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", seed=0)
-
-
 @pytest.fixture(scope="module")
 def torch_cpu(tiny):
     return TorchEngine(tiny, "cpu", threads=1)  # one OpenMP thread: robust on a shared 2-core box

@@ -12,14 +12,6 @@ from cinesr.worker.engines import load_model
 from cinesr.worker.export import GRAPHS, OPSET, ensure_onnx, export_bundle, export_tensorrt, onnx_record, selftest
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     return export_bundle("tiny", tmp_path_factory.mktemp("bundle"), batch_sizes=(1, 4))

@@ -19,19 +19,6 @@ from cinesr.worker.modelsr import ModelMethod, Normalisation, tile_starts, windo
 from cinesr.worker.pipeline import superresolve_series
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", seed=0)
-
-
 class NearestEngine(Engine):
     """A model-free engine: each window's output is its lq frames upsampled by pixel replication.
 
