@@ -1,0 +1,1 @@
+"""Model bundles shipped with CineSR (a package so that setuptools includes their files)."""
