@@ -35,7 +35,7 @@ def test_phantom_then_baseline_superresolve_acceptance(tmp_path: Path) -> None:
     assert out.shape == (2, 32, 256, 256) and out.study_uid == low.study_uid
     assert pydicom.dcmread(out.files[0]).PatientID == pydicom.dcmread(low.files[0]).PatientID
     again = json.loads(cinesr("superresolve", str(patient / "lowres"), "-o", str(tmp_path / "out2"),
-                              "--json").stdout)
+                              "--method", "baseline", "--json").stdout)
     assert again["series"][0]["output_series_uid"] == item["output_series_uid"]
     uids = sorted(pydicom.dcmread(p).SOPInstanceUID for p in Path(item["folder"]).iterdir())
     uids2 = sorted(pydicom.dcmread(p).SOPInstanceUID for p in Path(again["series"][0]["folder"]).iterdir())
