@@ -153,18 +153,21 @@ def sample(
     generator: torch.Generator | None = None,
     clip: bool = False,
     on_step: Callable[[int, int], None] | None = None,
+    step_noise: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """ResShift's ancestral sampler: T steps of x_{t-1} ~ q(x_{t-1} | x_t, x0_hat); returns the final latent.
 
     `noise` fixes the start noise (else drawn with `generator`); the per-step noise comes from
-    `generator` (or the global RNG). `clip` clamps x0_hat to [-1, 1] (ResShift does it in pixel
-    space only, so it is off for latents). `on_step(done, total)` reports progress.
+    `step_noise()` when given (e.g. one stream per window), else from `generator` (or the global
+    RNG). `clip` clamps x0_hat to [-1, 1] (ResShift does it in pixel space only, so it is off for
+    latents). `on_step(done, total)` reports progress.
     """
+    draw = step_noise if step_noise is not None else lambda: _noise_like(y, generator)
     x = prior_sample(y, schedule, noise if noise is not None else _noise_like(y, generator))
     for i in reversed(range(schedule.steps)):
         x0 = _predict_x0(denoise, x, i, lq, schedule, clip)
         mean, var = posterior_mean_variance(x0, x, i, schedule)
-        x = mean + torch.sqrt(var) * _noise_like(x, generator) if i > 0 else mean
+        x = mean + torch.sqrt(var) * draw() if i > 0 else mean
         if on_step is not None:
             on_step(schedule.steps - i, schedule.steps)
     return x

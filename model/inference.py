@@ -17,14 +17,7 @@ import numpy as np
 import torch
 
 from .bundle import ModelBundle
-from .diffusion import (
-    posterior_mean_variance,
-    prior_sample,
-    sample_deterministic,
-    scale_input,
-    unet_denoiser,
-    upsample_lq,
-)
+from .diffusion import sample, sample_deterministic, unet_denoiser, upsample_lq
 
 Progress = Callable[[int, int], None]  # (windows done, windows total)
 
@@ -67,14 +60,8 @@ def _run_windows(
     denoise = unet_denoiser(bundle.unet)
     if deterministic:
         z = sample_deterministic(denoise, y, lq, schedule, noise=noise())
-    else:  # ResShift's ancestral sampler (as diffusion.sample), with per-window noise
-        x = prior_sample(y, schedule, noise())
-        for i in reversed(range(schedule.steps)):
-            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            x0 = denoise(scale_input(x, t, schedule), t, lq)
-            mean, var = posterior_mean_variance(x0, x, t, schedule)
-            x = mean + torch.sqrt(var) * noise() if i > 0 else mean
-        z = x
+    else:  # ResShift's ancestral sampler with per-window noise
+        z = sample(denoise, y, lq, schedule, noise=noise(), step_noise=noise)
     return bundle.autoencoder.decode(z).clamp(-1.0, 1.0)
 
 
