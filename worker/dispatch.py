@@ -27,10 +27,22 @@ from cinesr.worker.settings import Settings
 log = logging.getLogger("cinesr.worker.dispatch")
 
 
-def _open_store(settings: Settings) -> Any:
+def _pending_series(job_id: str, settings: Settings) -> list[Any]:
+    """The job's series that have not succeeded yet (read from the job store, which is closed again)."""
     from cinesr.worker.jobs import open_job_store
 
-    return open_job_store(settings)
+    store = open_job_store(settings)
+    try:
+        job = store.get(job_id)
+    finally:
+        store.close()
+    return [entry for entry in job.series if entry.status != "succeeded"]
+
+
+def _process_then_export(app: Any, job_id: str, series_uid: str) -> None:
+    chain(app.signature(SUPERRESOLVE, args=(job_id, series_uid), immutable=True),
+          app.signature(EXPORT, args=(job_id, series_uid), immutable=True),
+          app=app).apply_async(headers=_headers())
 
 
 def _headers() -> dict[str, Any]:
@@ -39,39 +51,21 @@ def _headers() -> dict[str, Any]:
 
 def enqueue_job(job_id: str, settings: Settings) -> None:
     """Queue every series of the job that has not succeeded yet: super-resolve, then export."""
-    store = _open_store(settings)
-    try:
-        job = store.get(job_id)
-    finally:
-        store.close()
     app = get_app(settings)
-    for entry in job.series:
-        if entry.status == "succeeded":
-            continue
-        chain(app.signature(SUPERRESOLVE, args=(job_id, entry.input_series_uid), immutable=True),
-              app.signature(EXPORT, args=(job_id, entry.input_series_uid), immutable=True),
-              app=app).apply_async(headers=_headers())
+    for entry in _pending_series(job_id, settings):
+        _process_then_export(app, job_id, entry.input_series_uid)
 
 
 def enqueue_export(job_id: str, settings: Settings) -> None:
     """Resend the derived series of the job without recomputing them; series that have no derived
     series yet (they failed before it was written) are queued for processing again."""
-    store = _open_store(settings)
-    try:
-        job = store.get(job_id)
-    finally:
-        store.close()
     app = get_app(settings)
-    for entry in job.series:
-        if entry.status == "succeeded":
-            continue
+    for entry in _pending_series(job_id, settings):
         if entry.output_series_uid:
             app.signature(EXPORT, args=(job_id, entry.input_series_uid), immutable=True).apply_async(
                 headers=_headers())
         else:
-            chain(app.signature(SUPERRESOLVE, args=(job_id, entry.input_series_uid), immutable=True),
-                  app.signature(EXPORT, args=(job_id, entry.input_series_uid), immutable=True),
-                  app=app).apply_async(headers=_headers())
+            _process_then_export(app, job_id, entry.input_series_uid)
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:
