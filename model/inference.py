@@ -40,13 +40,13 @@ def _blend_weight(size: int, scale: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _run_windows(
+def sample_latents(
     bundle: ModelBundle,
     lq: torch.Tensor,
     generators: list[torch.Generator],
-    deterministic: bool,
+    deterministic: bool = False,
 ) -> torch.Tensor:
-    """(B, 3, s, s) windows in [-1, 1] on the bundle's device -> (B, 3, 4s, 4s) in [-1, 1].
+    """(B, 3, s, s) windows in [-1, 1] on the bundle's device -> the sampler's final latents (B, C, s, s).
 
     Window b draws all its noise from generators[b] (on the CPU), so its result does not depend
     on which other windows share the batch, nor on the device.
@@ -59,10 +59,19 @@ def _run_windows(
 
     denoise = unet_denoiser(bundle.unet)
     if deterministic:
-        z = sample_deterministic(denoise, y, lq, schedule, noise=noise())
-    else:  # ResShift's ancestral sampler with per-window noise
-        z = sample(denoise, y, lq, schedule, noise=noise(), step_noise=noise)
-    return bundle.autoencoder.decode(z).clamp(-1.0, 1.0)
+        return sample_deterministic(denoise, y, lq, schedule, noise=noise())
+    return sample(denoise, y, lq, schedule, noise=noise(), step_noise=noise)  # ResShift's ancestral sampler
+
+
+@torch.no_grad()
+def _run_windows(
+    bundle: ModelBundle,
+    lq: torch.Tensor,
+    generators: list[torch.Generator],
+    deterministic: bool,
+) -> torch.Tensor:
+    """(B, 3, s, s) windows in [-1, 1] on the bundle's device -> (B, 3, 4s, 4s) in [-1, 1]."""
+    return bundle.autoencoder.decode(sample_latents(bundle, lq, generators, deterministic)).clamp(-1.0, 1.0)
 
 
 def superresolve_windows(

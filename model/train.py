@@ -4,13 +4,15 @@
 `model/configs/train/`, by name or path). Everything is seeded: batch b of step s is a pure
 function of (seed, s), so a resumed run continues the same sequence.
 
-    out_dir/checkpoints/{autoencoder,denoiser}.pt   resumable state (weights, EMA, optimiser, step)
-    out_dir/logs/{autoencoder,denoiser}.jsonl       one JSON object per logged step (plot: model.plots)
+    out_dir/checkpoints/<stage>.pt                  resumable state (weights, EMA, optimiser, step)
+    out_dir/logs/<stage>.jsonl                      one JSON object per logged step (plot: model.plots)
     out_dir/bundle/                                 the model bundle (latest), out_dir/bundle-best/ (best val)
 
 Autoencoder loss: L1 + LPIPS reconstruction, VQ codebook + commitment, optionally a PatchGAN hinge
 loss; unused codes are restarted from recent encoder outputs. Denoiser: ResShift's x0-MSE on
 latents of paper-style samples (see model.samples), Adam, gradient accumulation, EMA, AMP on CUDA.
+Optional last stages fine-tune the decoder alone: on encoder outputs ('decoder') and on the
+latents the trained sampler produces ('refine', L1 + MSE + a little LPIPS against the truth).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .errors import InputError
 from .metrics import LPIPS
 
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "train"
-STAGES = ("autoencoder", "denoiser", "decoder", "both")
+STAGES = ("autoencoder", "denoiser", "decoder", "refine", "both")
 
 Progress = Callable[[str, int, int, dict], None]  # (stage, step, total steps, latest metrics)
 
@@ -64,6 +66,13 @@ DEFAULTS: dict[str, Any] = {
     "denoiser": {"steps": 2000, "batch_size": 8, "grad_accum": 1, "lr": 5e-5, "warmup": 0,
                  "ema_decay": 0.999, "amp": True, "log_every": 10, "checkpoint_every": 250,
                  "val_every": 250, "val_windows": 8},
+    # optional very last stage: the decoder alone again, now on the latents the trained denoiser's
+    # sampler produces (not on encoder outputs), with a fidelity loss. The autoencoder stages teach
+    # the decoder to reproduce textures from clean codes; the sampler's latents are noisier than
+    # those, and decoding them as if they were exact costs PSNR/SSIM. Encoder, codebook and UNet
+    # stay as they are, so the bundle's graphs and their shapes do not change.
+    "refine": {"steps": 0, "pool": 512, "batch_size": 8, "crop": 96, "lr": 1e-4, "l1_weight": 1.0,
+               "mse_weight": 1.0, "lpips_weight": 0.1, "log_every": 10, "checkpoint_every": 250},
 }
 
 
@@ -561,7 +570,117 @@ def _write_bundle(path: Path, unet: nn.Module, ae: nn.Module, model_cfg: Mapping
     bundle_io.save_bundle(path, unet, ae, model_cfg, meta)
 
 
+# --------------------------------------------------------------------------------------- refine
+
+
+@torch.no_grad()
+def build_sampled_pool(unet: nn.Module, ae: nn.Module, model_cfg: Mapping[str, Any],
+                       dataset: SampleDataset | SamplePool, size: int, seed: int, device: torch.device,
+                       chunk: int = 8, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Samples 0..size-1 with the sampler's final latents for them (`z`, as inference makes them:
+    ancestral sampler, one noise stream per sample) and their truth (`gt`, float16)."""
+    from .inference import sample_latents
+
+    b = bundle_io.ModelBundle(path=None, config=dict(model_cfg), unet=unet.to(device).eval(),
+                              autoencoder=ae.to(device).eval())
+    zs, gts = [], []
+    for start in range(0, size, chunk):
+        items = [dataset[i] for i in range(start, min(size, start + chunk))]
+        lq = torch.stack([it["lq"] for it in items]).to(device)
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + start + j) for j in range(len(items))]
+        zs.append(sample_latents(b, lq, gens).float().cpu())
+        gts.append(torch.stack([it["gt"] for it in items]).half())
+        if progress:
+            progress("sampled pool", min(size, start + chunk), size, {})
+    return {"z": torch.cat(zs), "gt": torch.cat(gts)}
+
+
+def _refine_batch(pool: Mapping[str, torch.Tensor], gen: torch.Generator, batch: int, crop: int, scale: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random aligned crops: latents (batch, C, crop/scale, crop/scale) and truth (batch, 3, crop, crop)."""
+    c = max(1, crop // scale)
+    h, w = pool["z"].shape[-2:]
+    zs, gts = [], []
+    for i in torch.randint(0, pool["z"].shape[0], (batch,), generator=gen).tolist():
+        top = int(torch.randint(0, h - c + 1, (), generator=gen)) if h > c else 0
+        left = int(torch.randint(0, w - c + 1, (), generator=gen)) if w > c else 0
+        zs.append(pool["z"][i, :, top : top + c, left : left + c])
+        gts.append(pool["gt"][i, :, top * scale : (top + c) * scale, left * scale : (left + c) * scale].float())
+    return torch.stack(zs), torch.stack(gts)
+
+
+def train_refiner(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], out_dir: Path, unet: nn.Module,
+                  ae: nn.Module, dataset: SampleDataset | SamplePool, device: torch.device, resume: bool,
+                  progress: Progress | None) -> dict[str, Any]:
+    """Fine-tune the decoder (and post-quant conv) on (sampled latents -> truth); all else frozen."""
+    c = cfg["refine"]
+    seed = int(cfg["seed"]) + 29
+    scale = int((model_cfg.get("diffusion") or {}).get("sf", 4))
+    ckpt_path = out_dir / "checkpoints" / "refine.pt"
+    log = _JsonlLog(out_dir / "logs" / "refine.jsonl")
+    step, wall = 0, 0.0
+    state = _load_checkpoint(ckpt_path) if resume else None
+    total = int(c["steps"])
+    if state is not None:
+        step, wall = int(state["step"]), float(state["wall_time_s"])
+    pool = None
+    if step < total:  # the pool comes from the unrefined decoder's sampler: build it before loading state
+        pool = build_sampled_pool(unet, ae, model_cfg, dataset, int(c["pool"]), seed, device, progress=progress)
+    if state is not None:
+        ae.load_state_dict(state["model"])
+    ae.to(device).train().requires_grad_(False)
+    trainable = [*ae.decoder.parameters(), *ae.post_quant_conv.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(trainable, lr=float(c["lr"]))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    lpips_net = LPIPS().to(device) if float(c["lpips_weight"]) > 0 else None
+    t0, last_t, last_step = time.monotonic(), time.monotonic(), step
+    while step < total:
+        z, gt = _refine_batch(pool, _step_generator(seed, step, 3), int(c["batch_size"]), int(c["crop"]), scale)
+        z, gt = z.to(device), gt.to(device)
+        rec = ae.decode(z)  # quantises as inference does; only the decoder learns
+        l1 = (rec - gt).abs().mean()
+        mse = F.mse_loss(rec, gt)
+        loss = float(c["l1_weight"]) * l1 + float(c["mse_weight"]) * mse
+        parts = {"l1": float(l1.detach()), "mse": float(mse.detach())}
+        if lpips_net is not None:
+            perceptual = lpips_net((rec.clamp(-1, 1) + 1) / 2, (gt + 1) / 2).mean()
+            loss = loss + float(c["lpips_weight"]) * perceptual
+            parts["lpips"] = float(perceptual.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % int(c["log_every"]) == 0 or step == total:
+            now = time.monotonic()
+            record = {"stage": "refine", "step": step, "loss": float(loss.detach()), **parts,
+                      "wall_time_s": round(wall + now - t0, 2),
+                      "steps_per_s": round((step - last_step) / max(now - last_t, 1e-9), 4)}
+            log.write(record)
+            last_t, last_step = now, step
+            if progress:
+                progress("refine", step, total, record)
+        if step % int(c["checkpoint_every"]) == 0 or step == total:
+            _save_checkpoint(ckpt_path, {"step": step, "wall_time_s": wall + time.monotonic() - t0,
+                                         "model": ae.state_dict(), "optimizer": opt.state_dict()})
+    ae.eval().requires_grad_(True)
+    return {"steps": step, "wall_time_s": round(wall + time.monotonic() - t0, 1), "pool": int(c["pool"])}
+
+
 # ------------------------------------------------------------------------------------------- API
+
+
+def _bundle_training_records(init_from: str | Path | Sequence[str | Path] | None) -> list[dict[str, Any]]:
+    """The `training` records in model.json of the bundle folders among init_from."""
+    items = [] if init_from is None else [init_from] if isinstance(init_from, (str, Path)) else list(init_from)
+    records = []
+    for item in items:
+        doc = Path(item) / bundle_io.MODEL_JSON
+        if doc.is_file():
+            records.append(dict(json.loads(doc.read_text(encoding="utf-8")).get("training") or {}))
+    return records
 
 
 def train(
@@ -589,6 +708,8 @@ def train(
         cfg["autoencoder"]["steps"] = min(int(cfg["autoencoder"]["steps"]), max_steps)
         cfg["denoiser"]["steps"] = min(int(cfg["denoiser"]["steps"]), max_steps)
         cfg["decoder"]["steps"] = min(int(cfg["decoder"]["steps"]), max_steps)
+        cfg["refine"]["steps"] = min(int(cfg["refine"]["steps"]), max_steps)
+        cfg["refine"]["pool"] = min(int(cfg["refine"]["pool"]), max(8, max_steps))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -602,10 +723,13 @@ def train(
     loaded = apply_init(init_from, unet, ae)
     train_set, val_set = _datasets(cfg)
     samples = None
-    if int(cfg["data"].get("pool") or 0) > 0:
+    if int(cfg["data"].get("pool") or 0) > 0 and stage != "refine":  # refine draws its own (smaller) pool
         samples = SamplePool.build(train_set, int(cfg["data"]["pool"]), out / "pool.pt", progress)
     record_path = out / "training_record.json"
     record: dict[str, Any] = json.loads(record_path.read_text()) if resume and record_path.is_file() else {}
+    for earlier in _bundle_training_records(init_from):  # a run that continues a bundle keeps its history
+        for key, value in earlier.items():
+            record.setdefault(key, value)
     record.update({"data": train_set.source.describe(), "split": cfg["data"].get("split", "train"),
                    "train_patients": len(train_set.patients), "degradation": cfg["data"].get("degradation"),
                    "seed": int(cfg["seed"]), "device": str(device), "torch": torch.__version__,
@@ -618,7 +742,7 @@ def train(
     elif ae_ckpt.is_file():
         ae.load_state_dict(_load_checkpoint(ae_ckpt)["model"])
     elif not any("autoencoder" in s or s.startswith("bundle") for s in loaded):
-        raise InputError("the denoiser needs a trained autoencoder: train stage 'autoencoder' first "
+        raise InputError(f"stage {stage!r} needs a trained autoencoder: train stage 'autoencoder' first "
                          "or pass --init-from an autoencoder checkpoint or bundle")
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     if stage in ("denoiser", "both"):
@@ -635,7 +759,16 @@ def train(
         record["decoder"] = {**result, "note": "decoder fine-tuned alone (encoder and codebook frozen)",
                              **{k: cfg["decoder"][k] for k in ("batch_size", "crop", "lr")}}
         record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    if not (out / "checkpoints" / "denoiser.pt").is_file():
+    if stage == "refine" or (stage == "both" and int(cfg["refine"]["steps"]) > 0):
+        if not ((out / "checkpoints" / "denoiser.pt").is_file() or any(s.startswith("bundle") for s in loaded)):
+            raise InputError("refine needs a trained denoiser: train stage 'denoiser' first or pass --init-from "
+                             "a bundle")
+        result = train_refiner(cfg, model_cfg, out, unet, ae, samples or train_set, device, resume, progress)
+        record["refine"] = {**result, "note": "decoder fine-tuned on the sampler's latents (fidelity loss)",
+                            **{k: cfg["refine"][k] for k in ("batch_size", "crop", "lr", "l1_weight",
+                                                             "mse_weight", "lpips_weight")}}
+        record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    if not (out / "checkpoints" / "denoiser.pt").is_file() and not any(s.startswith("bundle") for s in loaded):
         return out  # no denoiser yet: nothing to bundle (the autoencoder lives in out/checkpoints)
     _write_bundle(out / "bundle", unet, ae, model_cfg, cfg, record,
                   {"denoiser_steps": (record.get("denoiser") or {}).get("steps")},

@@ -20,7 +20,7 @@ def train(
     config: Annotated[str, typer.Argument(help="Training config: tiny, base, or a YAML file.")] = "tiny",
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (checkpoints, logs, bundle).")]
     = Path("cinesr-train"),
-    stage: Annotated[str, typer.Option(help="autoencoder | denoiser | decoder | both.")] = "both",
+    stage: Annotated[str, typer.Option(help="autoencoder | denoiser | decoder | refine | both.")] = "both",
     init_from: Annotated[list[Path] | None, typer.Option(help="A bundle or ResShift/LDM checkpoint(s) to start "
                                                               "from (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/checkpoints when present.")] = True,

@@ -163,3 +163,24 @@ def test_decoder_stage_keeps_the_latent_space(tmp_path: Path) -> None:
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert [r["step"] for r in read_log(out / "logs" / "decoder.jsonl")] == [1, 2]
+
+
+def test_refine_stage_trains_the_decoder_on_sampled_latents(tmp_path: Path) -> None:
+    start = train(micro_config(2), tmp_path / "base")  # a micro bundle with a denoiser
+    cfg = micro_config(2)
+    cfg["refine"] = {"steps": 3, "pool": 4, "batch_size": 2, "crop": 32, "log_every": 1, "checkpoint_every": 1}
+    refined = train(cfg, tmp_path / "refined", stage="refine", init_from=[start])
+    a, b = load_bundle(start), load_bundle(refined)
+    sa, sb = a.autoencoder.state_dict(), b.autoencoder.state_dict()
+    frozen = [k for k in sa if k.startswith(("encoder.", "quant_conv.", "quantize."))]
+    assert frozen and all(torch.equal(sa[k], sb[k]) for k in frozen)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("decoder."))
+    for (name, pa), pb in zip(a.unet.state_dict().items(), b.unet.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name  # the denoiser is not touched
+    log = read_log(tmp_path / "refined" / "logs" / "refine.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["mse"] > 0 and "lpips" in r for r in log)
+    meta = json.loads((refined / "model.json").read_text())["training"]
+    assert meta["refine"]["steps"] == 3 and meta["refine"]["pool"] == 4
+    assert meta["autoencoder"]["steps"] == 2 and meta["denoiser"]["steps"] == 2  # the bundle's history is kept
+    with pytest.raises(InputError, match="'refine' needs a trained autoencoder"):
+        train(cfg, tmp_path / "empty", stage="refine")
