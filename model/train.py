@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     # the decoder to reproduce textures from clean codes; the sampler's latents are noisier than
     # those, and decoding them as if they were exact costs PSNR/SSIM. Encoder, codebook and UNet
     # stay as they are, so the bundle's graphs and their shapes do not change.
-    "refine": {"steps": 0, "pool": 512, "batch_size": 8, "crop": 96, "lr": 1e-4, "l1_weight": 1.0,
+    "refine": {"steps": 0, "pool": 512, "batch_size": 8, "crop": 96, "lr": 1e-4, "lr_end": None, "l1_weight": 1.0,
                "mse_weight": 1.0, "lpips_weight": 0.1, "log_every": 10, "checkpoint_every": 250},
 }
 
@@ -563,7 +563,7 @@ def _write_bundle(path: Path, unet: nn.Module, ae: nn.Module, model_cfg: Mapping
     training["denoiser"] = {**training["denoiser"], "steps": extra.get("denoiser_steps"),
                             "wall_time_s": round(denoiser_wall, 1)}
     training["wall_time_s"] = round(sum(float(training[s].get("wall_time_s") or 0)
-                                        for s in ("autoencoder", "denoiser") if s in training), 1)
+                                        for s in ("autoencoder", "denoiser", "decoder", "refine") if s in training), 1)
     meta = {"name": cfg["name"], "training": training}
     if "val" in extra:
         meta["validation"] = extra["val"]
@@ -637,7 +637,13 @@ def train_refiner(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], out_dir:
         opt.load_state_dict(state["optimizer"])
     lpips_net = LPIPS().to(device) if float(c["lpips_weight"]) > 0 else None
     t0, last_t, last_step = time.monotonic(), time.monotonic(), step
+    lr0 = float(c["lr"])
+    lr_end = lr0 if c.get("lr_end") is None else float(c["lr_end"])
     while step < total:
+        # cosine from lr to lr_end: the targets are noisy (sampled latents), a decaying step settles them
+        lr = lr_end + 0.5 * (lr0 - lr_end) * (1 + math.cos(math.pi * step / max(1, total)))
+        for group in opt.param_groups:
+            group["lr"] = lr
         z, gt = _refine_batch(pool, _step_generator(seed, step, 3), int(c["batch_size"]), int(c["crop"]), scale)
         z, gt = z.to(device), gt.to(device)
         rec = ae.decode(z)  # quantises as inference does; only the decoder learns
@@ -655,7 +661,7 @@ def train_refiner(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], out_dir:
         step += 1
         if step % int(c["log_every"]) == 0 or step == total:
             now = time.monotonic()
-            record = {"stage": "refine", "step": step, "loss": float(loss.detach()), **parts,
+            record = {"stage": "refine", "step": step, "loss": float(loss.detach()), **parts, "lr": lr,
                       "wall_time_s": round(wall + now - t0, 2),
                       "steps_per_s": round((step - last_step) / max(now - last_t, 1e-9), 4)}
             log.write(record)
@@ -765,7 +771,7 @@ def train(
                              "a bundle")
         result = train_refiner(cfg, model_cfg, out, unet, ae, samples or train_set, device, resume, progress)
         record["refine"] = {**result, "note": "decoder fine-tuned on the sampler's latents (fidelity loss)",
-                            **{k: cfg["refine"][k] for k in ("batch_size", "crop", "lr", "l1_weight",
+                            **{k: cfg["refine"][k] for k in ("batch_size", "crop", "lr", "lr_end", "l1_weight",
                                                              "mse_weight", "lpips_weight")}}
         record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     if not (out / "checkpoints" / "denoiser.pt").is_file() and not any(s.startswith("bundle") for s in loaded):
