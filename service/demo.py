@@ -49,7 +49,7 @@ class DemoOptions:
     out: Path
     slices: int = 2
     frames: int = 32  # ground-truth frames per cycle (the acquisition keeps every 8th)
-    size: int = 128  # ground-truth matrix (the acquisition is size / 4)
+    size: int = 256  # ground-truth matrix (the acquisition is size / 4: 64, the model grid)
     seed: int = 7
     generator: str = "sax"
     method: str | None = None  # None: the service's default method

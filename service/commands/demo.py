@@ -22,7 +22,7 @@ def demo(
     frames: Annotated[int, typer.Option(min=16, max=256, help="Ground-truth frames per cycle (multiple of 8; "
                                                               "the acquisition keeps every 8th).")] = 32,
     size: Annotated[int, typer.Option(min=64, max=512, help="Ground-truth matrix (multiple of 4; the "
-                                                            "acquisition is 4x smaller).")] = 128,
+                                                            "acquisition is 4x smaller: 64, the model grid).")] = 256,
     seed: Annotated[int, typer.Option(help="Phantom seed.")] = 7,
     method: Annotated[str | None, typer.Option(help="model or baseline (default: the service's default, the "
                                                     "learned model where it loads).")] = None,
