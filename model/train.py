@@ -313,6 +313,17 @@ def _ae_batch(dataset: SampleDataset | SamplePool, step: int, cfg: Mapping[str, 
     return torch.stack(images)
 
 
+def _decoder_only(ae: nn.Module) -> list[nn.Parameter]:
+    """Freeze the autoencoder but its decoder (and post-quant conv); return those parameters.
+
+    Encoder, quant conv and codebook stay fixed, so every latent the denoiser learned keeps its meaning."""
+    ae.requires_grad_(False)
+    trainable = [*ae.decoder.parameters(), *ae.post_quant_conv.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
 def train_autoencoder(cfg: Mapping[str, Any], out_dir: Path, ae: nn.Module, dataset: SampleDataset | SamplePool,
                       device: torch.device, resume: bool, progress: Progress | None,
                       decoder_only: bool = False) -> dict[str, Any]:
@@ -325,10 +336,7 @@ def train_autoencoder(cfg: Mapping[str, Any], out_dir: Path, ae: nn.Module, data
     ae.to(device).train()
     lpips_net = LPIPS().to(device)
     if decoder_only:
-        ae.requires_grad_(False)
-        trainable = [*ae.decoder.parameters(), *ae.post_quant_conv.parameters()]
-        for p in trainable:
-            p.requires_grad_(True)
+        trainable = _decoder_only(ae)
     else:
         trainable = list(ae.parameters())
     opt = torch.optim.Adam(trainable, lr=float(c["lr"]), betas=tuple(c["betas"]))
@@ -628,10 +636,8 @@ def train_refiner(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], out_dir:
         pool = build_sampled_pool(unet, ae, model_cfg, dataset, int(c["pool"]), seed, device, progress=progress)
     if state is not None:
         ae.load_state_dict(state["model"])
-    ae.to(device).train().requires_grad_(False)
-    trainable = [*ae.decoder.parameters(), *ae.post_quant_conv.parameters()]
-    for p in trainable:
-        p.requires_grad_(True)
+    ae.to(device).train()
+    trainable = _decoder_only(ae)
     opt = torch.optim.Adam(trainable, lr=float(c["lr"]))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -681,12 +687,8 @@ def train_refiner(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], out_dir:
 def _bundle_training_records(init_from: str | Path | Sequence[str | Path] | None) -> list[dict[str, Any]]:
     """The `training` records in model.json of the bundle folders among init_from."""
     items = [] if init_from is None else [init_from] if isinstance(init_from, (str, Path)) else list(init_from)
-    records = []
-    for item in items:
-        doc = Path(item) / bundle_io.MODEL_JSON
-        if doc.is_file():
-            records.append(dict(json.loads(doc.read_text(encoding="utf-8")).get("training") or {}))
-    return records
+    return [dict(bundle_io.read_meta(item).get("training") or {}) for item in items
+            if (Path(item) / bundle_io.MODEL_JSON).is_file()]
 
 
 def train(
@@ -727,6 +729,7 @@ def train(
     device = _device(str(cfg["device"]))
     unet, ae = bundle_io.build_networks(model_cfg)
     loaded = apply_init(init_from, unet, ae)
+    from_bundle = any(s.startswith("bundle") for s in loaded)
     train_set, val_set = _datasets(cfg)
     samples = None
     if int(cfg["data"].get("pool") or 0) > 0 and stage != "refine":  # refine draws its own (smaller) pool
@@ -747,7 +750,7 @@ def train(
         record["autoencoder"] = {**result, **{k: cfg["autoencoder"][k] for k in ("batch_size", "crop", "lr")}}
     elif ae_ckpt.is_file():
         ae.load_state_dict(_load_checkpoint(ae_ckpt)["model"])
-    elif not any("autoencoder" in s or s.startswith("bundle") for s in loaded):
+    elif not (from_bundle or any("autoencoder" in s for s in loaded)):
         raise InputError(f"stage {stage!r} needs a trained autoencoder: train stage 'autoencoder' first "
                          "or pass --init-from an autoencoder checkpoint or bundle")
     record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -766,7 +769,7 @@ def train(
                              **{k: cfg["decoder"][k] for k in ("batch_size", "crop", "lr")}}
         record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     if stage == "refine" or (stage == "both" and int(cfg["refine"]["steps"]) > 0):
-        if not ((out / "checkpoints" / "denoiser.pt").is_file() or any(s.startswith("bundle") for s in loaded)):
+        if not ((out / "checkpoints" / "denoiser.pt").is_file() or from_bundle):
             raise InputError("refine needs a trained denoiser: train stage 'denoiser' first or pass --init-from "
                              "a bundle")
         result = train_refiner(cfg, model_cfg, out, unet, ae, samples or train_set, device, resume, progress)
@@ -774,7 +777,7 @@ def train(
                             **{k: cfg["refine"][k] for k in ("batch_size", "crop", "lr", "lr_end", "l1_weight",
                                                              "mse_weight", "lpips_weight")}}
         record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    if not (out / "checkpoints" / "denoiser.pt").is_file() and not any(s.startswith("bundle") for s in loaded):
+    if not (out / "checkpoints" / "denoiser.pt").is_file() and not from_bundle:
         return out  # no denoiser yet: nothing to bundle (the autoencoder lives in out/checkpoints)
     _write_bundle(out / "bundle", unet, ae, model_cfg, cfg, record,
                   {"denoiser_steps": (record.get("denoiser") or {}).get("steps")},
