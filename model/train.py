@@ -563,6 +563,24 @@ def train_denoiser(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], out_dir
     return {"steps": step, "wall_time_s": round(wall + time.monotonic() - t0, 1)}
 
 
+STAGE_KEYS = ("autoencoder", "denoiser", "decoder", "refine")
+
+
+def _set_stage(record: dict[str, Any], history: Mapping[str, Any], name: str, result: dict[str, Any]) -> None:
+    """record[name] = result; the same stage of the bundle this run continues is kept in `earlier`
+    (newest first), so a bundle's record says every step its weights went through."""
+    old = history.get(name)
+    if old:
+        result = {**result, "earlier": [{k: v for k, v in old.items() if k != "earlier"}, *old.get("earlier", [])]}
+    record[name] = result
+
+
+def _stage_wall(stage: Mapping[str, Any]) -> float:
+    """Seconds a stage took, with its earlier runs."""
+    return float(stage.get("wall_time_s") or 0) + sum(float(e.get("wall_time_s") or 0)
+                                                      for e in stage.get("earlier", []))
+
+
 def _write_bundle(path: Path, unet: nn.Module, ae: nn.Module, model_cfg: Mapping[str, Any],
                   cfg: Mapping[str, Any], record: Mapping[str, Any], extra: Mapping[str, Any],
                   denoiser_wall: float) -> None:
@@ -570,8 +588,7 @@ def _write_bundle(path: Path, unet: nn.Module, ae: nn.Module, model_cfg: Mapping
     training.setdefault("denoiser", {})
     training["denoiser"] = {**training["denoiser"], "steps": extra.get("denoiser_steps"),
                             "wall_time_s": round(denoiser_wall, 1)}
-    training["wall_time_s"] = round(sum(float(training[s].get("wall_time_s") or 0)
-                                        for s in ("autoencoder", "denoiser", "decoder", "refine") if s in training), 1)
+    training["wall_time_s"] = round(sum(_stage_wall(training[s]) for s in STAGE_KEYS if s in training), 1)
     meta = {"name": cfg["name"], "training": training}
     if "val" in extra:
         meta["validation"] = extra["val"]
@@ -736,8 +753,10 @@ def train(
         samples = SamplePool.build(train_set, int(cfg["data"]["pool"]), out / "pool.pt", progress)
     record_path = out / "training_record.json"
     record: dict[str, Any] = json.loads(record_path.read_text()) if resume and record_path.is_file() else {}
+    history: dict[str, Any] = {}
     for earlier in _bundle_training_records(init_from):  # a run that continues a bundle keeps its history
         for key, value in earlier.items():
+            history.setdefault(key, value)
             record.setdefault(key, value)
     record.update({"data": train_set.source.describe(), "split": cfg["data"].get("split", "train"),
                    "train_patients": len(train_set.patients), "degradation": cfg["data"].get("degradation"),
@@ -747,7 +766,8 @@ def train(
     ae_ckpt = out / "checkpoints" / "autoencoder.pt"
     if stage in ("autoencoder", "both"):
         result = train_autoencoder(cfg, out, ae, samples or train_set, device, resume, progress)
-        record["autoencoder"] = {**result, **{k: cfg["autoencoder"][k] for k in ("batch_size", "crop", "lr")}}
+        _set_stage(record, history, "autoencoder",
+                   {**result, **{k: cfg["autoencoder"][k] for k in ("batch_size", "crop", "lr")}})
     elif ae_ckpt.is_file():
         ae.load_state_dict(_load_checkpoint(ae_ckpt)["model"])
     elif not (from_bundle or any("autoencoder" in s for s in loaded)):
@@ -757,25 +777,27 @@ def train(
     if stage in ("denoiser", "both"):
         result = train_denoiser(cfg, model_cfg, out, unet, ae, train_set, val_set, device, samples, resume,
                                 progress, record)
-        record["denoiser"] = {**result, **{k: cfg["denoiser"][k] for k in ("batch_size", "grad_accum", "lr",
-                                                                          "ema_decay")},
-                              "sample_pool": int(cfg["data"].get("pool") or 0)}
+        _set_stage(record, history, "denoiser",
+                   {**result, **{k: cfg["denoiser"][k] for k in ("batch_size", "grad_accum", "lr", "ema_decay")},
+                    "sample_pool": int(cfg["data"].get("pool") or 0)})
         record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     elif (out / "checkpoints" / "denoiser.pt").is_file():
         unet.load_state_dict(_load_checkpoint(out / "checkpoints" / "denoiser.pt")["ema"])
     if stage == "decoder" or (stage == "both" and int(cfg["decoder"]["steps"]) > 0):
         result = train_autoencoder(cfg, out, ae, samples or train_set, device, resume, progress, decoder_only=True)
-        record["decoder"] = {**result, "note": "decoder fine-tuned alone (encoder and codebook frozen)",
-                             **{k: cfg["decoder"][k] for k in ("batch_size", "crop", "lr")}}
+        _set_stage(record, history, "decoder",
+                   {**result, "note": "decoder fine-tuned alone (encoder and codebook frozen)",
+                    **{k: cfg["decoder"][k] for k in ("batch_size", "crop", "lr")}})
         record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     if stage == "refine" or (stage == "both" and int(cfg["refine"]["steps"]) > 0):
         if not ((out / "checkpoints" / "denoiser.pt").is_file() or from_bundle):
             raise InputError("refine needs a trained denoiser: train stage 'denoiser' first or pass --init-from "
                              "a bundle")
         result = train_refiner(cfg, model_cfg, out, unet, ae, samples or train_set, device, resume, progress)
-        record["refine"] = {**result, "note": "decoder fine-tuned on the sampler's latents (fidelity loss)",
-                            **{k: cfg["refine"][k] for k in ("batch_size", "crop", "lr", "lr_end", "l1_weight",
-                                                             "mse_weight", "lpips_weight")}}
+        _set_stage(record, history, "refine",
+                   {**result, "note": "decoder fine-tuned on the sampler's latents (fidelity loss)",
+                    **{k: cfg["refine"][k] for k in ("batch_size", "crop", "lr", "lr_end", "l1_weight",
+                                                    "mse_weight", "lpips_weight")}})
         record_path.write_text(json.dumps(record, indent=2), encoding="utf-8")
     if not (out / "checkpoints" / "denoiser.pt").is_file() and not from_bundle:
         return out  # no denoiser yet: nothing to bundle (the autoencoder lives in out/checkpoints)

@@ -182,5 +182,11 @@ def test_refine_stage_trains_the_decoder_on_sampled_latents(tmp_path: Path) -> N
     meta = json.loads((refined / "model.json").read_text())["training"]
     assert meta["refine"]["steps"] == 3 and meta["refine"]["pool"] == 4
     assert meta["autoencoder"]["steps"] == 2 and meta["denoiser"]["steps"] == 2  # the bundle's history is kept
+    again = train({**cfg, "refine": {**cfg["refine"], "steps": 2}}, tmp_path / "again", stage="refine",
+                  init_from=[refined])
+    twice = json.loads((again / "model.json").read_text())["training"]
+    assert twice["refine"]["steps"] == 2 and [e["steps"] for e in twice["refine"]["earlier"]] == [3]
+    assert "earlier" not in twice["denoiser"]  # only a stage that ran again keeps an earlier record
+    assert twice["wall_time_s"] >= meta["wall_time_s"]  # earlier runs count
     with pytest.raises(InputError, match="'refine' needs a trained autoencoder"):
         train(cfg, tmp_path / "empty", stage="refine")
