@@ -21,15 +21,6 @@ from cinesr.model.errors import InputError
 from cinesr.model.inference import superresolve_windows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """One torch thread: much faster than two on the shared, oversubscribed test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)

@@ -14,14 +14,6 @@ from cinesr.model.configs import load_config
 from cinesr.model.evaluate import evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_paper_verdict_compares_each_metric_in_its_direction() -> None:
     assert paper_verdict(PAPER_GAINS) == {"psnr": True, "ssim": True, "lpips": True}
     assert paper_verdict({"psnr": 0.049, "ssim": 0.2, "lpips": -0.38}) == {"psnr": False, "ssim": True,

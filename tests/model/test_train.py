@@ -22,15 +22,6 @@ MICRO_UNET = {"image_size": 16, "lq_size": 16, "model_channels": 32, "channel_mu
               "num_head_channels": 16, "window_size": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """One torch thread: much faster than two on the shared, oversubscribed test machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def micro_model() -> dict:
     cfg = copy.deepcopy(load_config("tiny"))
     cfg["unet_config"].update(MICRO_UNET)
