@@ -45,13 +45,14 @@ def _margins_text(report: dict[str, Any], unseen: dict[str, dict[str, Any]]) -> 
     bic = _row(report, "paper", "bicubic")
     if bic is not None:
         won = [k.upper() for k in PAPER_GAINS if (bic["gain"][k] < 0) == (k == "lpips")]
+        why = ("" if len(won) == len(PAPER_GAINS) else "; it was trained on Real-ESRGAN degradations only, so it "
+               "denoises and sharpens inputs that need neither")
         lines.append(f"- bicubic-only degradation (paper protocol): beats the baseline on "
-                     f"{', '.join(won) if won else 'no metric'}; the model was trained on Real-ESRGAN "
-                     "degradations only, so it denoises and sharpens inputs that need neither.")
+                     f"{', '.join(won) if won else 'no metric'}{why}.")
     return lines + [""]
 
 
-def card_markdown(report: dict[str, Any], unseen: dict[str, dict[str, Any]]) -> str:
+def card_markdown(report: dict[str, Any], unseen: dict[str, dict[str, Any]], curves: Sequence[str] = ()) -> str:
     d, m = report["data"], report["model"]
     md = [f"# CineSR evaluation: {m['name']} ({m['version']})", "",
           f"Held-out test data: `{d['spec']}` ({d.get('generator', 'sax')} generator, {d['patients']} patients, "
@@ -67,6 +68,8 @@ def card_markdown(report: dict[str, Any], unseen: dict[str, dict[str, Any]]) -> 
         md += [f"`{ud.get('generator')}`, seeds {ud.get('seeds')} (`{spec}`):", "", markdown_table(rep), ""]
     md += _margins_text(report, unseen)
     md += [f"![{f}]({f})" for f in FIGURES if f in report.get("figures", [])]
+    if curves:
+        md += ["", "Training curves: " + ", ".join(f"`{c}`" for c in curves) + "."]
     md += ["", "Relative gain = model / baseline - 1. Written by `python -m cinesr.model.card`."]
     return "\n".join(md) + "\n"
 
@@ -89,7 +92,8 @@ def write_card(bundle_dir: str | Path, test: str = TEST, unseen: Sequence[str] =
     report["model"]["path"] = None  # a temporary or local path says nothing to a reader of the bundle
     others = {spec: evaluate(spec, model, degradations=("realesrgan",), progress=progress, phantom=phantom)
               for spec in unseen}
-    (folder / "evaluation.md").write_text(card_markdown(report, others), encoding="utf-8")
+    curves = sorted(p.name for p in folder.glob("*_curves.png"))
+    (folder / "evaluation.md").write_text(card_markdown(report, others, curves), encoding="utf-8")
     generalisation = {str(rep["data"].get("generator")): {"data": rep["data"], "rows": rep["rows"]}
                       for rep in others.values()}
     return write_meta(folder, {"evaluation": report, "generalisation": generalisation})
