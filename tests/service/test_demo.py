@@ -55,14 +55,18 @@ def test_demo_with_the_baseline_matches_a_local_baseline(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_demo_default_runs_the_service_default_method(tmp_path: Path) -> None:
+def test_demo_as_the_readme_runs_it_beats_the_baseline(tmp_path: Path) -> None:
+    """The README's main command with its defaults: the service picks the bundled model, and the CineSR row
+    beats the baseline on every metric against the ground truth."""
     out = tmp_path / "demo"
-    result = _demo(out, "--slices", "1", "--frames", "16", "--size", "64")
+    result = _demo(out)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "metrics.json").read_text())
     assert report["job"]["status"] == "succeeded"
     assert report["job"]["params"]["method"] is None  # the demo asks for nothing: the service decides
-    assert all(np.isfinite(v) for v in report["metrics"]["cinesr"].values())
+    assert "by model tiny" in report["method"]
+    base, model = report["metrics"]["baseline"], report["metrics"]["cinesr"]
+    assert model["psnr"] > base["psnr"] and model["ssim"] > base["ssim"] and model["lpips"] < base["lpips"], report
 
 
 def test_demo_rejects_an_unknown_method(tmp_path: Path) -> None:
