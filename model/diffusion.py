@@ -66,6 +66,14 @@ class Schedule:
         etas, prev = self.etas, self.etas_prev
         return self.kappa**2 * prev / etas * (etas - prev)
 
+    def respaced(self, steps: int) -> tuple[Schedule, tuple[int, ...]]:
+        """`steps` of the T steps, evenly spaced (ResShift's timestep respacing), as a chain of its own,
+        with the original step indices it keeps (the network still sees those)."""
+        if not 1 <= steps <= self.steps:
+            raise ValueError(f"steps must be in 1..{self.steps} for this model, got {steps}")
+        keep = tuple(sorted({round(float(v)) for v in torch.linspace(0, self.steps - 1, steps)}))
+        return Schedule(sqrt_etas=self.sqrt_etas[list(keep)], kappa=self.kappa), keep
+
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None = None) -> Schedule:
         """From ResShift's diffusion params (`steps`, `min_noise_level`, `etas_end`, `kappa`,

@@ -213,3 +213,15 @@ def test_superresolve_window_tiny(schedule):
     a = superresolve_window(unet, ae, lq, schedule, deterministic=True)
     b = superresolve_window(unet, ae, lq, schedule, deterministic=True)
     assert a.shape == (1, 3, 256, 256) and torch.equal(a, b)
+
+
+def test_respaced_schedule_keeps_the_ends_and_the_original_etas() -> None:
+    full = Schedule.from_config()
+    same, keep = full.respaced(full.steps)
+    assert keep == tuple(range(full.steps)) and torch.equal(same.sqrt_etas, full.sqrt_etas)
+    few, keep = full.respaced(5)
+    assert keep[0] == 0 and keep[-1] == full.steps - 1 and len(keep) == 5
+    assert torch.equal(few.etas, full.etas[list(keep)]) and few.kappa == full.kappa
+    assert few.posterior_variance[0] == 0  # the last step of the chain draws no noise
+    with pytest.raises(ValueError, match="steps must be in 1..15"):
+        full.respaced(16)

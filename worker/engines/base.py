@@ -184,15 +184,8 @@ class SamplerPlan:
     def from_schedule(cls, schedule: Schedule, steps: int | None = None) -> SamplerPlan:
         """The plan over all T steps, or over `steps` of them evenly spaced (ResShift's timestep
         respacing: the network still sees the original step indices, the chain jumps between them)."""
-        total = schedule.steps
-        n = total if steps is None else int(steps)
-        if not 1 <= n <= total:
-            raise ValueError(f"steps must be in 1..{total} for this model, got {n}")
-        keep = sorted({round(float(v)) for v in torch.linspace(0, total - 1, n)})
-        idx = torch.tensor(keep)
-        etas = schedule.etas[idx]
-        prev = torch.cat([etas.new_zeros(1), etas[:-1]])
-        var = schedule.kappa**2 * prev / etas * (etas - prev)
+        chain, keep = schedule.respaced(schedule.steps if steps is None else int(steps))
+        etas, prev, var = chain.etas, chain.etas_prev, chain.posterior_variance
         order = list(reversed(range(len(keep))))
         # c_in as diffusion.scale_input computes it (float32 eta), so both agree to rounding
         etas32 = etas.float()
