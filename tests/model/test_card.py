@@ -4,13 +4,12 @@ bundled model itself re-evaluated against those margins on held-out and never-se
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from cinesr.model.bundle import DEFAULT_BUNDLE, build_networks, save_bundle
+from cinesr.model.bundle import DEFAULT_BUNDLE
 from cinesr.model.card import PAPER_GAINS, paper_verdict, write_card
-from cinesr.model.configs import load_config
 from cinesr.model.evaluate import evaluate
 
 
@@ -21,13 +20,9 @@ def test_paper_verdict_compares_each_metric_in_its_direction() -> None:
     assert paper_verdict({"psnr": 0.1, "ssim": 0.0, "lpips": -0.5}) == {"psnr": True, "ssim": False, "lpips": True}
 
 
-def test_card_is_written_into_the_bundle(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    cfg = {**load_config("tiny"), "name": "micro"}
-    cfg["unet_config"] = {**cfg["unet_config"], "image_size": 16, "lq_size": 16, "channel_mult": [1, 1],
-                          "num_res_blocks": [1, 1], "attention_resolutions": [8], "window_size": 4}
-    unet, ae = build_networks(cfg)
-    bundle = save_bundle(tmp_path / "micro", unet, ae, cfg)
+def test_card_is_written_into_the_bundle(micro_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "micro"
+    shutil.copytree(micro_bundle, bundle)  # the card writes into it
     phantom = {"slices": 1, "frames": 16, "size": 64}
     doc = write_card(bundle, "phantom:3", ["phantom:4:lax"], phantom=phantom)
     rows = doc["evaluation"]["rows"]

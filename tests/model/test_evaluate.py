@@ -7,26 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from cinesr.model.baseline import bicubic_up
-from cinesr.model.bundle import build_networks, load_bundle, save_bundle
-from cinesr.model.configs import load_config
+from cinesr.model.bundle import load_bundle
 from cinesr.model.degrade import bicubic_down
 from cinesr.model.evaluate import evaluate, frame_metrics, markdown_table, model_sequence, window_starts
 from cinesr.model.flow import interpolate_cine, interpolate_pair
 from cinesr.model.phantom import make_study
 
 PHANTOM = {"slices": 1, "frames": 16, "size": 64}
-
-
-@pytest.fixture(scope="module")
-def micro_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    cfg = {**load_config("tiny"), "name": "micro"}
-    cfg["unet_config"] = {**cfg["unet_config"], "image_size": 16, "lq_size": 16, "channel_mult": [1, 1],
-                          "num_res_blocks": [1, 1], "attention_resolutions": [8], "window_size": 4}
-    unet, ae = build_networks(cfg)
-    return save_bundle(tmp_path_factory.mktemp("b") / "micro", unet, ae, cfg)
 
 
 def direct_baselines(seed: int) -> dict[str, dict[str, float]]:
