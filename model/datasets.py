@@ -32,7 +32,8 @@ import torch
 
 from .degrade import DegradationConfig
 from .errors import InputError
-from .samples import CLIP_LENGTH, Sample, sample_from_slice
+from .intensity import Normalisation, clip
+from .samples import CLIP_LENGTH, Sample, sample_acquired, sample_from_slice
 
 log = logging.getLogger(__name__)
 
@@ -243,53 +244,73 @@ class SliceCache:
 
 
 class SampleDataset(torch.utils.data.Dataset):
-    """Paper-style samples from one split of a source; item i is a pure function of (seed, i).
+    """Samples from one split of one or several weighted sources; item i is a pure function of (seed, i).
 
-    Returns dicts of tensors: `lq` (3, 64, 64) and `gt` (3, 256, 256), both in [-1, 1] (the
-    networks' range), plus `patient` and `slice`.
+    `mode` 'acquired' builds samples as the pipeline sees an acquisition (cinesr.model.samples.
+    sample_acquired), 'paper' as the paper does. Returns dicts of tensors: `lq` (3, 64, 64) and `gt`
+    (3, 256, 256) in the model's units (the pipeline's intensity map, fitted on the low-resolution
+    frames, so training sees what inference sees), plus `patient` and `slice`.
     """
 
     def __init__(
         self,
-        source: Source,
+        source: Source | Sequence[tuple[Source, float]],
         split: str | None = "train",
         degradation: DegradationConfig | None = None,
         seed: int = 0,
         length: int = 10_000,
         cache_patients: int = 64,
         fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        mode: str = "paper",
     ) -> None:
-        self.source = source
-        self.patients = split_patients(source, split, fractions)
-        if not self.patients:
-            raise InputError(f"no patients in split {split!r} of {source.describe()}")
+        parts = [(source, 1.0)] if isinstance(source, Source) else [(s, float(w)) for s, w in source]
+        self.parts = [(s, w, split_patients(s, split, fractions)) for s, w in parts if w > 0]
+        if not self.parts or not all(p for _, _, p in self.parts):
+            empty = [s.describe() for s, _, p in self.parts if not p] or [parts[0][0].describe()]
+            raise InputError(f"no patients in split {split!r} of {empty[0]}")
+        if mode not in ("paper", "acquired"):
+            raise ValueError(f"unknown sample mode {mode!r} (paper or acquired)")
+        self.source = self.parts[0][0]
+        self.patients = [p for _, _, ps in self.parts for p in ps] if len(self.parts) == 1 else \
+            [f"{i}/{p}" for i, (_, _, ps) in enumerate(self.parts) for p in ps]
         self.degradation = degradation or DegradationConfig()
-        self.seed, self.length = seed, length
-        self.cache = SliceCache(source, cache_patients)
+        self.seed, self.length, self.mode = seed, length, mode
+        self.caches = [SliceCache(s, max(4, cache_patients // len(self.parts))) for s, _, _ in self.parts]
+        weights = np.asarray([w for _, w, _ in self.parts], dtype=np.float64)
+        self.weights = weights / weights.sum()
+
+    @property
+    def cache(self) -> SliceCache:
+        return self.caches[0]
+
+    def describe(self) -> list[dict]:
+        return [{**s.describe(), "weight": round(float(w), 4)} for (s, _, _), w in zip(self.parts, self.weights,
+                                                                                      strict=True)]
 
     def __len__(self) -> int:
         return self.length
 
     def sample(self, index: int) -> tuple[Sample, str, int]:
         rng = np.random.default_rng([self.seed, index])
+        part = int(rng.choice(len(self.parts), p=self.weights)) if len(self.parts) > 1 else 0
+        _, _, patients = self.parts[part]
         for _ in range(8):  # a patient may have no usable slice (DICOM); draw another
-            patient = self.patients[int(rng.integers(len(self.patients)))]
-            slices = self.cache.get(patient)
+            patient = patients[int(rng.integers(len(patients)))]
+            slices = self.caches[part].get(patient)
             if slices:
                 break
         else:
             raise InputError("no usable cine slices in the sampled patients")
         k = int(rng.integers(len(slices)))
-        return sample_from_slice(slices[k].astype(np.float32), rng, self.degradation), patient, k
+        frames = slices[k].astype(np.float32)
+        if self.mode == "acquired":
+            return sample_acquired(frames, rng, self.degradation), patient, k
+        return sample_from_slice(frames, rng, self.degradation), patient, k
 
     def __getitem__(self, index: int) -> dict:
         s, patient, k = self.sample(index)
-        return {
-            "lq": torch.from_numpy(s.lq * 2.0 - 1.0),
-            "gt": torch.from_numpy(s.gt * 2.0 - 1.0),
-            "patient": patient,
-            "slice": k,
-        }
+        lq, gt = to_model_units(s.lq, s.gt)
+        return {"lq": torch.from_numpy(lq), "gt": torch.from_numpy(gt), "patient": patient, "slice": k}
 
     def batches(self, batch_size: int, start: int = 0) -> Iterator[dict]:
         """Consecutive items start, start+1, ... collated into batches (no worker processes)."""
@@ -302,3 +323,10 @@ class SampleDataset(torch.utils.data.Dataset):
                 "gt": torch.stack([it["gt"] for it in items]),
                 "index": torch.arange(i - batch_size, i),
             }
+
+
+def to_model_units(lq: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (low-resolution, truth) pair in the model's units: the pipeline's intensity map fitted on the
+    low-resolution frames, applied to both, clipped to the working range."""
+    norm = Normalisation.fit([lq])
+    return clip(norm.forward(lq)).astype(np.float32), clip(norm.forward(gt)).astype(np.float32)

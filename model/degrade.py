@@ -15,6 +15,18 @@ Spatial x4, two kinds (``DegradationConfig.kind``):
 * ``"bicubic"``: antialiased bicubic downsampling, ``torch.nn.functional.interpolate(mode="bicubic",
   antialias=True, align_corners=False)``, i.e. PIL's bicubic (a = -0.5) with the kernel stretched by
   the scale factor.
+* ``"area"``: the mean of each 4x4 block, what a coarser pixel integrates.
+* ``"kspace"``: what an MR scanner measures at lower resolution: the central quarter of k-space in
+  each direction, sampled at the 4x4 block centres as the area acquisition is (Gibbs ringing
+  included), optionally apodised by a Hann-tapered (Tukey) window as
+  scanners' reconstruction filters do, back to the image domain as a magnitude image.
+* ``"mix"``: per call, one of the kinds above drawn with the weights in ``mix`` (training on varied
+  acquisitions).
+
+``bicubic``, ``area`` and ``kspace`` add noise with probability ``noise_prob``: Gaussian with a
+standard deviation drawn from ``noise_sigma`` (0-1 scale), in the complex image domain for
+``kspace`` (so the magnitude is Rician, as MR noise is), in the image domain otherwise. With the
+default ``noise_prob`` 0 they are deterministic.
 
 Frames are float arrays in [0, 1], shaped (C, H, W) -- three consecutive cine frames as channels --
 or (H, W). The three frames of a window are one image: one set of parameters (kernel, scale,
@@ -40,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from scipy.special import j1
 
+from .kspace import band
+
 __all__ = [
     "KERNEL_TYPES",
     "DegradationConfig",
@@ -48,9 +62,11 @@ __all__ = [
     "StageConfig",
     "StageParams",
     "apply_degradation",
+    "area_down",
     "bicubic_down",
     "decimate_time",
     "degrade",
+    "kspace_down",
     "make_kernel",
     "sample_kernel",
     "sample_params",
@@ -65,6 +81,7 @@ KERNEL_TYPES = (
     "plateau_aniso",
 )
 RESIZE_MODES = ("area", "bilinear", "bicubic")
+KINDS = ("realesrgan", "bicubic", "area", "kspace", "mix")
 
 
 @dataclass(frozen=True)
@@ -103,12 +120,16 @@ SECOND_ORDER = StageConfig(
 class DegradationConfig:
     """What ``degrade`` does. ``kind`` selects the Real-ESRGAN pipeline or bicubic-only."""
 
-    kind: Literal["realesrgan", "bicubic"] = "realesrgan"
+    kind: Literal["realesrgan", "bicubic", "area", "kspace", "mix"] = "realesrgan"
     scale: int = 4
     first: StageConfig = field(default_factory=StageConfig)
     second_order_prob: float = 0.0
     second: StageConfig = SECOND_ORDER
     final_sinc_prob: float = 0.8  # final stage of the second order only
+    noise_prob: float = 0.0  # bicubic / area / kspace
+    noise_sigma: tuple[float, float] = (0.003, 0.04)
+    apodize_prob: float = 0.0  # kspace: Tukey window over the measured band
+    mix: dict[str, float] | None = None  # kind "mix": weights of the kinds to draw from
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DegradationConfig:
@@ -121,6 +142,8 @@ class DegradationConfig:
         for stage, base in (("first", StageConfig()), ("second", SECOND_ORDER)):
             if isinstance(kwargs.get(stage), dict):
                 kwargs[stage] = _stage_from_dict(base, kwargs[stage])
+        if "noise_sigma" in kwargs:
+            kwargs["noise_sigma"] = tuple(kwargs["noise_sigma"])
         cfg = cls(**kwargs)
         cfg.validate()
         return cfg
@@ -129,8 +152,13 @@ class DegradationConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        if self.kind not in ("realesrgan", "bicubic"):
-            raise ValueError(f"unknown degradation kind {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown degradation kind {self.kind!r} (one of {', '.join(KINDS)})")
+        if self.kind == "mix":
+            weights = self.mix or {}
+            if not weights or any(k not in KINDS or k == "mix" for k in weights) or min(weights.values()) < 0 \
+                    or sum(weights.values()) <= 0:
+                raise ValueError(f"kind 'mix' needs positive weights of kinds among {', '.join(KINDS[:-1])}")
         if self.scale < 1:
             raise ValueError("scale must be >= 1")
         for stage in (self.first, self.second):
@@ -436,14 +464,52 @@ def bicubic_down(frames: np.ndarray, factor: int = 4) -> np.ndarray:
     return out[0] if single else out
 
 
+def area_down(frames: np.ndarray, factor: int = 4) -> np.ndarray:
+    """Mean of each factor x factor block of (C, H, W) or (H, W) frames (H, W divisible by factor)."""
+    x = np.asarray(frames, dtype=np.float64)
+    h, w = x.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"image size {h}x{w} is not divisible by {factor}")
+    return x.reshape(*x.shape[:-2], h // factor, factor, w // factor, factor).mean(axis=(-3, -1)).astype(np.float32)
+
+
+def kspace_down(frames: np.ndarray, factor: int = 4, taper: float = 0.0, sigma: float = 0.0,
+                rng: np.random.Generator | None = None) -> np.ndarray:
+    """The central 1/factor of k-space per direction of (C, H, W) or (H, W) frames, as a magnitude image.
+
+    Block-centred like the area acquisition (cinesr.model.kspace); intensities keep their scale. `taper`
+    > 0 apodises the kept band; `sigma` adds complex Gaussian noise of that standard deviation per
+    pixel of the result (Rician magnitude)."""
+    image = band(np.asarray(frames, dtype=np.float64), factor, taper)
+    if sigma > 0:
+        gen = rng or np.random.default_rng(0)
+        image = image + sigma * (gen.standard_normal(image.shape) + 1j * gen.standard_normal(image.shape))
+    return np.abs(image).astype(np.float32)
+
+
 def degrade(frames: np.ndarray, rng: np.random.Generator, cfg: DegradationConfig | None = None) -> np.ndarray:
     """Degrade (C, H, W) or (H, W) frames in [0, 1] to (C, H/4, W/4) as ``cfg`` says (seeded by ``rng``)."""
     cfg = cfg or DegradationConfig()
-    if cfg.kind == "bicubic":
-        return bicubic_down(frames, cfg.scale)
-    if cfg.kind != "realesrgan":
-        raise ValueError(f"unknown degradation kind {cfg.kind!r}")
-    return apply_degradation(frames, sample_params(rng, cfg), cfg.scale)
+    kind = cfg.kind
+    if kind == "mix":
+        names = list(cfg.mix or {})
+        weights = np.asarray([cfg.mix[k] for k in names], dtype=np.float64)  # type: ignore[index]
+        kind = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    if kind == "realesrgan":
+        return apply_degradation(frames, sample_params(rng, cfg), cfg.scale)
+    sigma = float(rng.uniform(*cfg.noise_sigma)) if cfg.noise_prob and rng.uniform() < cfg.noise_prob else 0.0
+    if kind == "kspace":
+        taper = float(rng.uniform(0.1, 0.5)) if cfg.apodize_prob and rng.uniform() < cfg.apodize_prob else 0.0
+        return np.clip(kspace_down(frames, cfg.scale, taper, sigma, rng), 0, 1)
+    if kind == "area":
+        out = area_down(frames, cfg.scale)
+    elif kind == "bicubic":
+        out = bicubic_down(frames, cfg.scale)
+    else:
+        raise ValueError(f"unknown degradation kind {kind!r}")
+    if sigma > 0:
+        out = out + sigma * rng.standard_normal(out.shape)
+    return np.clip(out, 0, 1).astype(np.float32)
 
 
 T = TypeVar("T", np.ndarray, torch.Tensor)

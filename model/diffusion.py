@@ -251,6 +251,107 @@ def upsample_lq(lq: torch.Tensor, sf: int = 4) -> torch.Tensor:
     return F.interpolate(lq, scale_factor=sf, mode="bicubic")
 
 
+SAMPLERS = ("ancestral", "ddim")
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """A residual-shifting sampler as per-step constants, in the order the steps run (t = T-1 .. 0).
+
+    x_T = y + start_scale * noise[0];  for k, t:  x0 = net(x * c_in[k], t, lq);
+    x = a[k] * x + b[k] * x0 + c[k] * y + sigma[k] * noise[k + 1]   (sigma = 0 draws no noise).
+
+    'ancestral' is ResShift's sampler (c = 0; same arithmetic as `sample` with the noise drawn in the
+    same order); 'ddim' keeps the noise implied by (x_t, x0) instead of drawing new (sigma = 0; as
+    `sample_deterministic`). `temperature` scales all injected noise (1: as trained; 0: the chain starts
+    at y and stays deterministic). Engines run this loop on their own graphs.
+    """
+
+    timesteps: tuple[int, ...]
+    c_in: tuple[float, ...]
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+    c: tuple[float, ...]
+    sigma: tuple[float, ...]
+    start_scale: float
+    sampler: str = "ancestral"
+    temperature: float = 1.0
+
+    @classmethod
+    def from_schedule(cls, schedule: Schedule, steps: int | None = None, sampler: str = "ancestral",
+                      temperature: float = 1.0) -> SamplerPlan:
+        """The plan over all T steps, or over `steps` of them evenly spaced (ResShift's timestep
+        respacing: the network still sees the original step indices, the chain jumps between them)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r} (one of {', '.join(SAMPLERS)})")
+        if not 0.0 <= temperature <= 2.0:
+            raise ValueError("temperature must be in [0, 2]")
+        chain, keep = schedule.respaced(schedule.steps if steps is None else int(steps))
+        etas, prev, var = chain.etas, chain.etas_prev, chain.posterior_variance
+        order = list(reversed(range(len(keep))))
+        # c_in as scale_input computes it (float32 eta), so both agree to rounding
+        etas32 = etas.float()
+        if sampler == "ancestral":
+            a = prev / etas
+            b = (etas - prev) / etas
+            c = torch.zeros_like(etas)
+            sigma = torch.sqrt(var) * temperature
+        else:
+            a = torch.sqrt(prev / etas)
+            b = 1 - prev - a * (1 - etas)
+            c = prev - a * etas
+            sigma = torch.zeros_like(etas)
+        return cls(
+            timesteps=tuple(keep[j] for j in order),
+            c_in=tuple(float(1.0 / torch.sqrt(etas32[j] * schedule.kappa**2 + 1)) for j in order),
+            a=tuple(float(a[j]) for j in order),
+            b=tuple(float(b[j]) for j in order),
+            c=tuple(float(c[j]) for j in order),
+            sigma=tuple(float(sigma[j]) if j > 0 else 0.0 for j in order),
+            start_scale=schedule.kappa * float(torch.sqrt(etas[-1])) * temperature,
+            sampler=sampler,
+            temperature=float(temperature),
+        )
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+
+def draw_noise(
+    shape: tuple[int, ...], steps: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(steps, *shape) standard normal noise: [0] starts the chain, [k] is drawn after step k-1.
+
+    Drawn one step at a time from `generator` in the order `sample` draws it, whatever the sampler
+    (a deterministic one uses only [0]), so that one seed means the same start whatever the plan."""
+    return torch.stack([torch.randn(shape, generator=generator, dtype=dtype) for _ in range(steps)])
+
+
+def run_plan(
+    denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    y: torch.Tensor,
+    lq: torch.Tensor,
+    plan: SamplerPlan,
+    noise: torch.Tensor,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """The sampling loop of a plan from the shift target y; noise is (steps, B, C, h, w) as from
+    draw_noise. `denoise(x_scaled, t (B,) int64, lq)` is one network evaluation. Returns the final latent."""
+    x = y + plan.start_scale * noise[0].to(y)
+    for k, t in enumerate(plan.timesteps):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        x0 = denoise(x * plan.c_in[k], tt, lq)
+        x = plan.a[k] * x + plan.b[k] * x0
+        if plan.c[k] != 0:
+            x = x + plan.c[k] * y
+        if plan.sigma[k] > 0:
+            x = x + plan.sigma[k] * noise[k + 1].to(x)
+        if on_step is not None:
+            on_step(k + 1, plan.steps)
+    return x
+
+
 @torch.no_grad()
 def superresolve_window(
     unet: torch.nn.Module,

@@ -15,6 +15,15 @@ another:
   the "sax" chest and acquisition: a different view for generalisation tests. Its
   ``image_orientation`` is a four-chamber plane and its slices are parallel four-chamber planes.
 
+Content that is not one of these hearts, so that a prior learned from it is not a cartoon of one phantom
+(each slice an independent noise-free cine in a generic short-axis geometry):
+
+* ``"deadleaves"``: occluding leaves of power-law sizes, each on its own periodic path (ours).
+* ``"texture"``: photographs and textures shipped with scikit-image, deformed periodically.
+* ``"shepp-logan"``: phantominator's modified Shepp-Logan ellipses, moved periodically.
+* ``"mrphantom"``, ``"motioncloud"``: third-party cine generators kept for evaluation only
+  (`THIRD_PARTY`, see cinesr.model.external).
+
 `degrade_acquisition` makes the matching low-resolution acquisition (every 8th frame, 4x
 smaller by area averaging) with consistent geometry.
 """
@@ -26,13 +35,24 @@ import zlib
 
 import numpy as np
 from cinesr.model import phantom_fourier, phantom_lax, phantom_sax
+from cinesr.model.deadleaves import dead_leaves_cine
+from cinesr.model.external import motioncloud_cine, mrphantom_cine
 from cinesr.model.phantom_common import PhantomStudy, area_downsample, normalise_study, sax_geometry
+from cinesr.model.shepp_logan import shepp_logan_cine
+from cinesr.model.textures import texture_cine
 
-__all__ = ["GENERATORS", "PhantomStudy", "degrade_acquisition", "lv_region", "make_study", "motion_curve"]
-
-GENERATORS: tuple[str, ...] = ("sax", "sax-fourier", "lax")
+__all__ = ["GENERATORS", "HEART_GENERATORS", "THIRD_PARTY", "PhantomStudy", "degrade_acquisition", "lv_region",
+           "make_study", "motion_curve"]
 
 _MODULES = {"sax": phantom_sax, "sax-fourier": phantom_fourier, "lax": phantom_lax}
+# Content that is not one of our hearts: (seed-free) functions (rng, frames, size) -> (T, H, W) in [0, 1].
+_CONTENT = {"deadleaves": dead_leaves_cine, "texture": texture_cine, "shepp-logan": shepp_logan_cine,
+            "mrphantom": mrphantom_cine, "motioncloud": motioncloud_cine}
+
+HEART_GENERATORS: tuple[str, ...] = tuple(_MODULES)
+GENERATORS: tuple[str, ...] = (*_MODULES, *_CONTENT)
+# Sources written by others, kept out of training: the honest "never seen" test (cinesr.model.external).
+THIRD_PARTY: tuple[str, ...] = ("mrphantom", "motioncloud")
 
 
 def _streams(seed: int, generator: str) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
@@ -41,7 +61,7 @@ def _streams(seed: int, generator: str) -> tuple[np.random.Generator, np.random.
     Parameters come from their own stream so that the patient (and its motion curve) does not
     depend on the requested size, slice or frame count.
     """
-    if generator not in _MODULES:
+    if generator not in GENERATORS:
         raise ValueError(f"unknown phantom generator {generator!r}; choose one of {', '.join(GENERATORS)}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -57,7 +77,7 @@ def motion_curve(seed: int, phase: np.ndarray, generator: str = "sax") -> np.nda
     `make_study(seed, generator=generator)`.
     """
     params_rng, _, _ = _streams(seed, generator)
-    module = _MODULES[generator]
+    module = _heart(generator)
     return module.area_curve(module.sample_params(params_rng), np.asarray(phase, dtype=np.float64))
 
 
@@ -66,7 +86,7 @@ def lv_region(seed: int, generator: str = "sax") -> tuple[np.ndarray, float]:
     y down) and its end-diastolic radius (mm) in the first slice. For heart-centred crops and
     ROI metrics; multiply by size / FOV (i.e. divide by pixel spacing) for pixels."""
     params_rng, _, _ = _streams(seed, generator)
-    module = _MODULES[generator]
+    module = _heart(generator)
     centre, radius = module.lv_region(module.sample_params(params_rng))
     return np.asarray(centre, dtype=np.float64), float(radius)
 
@@ -81,6 +101,8 @@ def make_study(seed: int, *, slices: int = 3, frames: int = 32, size: int = 256,
     if slices < 1 or frames < 2 or size < 16:
         raise ValueError(f"need slices >= 1, frames >= 2, size >= 16; got {slices}, {frames}, {size}")
     params_rng, render_rng, geom_rng = _streams(seed, generator)
+    if generator in _CONTENT:
+        return _content_study(seed, generator, render_rng, geom_rng, slices, frames, size)
     module = _MODULES[generator]
     params = module.sample_params(params_rng)
     raw, offsets, pixel, level = module.render(params, render_rng, slices, frames, size, noise)
@@ -102,6 +124,29 @@ def make_study(seed: int, *, slices: int = 3, frames: int = 32, size: int = 256,
         heart_rate_bpm=float(params.hr_bpm),
         generator=generator,
     )
+
+
+def _heart(generator: str):  # noqa: ANN202 - one of the phantom_* modules
+    if generator not in _MODULES:
+        raise ValueError(f"{generator!r} is not a heart phantom (one of {', '.join(_MODULES)})")
+    return _MODULES[generator]
+
+
+def _content_study(seed: int, generator: str, render_rng: np.random.Generator, geom_rng: np.random.Generator,
+                   slices: int, frames: int, size: int) -> PhantomStudy:
+    """A study of non-heart content: one independent cine per slice, in a generic short-axis geometry.
+
+    The content is its own noise-free twin (the acquisition adds the noise), so `noise` does not apply."""
+    fov_mm, thickness, rr = 360.0, 8.0, 1000.0
+    pixel = fov_mm / size
+    cines = [_CONTENT[generator](np.random.default_rng(s), frames, size) for s in render_rng.spawn(slices)]
+    offsets = np.arange(slices) * (thickness + 2.0)
+    orientation, positions = sax_geometry(geom_rng, offsets, size, pixel, (0.0, 0.0))
+    return PhantomStudy(
+        patient_id=f"{generator.upper()}-{seed:04d}", frames=np.stack(cines).astype(np.float32),
+        trigger_times_ms=np.arange(frames, dtype=np.float64) * rr / frames, rr_interval_ms=rr,
+        pixel_spacing_mm=pixel, slice_thickness_mm=thickness, image_orientation=orientation,
+        image_positions=positions, heart_rate_bpm=60.0, generator=generator)
 
 
 def degrade_acquisition(study: PhantomStudy, temporal: int = 8, spatial: int = 4) -> PhantomStudy:

@@ -4,6 +4,8 @@
   `cinesr.model.train` writes, plus the validation metrics against the baseline when logged.
 * `strip_figure(rows, out_png)`: the paper's Figures 3-4 layout: one row per method (baseline,
   model, ground truth), one column per time point, the heart region cropped.
+* `comparison_figure(rows, out_png)`: input, methods and truth over time, each method's difference to
+  the truth, and a zoomed crop where the acquisition lost the most detail (evaluation and the card).
 """
 
 from __future__ import annotations
@@ -167,3 +169,64 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def detail_box(truth: np.ndarray, baseline: np.ndarray, size: int) -> tuple[int, int]:
+    """(top, left) of the size x size box where the truth holds the most detail the baseline lost."""
+    err = np.mean((np.asarray(truth, np.float64) - np.asarray(baseline, np.float64)) ** 2, axis=0)
+    h, w = err.shape
+    integral = np.pad(err, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    top, left = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(min(top, h - size)), int(min(left, w - size))
+
+
+def comparison_figure(rows: Mapping[str, np.ndarray], out_png: str | Path, columns: int = 5, zoom_size: int = 48,
+                      zoom: int = 3, diff_gain: float = 4.0, title: str = "") -> Path:
+    """A comparison strip for people who look before they read.
+
+    rows: (T, H, W) frames in [0, 1] with the same T: 'truth' and any methods ('input' may have a smaller
+    H, W: it is shown enlarged by pixel replication). One row per entry over `columns` time points, one
+    row per method with |method - truth| x `diff_gain`, and a last column that zooms `zoom`x into the box
+    where the truth holds the most detail the baseline (or the first method) lost, at the first time point.
+    """
+    truth = np.asarray(rows["truth"], np.float32)
+    t, h, w = truth.shape
+    shown: dict[str, np.ndarray] = {}
+    for name, frames in rows.items():
+        f = np.asarray(frames, np.float32)
+        if f.shape[-2:] != (h, w):
+            f = f.repeat(h // f.shape[-2], axis=-2).repeat(w // f.shape[-1], axis=-1)
+        shown[name] = np.clip(f, 0, 1)
+    methods = [n for n in shown if n not in ("truth", "input")]
+    for name in methods:
+        shown[f"|{name} - truth| x{diff_gain:g}"] = np.clip(np.abs(shown[name] - truth) * diff_gain, 0, 1)
+    cols = np.unique(np.linspace(0, t - 1, min(columns, t)).round().astype(int))
+    reference = shown.get("baseline", shown[methods[0]] if methods else truth)
+    top, left = detail_box(truth, reference, min(zoom_size, h, w))
+    zs = min(zoom_size, h, w)
+    label_w, head, gap = 170, 34, 4
+    zw = zs * zoom
+    width = label_w + len(cols) * (w + gap) + zw + gap
+    height = head + len(shown) * (max(h, zw) + gap)
+    img = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((4, 2), title, fill=0, font=_font())
+    for j, k in enumerate(cols):
+        draw.text((label_w + j * (w + gap) + 4, head - 14), f"frame {k}", fill=0, font=_font())
+    draw.text((label_w + len(cols) * (w + gap) + 4, head - 14), f"frame {cols[0]}, {zoom}x", fill=0, font=_font())
+    for i, (name, frames) in enumerate(shown.items()):
+        y = head + i * (max(h, zw) + gap)
+        draw.text((4, y + h // 2 - 6), name[:28], fill=0, font=_font())
+        for j, k in enumerate(cols):
+            img.paste(Image.fromarray((frames[k] * 255 + 0.5).astype(np.uint8)), (label_w + j * (w + gap), y))
+        crop = frames[cols[0], top : top + zs, left : left + zs]
+        tile = Image.fromarray((crop * 255 + 0.5).astype(np.uint8)).resize((zw, zw), Image.NEAREST)
+        img.paste(tile, (label_w + len(cols) * (w + gap), y))
+        x0 = label_w + left
+        draw.rectangle([x0, y + top, x0 + zs, y + top + zs], outline=255)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out_png)
+    return out_png

@@ -1,11 +1,16 @@
-"""Training and evaluation samples built as in the paper.
+"""Training and evaluation samples: (low-resolution window, true window) pairs from a cine slice.
 
-From one cine slice take a 9-frame mini-clip, keep only its first and last frame (a temporal
-acquisition 8x coarser), interpolate the 7 frames between them by optical flow (the same
-interpolation as the baseline), pick 3 consecutive interpolated frames and degrade them spatially:
-that is the low-resolution input (3, h, w). The ground truth is the 3 true frames at the same
-times (3, 4h, 4w). The model thus learns to undo both the spatial degradation and the errors of
-the flow interpolation.
+Two ways, both giving a low-resolution input (3, h, w) and the 3 true frames at the same times
+(3, 4h, 4w), so that the model learns to undo both the spatial acquisition and the errors of the
+flow interpolation:
+
+* as in the paper (`sample_from_clip`): take a 9-frame mini-clip, keep its first and last frame
+  (a temporal acquisition 8x coarser), interpolate the 7 between by optical flow at full resolution,
+  pick 3 consecutive interpolated frames and degrade them spatially;
+* as the pipeline sees an acquisition (`sample_acquired`): acquire every 8th frame at low resolution
+  (one acquisition draw for the slice, noise per frame), interpolate between the acquired frames at
+  low resolution, as `cinesr.model.pipeline` does, and take any 3 consecutive frames, acquired ones
+  included. This is what the shipped model trains on.
 """
 
 from __future__ import annotations
@@ -74,6 +79,37 @@ def sample_from_clip(
         interpolated=window.astype(np.float32),
         clip_frames=frames,  # type: ignore[arg-type]
     )
+
+
+def sample_acquired(
+    frames: np.ndarray,
+    rng: np.random.Generator,
+    acquisition: DegradationConfig | None = None,
+    start: int | None = None,
+    window: int | None = None,
+) -> Sample:
+    """A sample from a (T, H, W) cine slice in [0, 1] as the pipeline would see it acquired.
+
+    Frames start-8, start and start+8 (cyclic) are acquired together; the two intervals between them
+    are flow-interpolated at low resolution into 17 frames; the window is frames window..window+2 of
+    those (random when None, 0..14). `clip_frames` holds the window's true frame indices."""
+    frames = np.asarray(frames)
+    t = frames.shape[0]
+    if frames.ndim != 3 or t < 2:
+        raise ValueError(f"need (T>=2, H, W) frames, got {frames.shape}")
+    step = CLIP_LENGTH - 1
+    start = int(rng.integers(t)) if start is None else start
+    window = int(rng.integers(2 * step - 1)) if window is None else window
+    if not 0 <= window <= 2 * step - 2:
+        raise ValueError(f"window must be in [0, {2 * step - 2}], got {window}")
+    kept = frames[[(start - step) % t, start % t, (start + step) % t]].astype(np.float32)
+    low = degrade(kept, rng, acquisition)
+    phases = np.arange(step, dtype=np.float32) / step
+    lr = np.concatenate([interpolate_pair(low[0], low[1], phases), interpolate_pair(low[1], low[2], phases),
+                         low[2:]])
+    index = [(start - step + window + c) % t for c in range(WINDOW)]
+    return Sample(lq=lr[window : window + WINDOW].astype(np.float32), gt=frames[index].astype(np.float32),
+                  interpolated=frames[index].astype(np.float32), clip_frames=tuple(index))  # type: ignore[arg-type]
 
 
 def sample_from_slice(

@@ -51,8 +51,12 @@ def superresolve(
                                              "baseline), model, or baseline (optical flow + bicubic).")] = "auto",
     backend: Annotated[str, typer.Option(help="auto|tensorrt|onnx|torch.")] = "auto",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
-    steps: Annotated[int, typer.Option(min=1, max=15, help="Sampler steps (15 = as trained).")] = 15,
+    steps: Annotated[int | None, typer.Option(min=1, max=15, help="Sampler steps (default: the model bundle's "
+                                                                  "choice; 15 = as trained).")] = None,
     seed: Annotated[int, typer.Option(help="Sampler noise seed (same seed, same output on every backend).")] = 0,
+    consistency: Annotated[str | None, typer.Option(
+        help="Data consistency with the acquisition: auto (the model that explains the input best), area, "
+             "kspace, or off (research only). Default: the CONSISTENCY setting (auto).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model bundle folder (default: MODEL_DIR or the "
                                                               "bundled model).")] = None,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -64,7 +68,7 @@ def superresolve(
     from cinesr.worker.pipeline import superresolve_series
 
     series_list = read_series(inputs)  # validates everything before anything is written
-    sr_method = _method(method, backend, device, steps, seed, model)
+    sr_method = _method(method, backend, device, steps, seed, model, consistency)
     derivation = Derivation(sr_method.name, sr_method.version, sr_method.parameters())
     created_output = not output.exists()
     written: list[Path] = []
@@ -85,6 +89,8 @@ def superresolve(
                     "input_shape": list(series.shape),
                     "output_shape": [len(result.frames), *result.frames[0].shape],
                     "seconds": round(result.timings["compute"], 3),
+                    **({"fidelity_db": result.fidelity_db, "consistency": result.consistency}
+                       if result.fidelity_db is not None else {}),
                 })
     except BaseException:
         for folder in written:  # nothing partial: a failed run leaves the output folder as it was
@@ -93,7 +99,7 @@ def superresolve(
             shutil.rmtree(output, ignore_errors=True)
         raise
     if json_summary:
-        out.print_json(json.dumps({"method": sr_method.name, "series": summary}))
+        out.print_json(json.dumps({"method": sr_method.name, "series": summary}, allow_nan=False, default=str))
     else:
         for item in summary:
             out.print(f"{item['instances']} instances ({'x'.join(map(str, item['output_shape']))}) -> "
@@ -136,7 +142,8 @@ def phantom(
             bar.update(task, advance=1)
 
 
-def _method(name: str, backend: str, device: str, steps: int, seed: int, model: str | None) -> object:
+def _method(name: str, backend: str, device: str, steps: int | None, seed: int, model: str | None,
+            consistency: str | None = None) -> object:
     """The SR method for the offline command (the service builds its own through worker.process)."""
     from cinesr.worker.pipeline import BaselineMethod
     from cinesr.worker.process import trained_model_available
@@ -158,7 +165,14 @@ def _method(name: str, backend: str, device: str, steps: int, seed: int, model: 
         engine = create_engine(backend=backend, device=device, model=model)
     except (EngineUnavailable, ValueError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    return ModelMethod(engine, steps=steps, seed=seed)
+    from cinesr.model.consistency import MODES
+
+    if consistency is not None and consistency not in MODES:
+        raise UsageError(f"unknown --consistency {consistency!r} (one of {', '.join(MODES)})")
+    try:
+        return ModelMethod.configured(engine, steps=steps, seed=seed, consistency=consistency or settings.consistency)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _fail(message: str, code: int) -> None:

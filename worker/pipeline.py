@@ -63,6 +63,9 @@ class BaselineMethod:
 class SeriesResult:
     frames: list[np.ndarray]  # per slice (8T, 4h, 4w), series intensity units
     timings: dict[str, float] = field(default_factory=dict)
+    # the model's agreement with the acquisition (cinesr.model.pipeline.Result); None for the baseline
+    fidelity_db: float | None = None
+    consistency: str | None = None
 
 
 def superresolve_series(series: CineSeries, method: Method, progress: Progress | None = None) -> SeriesResult:
@@ -84,4 +87,9 @@ def superresolve_series(series: CineSeries, method: Method, progress: Progress |
         frames = whole(series, step)
     else:
         frames = [method.superresolve_slice(s.frames, step) for s in series.slices]
-    return SeriesResult(frames=frames, timings={"compute": time.perf_counter() - start})
+    timings = {"compute": time.perf_counter() - start}
+    quality = getattr(method, "last", None)  # the model's cinesr.model.pipeline.Result of this series
+    if quality is None:
+        return SeriesResult(frames=frames, timings=timings)
+    return SeriesResult(frames=frames, timings={**timings, **{k: round(v, 3) for k, v in quality.timings.items()}},
+                        fidelity_db=quality.fidelity_db, consistency=quality.consistency)

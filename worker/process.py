@@ -84,7 +84,7 @@ def make_method(name: str | None, steps: int | None, settings: Settings) -> Any:
     resolved = resolve_method_name(name, settings)
     if resolved == "baseline":
         return BaselineMethod()
-    key = ("model", str(settings.model_dir or ""), settings.backend, steps)
+    key = ("model", str(settings.model_dir or ""), settings.backend, steps, settings.consistency)
     with _METHOD_LOCK:
         if key not in _METHOD_CACHE:
             try:
@@ -92,7 +92,8 @@ def make_method(name: str | None, steps: int | None, settings: Settings) -> Any:
                 from .modelsr import ModelMethod
 
                 engine = create_engine(settings.backend, "auto", settings.model_dir)
-                _METHOD_CACHE[key] = ModelMethod(engine, steps=steps or 15)
+                _METHOD_CACHE[key] = ModelMethod.configured(engine, steps=steps,
+                                                                consistency=settings.consistency)
             except ImportError as exc:
                 raise PermanentError(f"the model method is not installed: {exc}") from exc
             except (ValueError, RuntimeError, OSError) as exc:  # EngineUnavailable is a RuntimeError

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     auto_process: bool = True
     model_dir: Path | None = None  # None: the bundled model
     backend: Backend = "auto"
+    # data consistency of the model's output with the acquisition (cinesr.model.consistency); off: research only
+    consistency: Literal["auto", "area", "kspace", "off"] = "auto"
+    fidelity_floor_db: float = Field(30.0, ge=0)  # below this the series is flagged (job warning, ImageComments)
     # --- workers (issue 7) ---
     heartbeat_file: Path = Path("/tmp/cinesr/heartbeat")  # written once the engine is loaded; probes read it
     engine_cache: Path | None = None  # TensorRT plans (per GPU, TensorRT version, bundle); None: a temp folder

@@ -30,7 +30,7 @@ def model_stats(cfg: Mapping[str, Any], image_size: int = 256) -> dict[str, floa
     steps = int(diffusion.get("params", diffusion).get("steps", 15))
     size = image_size // ae.downsample_factor
     img = torch.zeros(1, 3, image_size, image_size, device="meta")
-    z = torch.zeros(1, ae.quantize.embedding.weight.shape[1], size, size, device="meta")
+    z = torch.zeros(1, ae.quant_conv.out_channels, size, size, device="meta")
     lq = torch.zeros(1, 3, size, size, device="meta")
     enc = _gflops(ae.encode, img)
     step = _gflops(unet, z, torch.zeros(1, dtype=torch.long, device="meta"), lq=lq)

@@ -2,6 +2,16 @@
 
 encode() returns the continuous latent (after quant_conv, before quantisation); decode() snaps it to
 the nearest codebook entry, then decodes. Module names match LDM's state dict.
+
+Three options beyond LDM's, for small models trained on crops (the bundled `tiny`), none of which adds
+a parameter: `n_embed: 0` drops the codebook (a continuous latent: quantisation is a ceiling on fidelity
+that a small codebook makes low); `ddconfig.norm: none` drops the GroupNorms (a fully convolutional
+network behaves the same on a crop as on a whole frame; GroupNorm statistics of a crop differ from those
+of the frame); `ddconfig.skip: true` makes the first 3 latent channels a low-resolution image: the encoder
+adds the f x f block means of its input to them and the decoder adds their bicubic enlargement to its
+output, so the networks learn only the detail around an image they get for free (from the first step
+on, reconstruction is as good as bicubic upsampling; a small network trained on a CPU would take long to
+learn that map by itself).
 """
 
 from __future__ import annotations
@@ -13,17 +23,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NORMS = ("group", "none")
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+
+def _norm(channels: int, kind: str = "group") -> nn.Module:
+    return nn.GroupNorm(32, channels, eps=1e-6) if kind == "group" else nn.Identity()
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm: str = "group") -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, norm)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -41,9 +53,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head full self-attention over all positions (LDM's 'vanilla' attention)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm: str = "group") -> None:
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, norm)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -81,11 +93,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int, dropout: float, attention: bool) -> nn.Module:
+def _mid(channels: int, dropout: float, attention: bool, norm: str) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels) if attention else nn.Identity()
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    mid.block_1 = ResnetBlock(channels, channels, dropout, norm)
+    mid.attn_1 = AttnBlock(channels, norm) if attention else nn.Identity()
+    mid.block_2 = ResnetBlock(channels, channels, dropout, norm)
     return mid
 
 
@@ -101,6 +113,7 @@ class Encoder(nn.Module):
         z_channels: int,
         dropout: float = 0.0,
         mid_attention: bool = True,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -110,16 +123,16 @@ class Encoder(nn.Module):
             down = nn.Module()
             down.block, down.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult, dropout))
+                down.block.append(ResnetBlock(block_in, ch * mult, dropout, norm))
                 block_in = ch * mult
                 if res in attn_resolutions:
-                    down.attn.append(AttnBlock(block_in))
+                    down.attn.append(AttnBlock(block_in, norm))
             if level != len(ch_mult) - 1:
                 down.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(down)
-        self.mid = _mid(block_in, dropout, mid_attention)
-        self.norm_out = _norm(block_in)
+        self.mid = _mid(block_in, dropout, mid_attention, norm)
+        self.norm_out = _norm(block_in, norm)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,27 +160,28 @@ class Decoder(nn.Module):
         z_channels: int,
         dropout: float = 0.0,
         mid_attention: bool = True,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _mid(block_in, dropout, mid_attention)
+        self.mid = _mid(block_in, dropout, mid_attention, norm)
         ups: list[nn.Module] = []
         for level in reversed(range(len(ch_mult))):
             up = nn.Module()
             up.block, up.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, ch * ch_mult[level], dropout))
+                up.block.append(ResnetBlock(block_in, ch * ch_mult[level], dropout, norm))
                 block_in = ch * ch_mult[level]
                 if res in attn_resolutions:
-                    up.attn.append(AttnBlock(block_in))
+                    up.attn.append(AttnBlock(block_in, norm))
             if level != 0:
                 up.upsample = Upsample(block_in)
                 res *= 2
             ups.insert(0, up)  # stored lowest level first, as LDM does
         self.up = nn.ModuleList(ups)
-        self.norm_out = _norm(block_in)
+        self.norm_out = _norm(block_in, norm)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -204,6 +218,13 @@ class VectorQuantizer(nn.Module):
         return z + (zq - z).detach()
 
 
+class NoQuantizer(nn.Module):
+    """The continuous-latent choice (`n_embed: 0`): decode() passes latents through unchanged."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
 class VQGAN(nn.Module):
     """VQ-f4 autoencoder: 3-channel image in [-1, 1] <-> `embed_dim`-channel latent at 1/4 the size."""
 
@@ -215,6 +236,12 @@ class VQGAN(nn.Module):
         attn_type = dd.get("attn_type", "vanilla")
         if attn_type not in ("vanilla", "none"):
             raise ValueError(f"ddconfig.attn_type {attn_type!r} is not supported (vanilla or none)")
+        norm = dd.get("norm", "group")
+        self.skip = bool(dd.get("skip", False))
+        if self.skip and (n_embed > 0 or embed_dim < dd["in_channels"]):
+            raise ValueError("ddconfig.skip needs a continuous latent (n_embed 0) with embed_dim >= in_channels")
+        if norm not in NORMS:
+            raise ValueError(f"ddconfig.norm {norm!r} is not supported ({' or '.join(NORMS)})")
         common = {
             "ch": dd["ch"],
             "ch_mult": list(dd["ch_mult"]),
@@ -224,10 +251,11 @@ class VQGAN(nn.Module):
             "z_channels": dd["z_channels"],
             "dropout": float(dd.get("dropout", 0.0)),
             "mid_attention": attn_type == "vanilla",
+            "norm": norm,
         }
         self.encoder = Encoder(in_channels=dd["in_channels"], **common)
         self.decoder = Decoder(out_ch=dd["out_ch"], **common)
-        self.quantize = VectorQuantizer(n_embed, embed_dim)
+        self.quantize: nn.Module = VectorQuantizer(n_embed, embed_dim) if n_embed > 0 else NoQuantizer()
         self.quant_conv = nn.Conv2d(dd["z_channels"], embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, dd["z_channels"], 1)
         self.downsample_factor = 2 ** (len(common["ch_mult"]) - 1)
@@ -240,13 +268,26 @@ class VQGAN(nn.Module):
 
     def encode(self, img: torch.Tensor) -> torch.Tensor:
         """Latent before quantisation, (B, embed_dim, H/f, W/f)."""
-        return self.quant_conv(self.encoder(img))
+        z = self.quant_conv(self.encoder(img))
+        if self.skip:
+            c, f = img.shape[1], self.downsample_factor
+            z = torch.cat([z[:, :c] + F.avg_pool2d(img, f), z[:, c:]], dim=1)
+        return z
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.quantize, VectorQuantizer)
 
     def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-        """Quantise z to the nearest codes (unless quantize=False), then decode to an image."""
+        """Quantise z to the nearest codes (unless quantize=False or there is no codebook), then decode."""
         if quantize:
             z = self.quantize(z)
-        return self.decoder(self.post_quant_conv(z))
+        out = self.decoder(self.post_quant_conv(z))
+        if self.skip:
+            c = out.shape[1]
+            out = out + F.interpolate(z[:, :c], scale_factor=self.downsample_factor, mode="bicubic",
+                                      align_corners=False)
+        return out
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(img))

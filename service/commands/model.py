@@ -45,32 +45,56 @@ def train(
 
 @app.command()
 def evaluate(
-    data: Annotated[str, typer.Option(help="Folder of ground-truth cine studies (DSB layout or one folder per "
-                                           "patient), or phantom:<seeds>[:<generator>], e.g. phantom:100-109.")],
+    data: Annotated[list[str], typer.Option(help="Folder of ground-truth cine studies (DSB layout or one folder per "
+                                                 "patient), or phantom:<seeds>[:<generator>], e.g. phantom:100-109 "
+                                                 "or phantom:0-4:mrphantom; repeat for several sources (rows per "
+                                                 "source).")],
     model: ModelOpt = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where evaluation.md/json and figures go.")]
     = Path("cinesr-eval"),
-    degradation: Annotated[list[str] | None, typer.Option(help="realesrgan and/or bicubic (default both).")]
-    = None,
+    acquisition: Annotated[list[str] | None, typer.Option(
+        help="realesrgan, bicubic, area and/or kspace (default all four).")] = None,
     protocol: Annotated[list[str] | None, typer.Option(help="paper and/or sequence (default both).")] = None,
     split: Annotated[str | None, typer.Option(help="Only patients of this split (train/val/test).")] = None,
-    max_patients: Annotated[int | None, typer.Option()] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    max_patients: Annotated[int | None, typer.Option(help="At most this many patients per source.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the acquisitions and of the sampler's noise.")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, max=15, help="Sampler steps (default: the bundle's).")] = None,
+    consistency: Annotated[str | None, typer.Option(help="auto|area|kspace|off (default: the bundle's).")] = None,
+    backend: Annotated[str | None, typer.Option(help="Run the windows through this inference engine "
+                                                     "(auto|tensorrt|onnx|torch); default: the bundle's networks "
+                                                     "in torch, as `cinesr superresolve --backend torch`.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
-    """Degrade ground-truth cine, run the baseline and the model, print a table like the paper's Table 1."""
-    from cinesr.model.evaluate import DEGRADATIONS, PROTOCOLS, markdown_table
+    """Acquire ground-truth cine, run the baseline and the model through the shipped path, print a table
+    like the paper's Table 1 (plus temporal error), per source."""
+    from cinesr.model.bundle import load_bundle
+    from cinesr.model.evaluate import ACQUISITIONS, PROTOCOLS, markdown_table
     from cinesr.model.evaluate import evaluate as run_evaluation
+    from cinesr.model.pipeline import Options
 
+    bundle = load_bundle(model, device=device)
+    try:
+        options = Options.from_mapping(bundle.meta.get("inference"), steps=steps, seed=seed, consistency=consistency)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    runner = None
+    if backend is not None:
+        from cinesr.worker.engines import EngineUnavailable, create_engine
+
+        try:
+            runner = create_engine(backend=backend, device=device, model=bundle.path)
+        except (EngineUnavailable, ValueError) as exc:
+            raise UsageError(str(exc).splitlines()[0]) from None
+        runner.set_steps(options.steps, options.sampler, options.temperature)
     with progress_bar() as bar:
         task = bar.add_task("evaluating", total=None)
 
         def show(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=f"evaluating {what}")
 
-        report = run_evaluation(data, model, output, degradations=tuple(degradation or DEGRADATIONS),
+        report = run_evaluation(data, bundle, output, acquisitions=tuple(acquisition or ACQUISITIONS),
                                 protocols=tuple(protocol or PROTOCOLS), seed=seed, split=split,
-                                max_patients=max_patients, device=device, progress=show)
+                                max_patients=max_patients, options=options, runner=runner, progress=show)
     out.print(markdown_table(report), soft_wrap=True, highlight=False)
     out.print(f"report -> {output}", soft_wrap=True, highlight=False)
 

@@ -21,6 +21,7 @@ from cinesr.model.datasets import (
 )
 from cinesr.model.degrade import DegradationConfig
 from cinesr.model.errors import InputError
+from cinesr.model.intensity import CLIP
 from cinesr.model.phantom import make_study
 
 
@@ -54,7 +55,9 @@ def test_sample_dataset_draws_only_its_split_and_is_seeded() -> None:
     items = [ds[i] for i in range(4)]
     assert all(it["patient"] in allowed for it in items)
     assert items[0]["lq"].shape == (3, 16, 16) and items[0]["gt"].shape == (3, 64, 64)
-    assert float(items[0]["gt"].min()) >= -1.0 and float(items[0]["gt"].max()) <= 1.0
+    # the pipeline's intensity map: fitted on the low-resolution frames, clipped to the working range
+    assert CLIP[0] <= float(items[0]["gt"].min()) and float(items[0]["gt"].max()) <= CLIP[1]
+    assert float(items[0]["lq"].min()) == pytest.approx(-1.0, abs=0.05)
     again = SampleDataset(source, "train", DegradationConfig(kind="bicubic"), seed=3, length=4)[2]
     assert again["patient"] == items[2]["patient"]
     np.testing.assert_array_equal(again["gt"].numpy(), items[2]["gt"].numpy())

@@ -190,9 +190,9 @@ def test_training_loss_trains_tiny_unet(schedule):
     torch.manual_seed(0)
     cfg = load_config("tiny")["unet_config"]
     unet = SwinUNet.from_resshift_config(cfg)
-    x0 = torch.randn(2, 3, 64, 64) * 0.5
+    x0 = torch.randn(2, cfg["in_channels"], 64, 64) * 0.5
     lq = torch.rand(2, 3, 64, 64) * 2 - 1
-    y = x0 + 0.3 * lq
+    y = x0 + 0.3 * lq.repeat(1, 3, 1, 1)[:, : cfg["in_channels"]]
     opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
     t, noise = torch.tensor([2, 12]), torch.randn_like(x0)
     losses = []

@@ -152,8 +152,31 @@ def test_tiny_window_shapes():
         z = ae.encode(torch.zeros(1, 3, 256, 256))
         out = unet(z, torch.tensor([3]), lq=torch.zeros(1, 3, 64, 64))
         img = ae.decode(out)
-    assert z.shape == out.shape == (1, 3, 64, 64)
+    latent = cfg["autoencoder_config"]["embed_dim"]
+    assert latent >= 3 and cfg["unet_config"]["in_channels"] == cfg["unet_config"]["out_channels"] == latent
+    assert z.shape == out.shape == (1, latent, 64, 64)
     assert img.shape == (1, 3, 256, 256)
+
+
+def test_tiny_autoencoder_options_skip_and_continuous_latent():
+    """tiny's autoencoder: no codebook, no GroupNorm, and the skip: at initialisation (or with the
+    networks' own contributions zeroed) the first 3 latent channels are the 4x4 block means and the
+    decoder returns their bicubic enlargement."""
+    cfg = load_config("tiny")
+    ae = VQGAN.from_resshift_config(cfg["autoencoder_config"]).eval()
+    assert not ae.quantized and not any(isinstance(m, torch.nn.GroupNorm) for m in ae.modules())
+    for conv in (ae.quant_conv, ae.decoder.conv_out):
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.zeros_(conv.bias)
+    img = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(img)
+        out = ae.decode(z)
+    torch.testing.assert_close(z[:, :3], torch.nn.functional.avg_pool2d(img, 4))
+    assert torch.count_nonzero(z[:, 3:]) == 0
+    torch.testing.assert_close(out, torch.nn.functional.interpolate(z[:, :3], scale_factor=4, mode="bicubic"))
+    with pytest.raises(ValueError, match="skip"):
+        VQGAN(dict(cfg["autoencoder_config"]["ddconfig"]), 64, cfg["autoencoder_config"]["embed_dim"])
 
 
 # ---- checkpoint loader -------------------------------------------------------------------

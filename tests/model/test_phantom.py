@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from cinesr.model.phantom import (
     GENERATORS,
+    HEART_GENERATORS,
+    THIRD_PARTY,
     PhantomStudy,
     degrade_acquisition,
     lv_region,
@@ -16,7 +18,7 @@ from cinesr.model.phantom import (
 )
 
 
-@pytest.fixture(scope="module", params=GENERATORS)
+@pytest.fixture(scope="module", params=HEART_GENERATORS)
 def small_study(request: pytest.FixtureRequest) -> PhantomStudy:
     return make_study(5, slices=2, frames=16, size=128, generator=request.param)
 
@@ -26,7 +28,7 @@ def test_at_least_two_generators() -> None:
     assert {"sax", "sax-fourier", "lax"} <= set(GENERATORS)
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.parametrize("generator", HEART_GENERATORS)
 def test_default_study_shape_range_and_timing(generator: str) -> None:
     study = make_study(7, generator=generator)
     assert study.frames.shape == (3, 32, 256, 256)
@@ -103,7 +105,7 @@ def test_rician_noise_floor_in_air(small_study: PhantomStudy) -> None:
     assert not np.array_equal(small_study.frames[0, 0, :6, :6], small_study.frames[0, 1, :6, :6])
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.parametrize("generator", HEART_GENERATORS)
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_motion_curve_is_periodic_and_physiological(generator: str, seed: int) -> None:
     ends = motion_curve(seed, np.array([0.0, 1.0, 2.0, 1.0 - 1e-7]), generator)
@@ -149,7 +151,7 @@ def _lv_blood_pixels(study: PhantomStudy, seed: int, frame: int) -> int:
     return int(np.count_nonzero(image[disk] > threshold))
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.parametrize("generator", HEART_GENERATORS)
 @pytest.mark.parametrize("seed", [1, 4])
 def test_systole_shrinks_the_lv_blood_pool(generator: str, seed: int) -> None:
     study = make_study(seed, slices=2, frames=24, size=128, generator=generator)
@@ -232,7 +234,7 @@ def test_degrade_keeps_the_field_of_view_centre_on_an_oblique_stack() -> None:
 
 
 def test_lv_region_points_at_the_lv_blood_pool() -> None:
-    for generator in GENERATORS:
+    for generator in HEART_GENERATORS:
         study = make_study(12, slices=1, frames=2, size=128, generator=generator)
         centre, radius = lv_region(12, generator)
         assert 15.0 < radius < 45.0
@@ -253,7 +255,7 @@ def test_rejects_bad_arguments() -> None:
     assert dataclasses.is_dataclass(study)
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.parametrize("generator", HEART_GENERATORS)
 def test_frames_follow_the_motion_curve(generator: str) -> None:
     # the LV blood pool seen in the frames rises and falls with the published motion curve
     study = make_study(4, slices=1, frames=16, size=128, generator=generator)
@@ -296,7 +298,7 @@ def test_rendered_heart_is_periodic() -> None:
     assert np.abs(at[0] - at[2]).max() > 0.5
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.parametrize("generator", HEART_GENERATORS)
 def test_noise_free_twin(generator: str) -> None:
     noisy = make_study(6, slices=1, frames=4, size=96, generator=generator)
     clean = make_study(6, slices=1, frames=4, size=96, generator=generator, noise=False)
@@ -310,3 +312,32 @@ def test_noise_free_twin(generator: str) -> None:
     assert float(noisy.frames[..., :6, :6].mean()) > 0.004
     np.testing.assert_array_equal(clean.image_positions, noisy.image_positions)
     assert clean.heart_rate_bpm == noisy.heart_rate_bpm
+
+
+CONTENT = [g for g in GENERATORS if g not in HEART_GENERATORS]
+
+
+@pytest.mark.parametrize("generator", CONTENT)
+def test_other_content_is_a_periodic_seeded_cine(generator: str) -> None:
+    """Dead leaves, textures, Shepp-Logan and the third-party sources: (slices, frames) cines in [0, 1],
+    not blank, moving, seeded, each slice different, and periodic (the last frame leads back to the first
+    as smoothly as any frame to the next)."""
+    study = make_study(3, slices=2, frames=16, size=128, generator=generator)
+    f = study.frames
+    assert f.shape == (2, 16, 128, 128) and f.dtype == np.float32
+    assert 0.0 <= float(f.min()) and float(f.max()) <= 1.0 and float(f.std()) > 0.05
+    steps = np.abs(np.diff(f[0], axis=0)).mean(axis=(1, 2))
+    wrap = float(np.abs(f[0, 0] - f[0, -1]).mean())
+    assert steps.max() > 1e-3, "it moves"
+    assert wrap < 2.5 * float(np.median(steps)) + 1e-3, "the cycle closes"
+    assert float(np.abs(f[0] - f[1]).mean()) > 0.01, "slices differ"
+    np.testing.assert_array_equal(make_study(3, slices=2, frames=16, size=128, generator=generator).frames, f)
+    assert float(np.abs(make_study(4, slices=1, frames=16, size=128, generator=generator).frames[0]
+                        - f[0]).mean()) > 0.02
+    assert study.generator == generator and study.trigger_times_ms.shape == (16,)
+
+
+def test_third_party_sources_are_kept_apart() -> None:
+    assert set(THIRD_PARTY) <= set(CONTENT) and not set(THIRD_PARTY) & set(HEART_GENERATORS)
+    with pytest.raises(ValueError, match="not a heart phantom"):
+        lv_region(1, generator="deadleaves")

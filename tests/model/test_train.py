@@ -14,7 +14,7 @@ from cinesr.model.diffusion import Schedule, training_loss, unet_denoiser
 from cinesr.model.errors import InputError
 from cinesr.model.metrics import LPIPS
 from cinesr.model.plots import read_log, training_curves
-from cinesr.model.train import DEFAULTS, _restart_codes, apply_init, autoencoder_losses, load_train_config, train
+from cinesr.model.train import DEFAULTS, apply_init, autoencoder_losses, load_train_config, restart_codes, train
 
 # A micro model on 64x64 phantoms (16x16 inputs): same code paths as tiny, a fraction of the cost.
 MICRO_UNET = {"image_size": 16, "lq_size": 16, "model_channels": 32, "channel_mult": [1, 1],
@@ -22,10 +22,15 @@ MICRO_UNET = {"image_size": 16, "lq_size": 16, "model_channels": 32, "channel_mu
               "num_head_channels": 16, "window_size": 4}
 
 
-def micro_model() -> dict:
+def micro_model(codebook: bool = True) -> dict:
+    """tiny at 16x16; with `codebook` an LDM-style VQ autoencoder (3-channel latent, GroupNorm, codebook of
+    64: the code path of base), else tiny's own (continuous latent with the skip, no GroupNorm)."""
     cfg = copy.deepcopy(load_config("tiny"))
     cfg["unet_config"].update(MICRO_UNET)
-    cfg["autoencoder_config"]["n_embed"] = 64
+    if codebook:
+        cfg["unet_config"].update(in_channels=3, out_channels=3)
+        cfg["autoencoder_config"].update(n_embed=64, embed_dim=3)
+        cfg["autoencoder_config"]["ddconfig"].update(z_channels=3, norm="group", skip=False)
     return cfg
 
 
@@ -48,7 +53,7 @@ def test_losses_decrease_on_a_fixed_batch() -> None:
     x = torch.nn.functional.avg_pool2d(torch.rand(2, 3, 32, 32) * 2 - 1, 3, 1, 1)
     lpips_net = LPIPS()
     with torch.no_grad():  # as train() does: codebook starts on encoder outputs
-        _restart_codes(ae, torch.zeros(64, dtype=torch.long), ae.encode(x), torch.Generator().manual_seed(0))
+        restart_codes(ae, torch.zeros(64, dtype=torch.long), ae.encode(x), torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(ae.parameters(), lr=2e-4)
     cfg = DEFAULTS["autoencoder"]
     ae_losses = []
@@ -60,6 +65,18 @@ def test_losses_decrease_on_a_fixed_batch() -> None:
         opt.step()
     assert ae_losses[-1] < 0.9 * ae_losses[0]
     assert set(parts) >= {"l1", "lpips", "codebook", "commit"}
+
+    continuous = build_networks(micro_model(codebook=False))[1]
+    opt = torch.optim.Adam(continuous.parameters(), lr=1e-3)
+    cont = DEFAULTS["autoencoder"] | {"mse_weight": 1.0}
+    cont_losses = []
+    for _ in range(6):
+        loss, parts, _, idx = autoencoder_losses(continuous, x, lpips_net, cont)
+        cont_losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert idx is None and set(parts) == {"l1", "mse", "lpips"} and cont_losses[-1] < 0.9 * cont_losses[0]
 
     schedule = Schedule.from_config(micro_model()["diffusion"])
     g = torch.Generator().manual_seed(0)

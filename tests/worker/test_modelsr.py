@@ -1,5 +1,6 @@
-"""ModelMethod: normalisation, tiling/windows/blending, any matrix size, batching, backends agree on a
-whole series, and the 2-slice 4-frame 64x64 study within the time budget."""
+"""ModelMethod (the model's inference path through an engine): parameters, series-wide normalisation,
+any matrix size, batching, backends agree on a whole series, the bundle's shipped options, and the
+2-slice 4-frame 64x64 study within the time budget. The path's own bookkeeping: tests/model/test_pipeline.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import torch
 from cinesr.model.baseline import bicubic_up
 from cinesr.model.cine import read_series
 from cinesr.model.flow import interpolate_cine
+from cinesr.model.intensity import Normalisation
 from cinesr.model.metrics import psnr
+from cinesr.model.pipeline import Options
+from cinesr.model.windows import window_starts
 from cinesr.worker.engines import Engine, create_engine, load_model
 from cinesr.worker.engines.onnx_engine import OnnxEngine
 from cinesr.worker.engines.torch_engine import TorchEngine
-from cinesr.worker.modelsr import ModelMethod, Normalisation, tile_starts, window_starts
+from cinesr.worker.modelsr import ModelMethod
 from cinesr.worker.pipeline import superresolve_series
 
 
@@ -42,7 +46,7 @@ class NearestEngine(Engine):
 
     def superresolve(self, lq, noise, on_step=None):
         self.batches.append(int(lq.shape[0]))
-        assert noise.shape == (self.plan.steps, lq.shape[0], 3, 64, 64)
+        assert noise.shape == (self.plan.steps, lq.shape[0], self.geometry.latent_channels, 64, 64)
         for k in range(self.plan.steps):
             if on_step:
                 on_step(k + 1, self.plan.steps)
@@ -61,59 +65,14 @@ def _cine(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.stack(frames).astype(np.float32)
 
 
-def test_normalisation_is_robust_and_exactly_invertible():
-    x = _cine(4, 32, 32)
-    x[0, 0, 0] = 1e6  # one hot pixel must not set the range
-    n = Normalisation.fit([x])
-    assert n.hi < 2000
-    y = n.forward(x)
-    assert np.percentile(y, 0.5) == pytest.approx(-1, abs=1e-3)
-    assert np.percentile(y, 99.5) == pytest.approx(1, abs=1e-3)
-    np.testing.assert_allclose(n.inverse(y), x, rtol=1e-6, atol=1e-3)
-    flat = Normalisation.fit([np.full((2, 4, 4), 7.0)])
-    assert flat.hi > flat.lo
-
-
-def test_tiles_and_windows_cover_everything():
-    for size in (64, 65, 100, 192, 300):
-        starts = tile_starts(size, 64, 16)
-        assert starts[0] == 0 and starts[-1] == size - 64
-        assert all(b - a <= 48 for a, b in zip(starts, starts[1:], strict=False))
-    for stride in (1, 2, 3):
-        covered = {(s + c) % 32 for s in window_starts(32, stride) for c in range(3)}
-        assert covered == set(range(32))
-    assert len(window_starts(32, 3)) == 11 and len(window_starts(32, 1)) == 32
-
-
-@pytest.mark.parametrize("shape", [(48, 48), (96, 80), (150, 100)])
-@pytest.mark.parametrize("stride", [1, 3])
-def test_bookkeeping_reproduces_nearest_upsampling(tiny, shape, stride):
-    engine = NearestEngine(tiny)
-    method = ModelMethod(engine, steps=3, stride=stride, batch_size=5)
-    frames = _cine(3, *shape)
-    done = []
-    out = method.superresolve_slice(frames, done.append)
-    h, w = shape
-    assert out.shape == (24, 4 * h, 4 * w)
-    norm = Normalisation.fit([frames])
-    lq = np.clip(interpolate_cine(norm.forward(frames), 8), -1, 1)
-    expected = norm.inverse(lq.repeat(4, -2).repeat(4, -1))
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-2)
-    # frames come back in time order: output frame 8i is input frame i (up to the range clip)
-    np.testing.assert_allclose(out[8][::4, ::4], np.clip(frames[1], norm.lo, norm.hi), rtol=1e-5, atol=1e-2)
-    # progress: every job reports every step; batches never exceed the batch size
-    assert max(engine.batches) <= 5
-    assert sum(done) == sum(engine.batches) * 3
-
-
 def test_parameters_and_respaced_steps(tiny):
-    method = ModelMethod(NearestEngine(tiny), steps=5, stride=2)
+    method = ModelMethod(NearestEngine(tiny), Options(steps=5, stride=2))
     p = method.parameters()
-    assert p["steps"] == 5 and p["stride"] == 2 and p["seed"] == 0
+    assert p["steps"] == 5 and p["stride"] == 2 and p["seed"] == 0 and p["consistency"] == "auto"
     assert p["weights"] == tiny.weights_hash[:16] and "backend" not in p
     assert method.engine.plan.timesteps[0] == 14 and len(method.engine.plan.timesteps) == 5
     with pytest.raises(ValueError, match="stride"):
-        ModelMethod(NearestEngine(tiny), stride=4)
+        ModelMethod.configured(NearestEngine(tiny), stride=4)
 
 
 def test_series_normalisation_spans_all_slices(tiny):
@@ -126,20 +85,19 @@ def test_series_normalisation_spans_all_slices(tiny):
 
     dim, bright = _cine(2, 32, 32), _cine(2, 32, 32, seed=1) * 3
     series = CineSeries("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.4", [slice_(dim), slice_(bright)], Dataset())
-    method = ModelMethod(NearestEngine(tiny), steps=2)
+    method = ModelMethod(NearestEngine(tiny), Options(steps=2, stride=3))
     units = method.units(series)
     assert units == 2 * len(window_starts(16, 3)) * 2
-    n = method.normalisation_for(series.slices[0].frames)
-    assert n == Normalisation.fit([dim, bright])
-    assert method.normalisation_for(dim.copy()) == Normalisation.fit([dim])  # not of this series
     result = superresolve_series(series, method)
+    assert method.last.normalisation == Normalisation.fit([dim, bright])
     assert [f.shape for f in result.frames] == [(16, 128, 128), (16, 128, 128)]
+    assert result.fidelity_db == method.last.fidelity_db and result.consistency in ("area", "kspace")
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (96, 80), pytest.param((192, 192), marks=pytest.mark.slow)])
 def test_model_any_matrix_size_gives_4x(tiny, shape):
     engine = OnnxEngine(tiny, "cpu")
-    method = ModelMethod(engine, steps=2, stride=3)
+    method = ModelMethod(engine, Options(steps=2, stride=3))
     out = method.superresolve_slice(_cine(2, *shape), lambda n: None)
     assert out.shape == (16, 4 * shape[0], 4 * shape[1])
     assert np.isfinite(out).all()
@@ -148,10 +106,10 @@ def test_model_any_matrix_size_gives_4x(tiny, shape):
 def test_output_does_not_depend_on_batch_size(tiny):
     engine = OnnxEngine(tiny, "cpu")
     frames = _cine(2, 40, 40)
-    a = ModelMethod(engine, steps=3, batch_size=1).superresolve_slice(frames, lambda n: None)
-    b = ModelMethod(engine, steps=3, batch_size=4).superresolve_slice(frames, lambda n: None)
+    a = ModelMethod(engine, Options(steps=3), batch_size=1).superresolve_slice(frames, lambda n: None)
+    b = ModelMethod(engine, Options(steps=3), batch_size=4).superresolve_slice(frames, lambda n: None)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * (a.max() - a.min()) / 100)
-    c = ModelMethod(engine, steps=3, seed=1).superresolve_slice(frames, lambda n: None)
+    c = ModelMethod(engine, Options(steps=3, seed=1)).superresolve_slice(frames, lambda n: None)
     assert np.abs(a - c).mean() > 1e-4 * (a.max() - a.min())  # the seed matters
 
 
@@ -161,7 +119,7 @@ def test_backends_agree_on_a_whole_series(tiny):
     frames = _cine(2, 40, 40)
     outs = {}
     for engine in (OnnxEngine(tiny, "cpu"), TorchEngine(tiny, "cpu", threads=1)):
-        outs[engine.name] = ModelMethod(engine, seed=0).superresolve_slice(frames, lambda n: None)
+        outs[engine.name] = ModelMethod(engine, Options(seed=0)).superresolve_slice(frames, lambda n: None)
     a, b = outs["onnx"], outs["torch"]
     rng = float(b.max() - b.min())
     assert psnr(a, b, data_range=rng) > 60.0
@@ -187,18 +145,17 @@ def test_lowres_study_superresolves_in_time(lowres_study):
         assert abs(float(result.frames[0].mean()) - float(base.mean())) < 0.25 * float(base.std())
 
 
-def test_default_stride_comes_from_the_bundle(tmp_path):
-    from cinesr.model.bundle import save_bundle
-    from cinesr.worker.engines.bench import record_stride
+def test_default_options_come_from_the_bundle(tmp_path):
+    from cinesr.model.bundle import save_bundle, write_meta
 
     net = load_model("tiny", seed=4)
     bundle = save_bundle(tmp_path / "b", net.unet, net.vqgan, net.config, meta={"name": "s"})
-    assert ModelMethod(NearestEngine(load_model(bundle))).stride == 3
-    study = {"chosen_stride": 2, "table": {"stride2": {"psnr": 30.0}}, "rule": "r", "seeds": [1], "slices": 1,
-             "created": "now"}
-    record_stride(bundle, study)
-    assert ModelMethod(NearestEngine(load_model(bundle))).stride == 2
-    assert ModelMethod(NearestEngine(load_model(bundle)), stride=1).stride == 1
+    assert ModelMethod(NearestEngine(load_model(bundle))).options == Options()
+    write_meta(bundle, {"inference": {"stride": 2, "sampler": "ddim", "temperature": 0.5}})
+    shipped = ModelMethod(NearestEngine(load_model(bundle)))
+    assert shipped.options.stride == 2 and shipped.options.sampler == "ddim"
+    assert shipped.engine.plan.sampler == "ddim" and shipped.engine.plan.temperature == 0.5
+    assert ModelMethod.configured(NearestEngine(load_model(bundle)), stride=1, seed=None).options.stride == 1
 
 
 def test_batches_across_slices_give_the_same_series(tiny):
@@ -212,7 +169,7 @@ def test_batches_across_slices_give_the_same_series(tiny):
     series = CineSeries("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.4",
                         [slice_(_cine(2, 32, 32)), slice_(_cine(2, 32, 32, seed=2) * 2)], Dataset())
     engine = OnnxEngine(tiny, "cpu")
-    method = ModelMethod(engine, steps=2, batch_size=4)
+    method = ModelMethod(engine, Options(steps=2), batch_size=4)
     per_slice = superresolve_series(series, method).frames
     done: list[int] = []
     together = method.superresolve_series(series, done.append)

@@ -24,45 +24,15 @@ from typing import Any
 
 import torch
 from cinesr.model.configs import load_config
-from cinesr.model.diffusion import Schedule, upsample_lq
+from cinesr.model.diffusion import SamplerPlan, Schedule, draw_noise, run_plan, upsample_lq
 from cinesr.model.nets import VQGAN, SwinUNet
+from cinesr.model.windows import Geometry
+
+__all__ = ["Engine", "EngineUnavailable", "Geometry", "LoadedModel", "SamplerPlan", "draw_noise", "load_model"]
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Fixed shapes of one window: lq (3, lq_size^2) -> image (3, (sf*lq_size)^2); latent at lq size."""
-
-    lq_size: int = 64
-    sf: int = 4
-    channels: int = 3
-    latent_channels: int = 3
-    latent_factor: int = 4  # VQGAN downsampling
-
-    @property
-    def image_size(self) -> int:
-        return self.lq_size * self.sf
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // self.latent_factor
-
-    def shapes(self, batch: int | str = "B") -> dict[str, list[int | str]]:
-        lat = [batch, self.latent_channels, self.latent_size, self.latent_size]
-        img = [batch, self.channels, self.image_size, self.image_size]
-        return {
-            "encoder.images": img,
-            "encoder.latents": lat,
-            "unet.x": lat,
-            "unet.t": [batch],
-            "unet.lq": [batch, self.channels, self.lq_size, self.lq_size],
-            "unet.x0": lat,
-            "decoder.latents": lat,
-            "decoder.images": img,
-        }
 
 
 @dataclass
@@ -95,20 +65,6 @@ def state_hash(*modules: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _geometry(cfg: Mapping[str, Any], vqgan: VQGAN) -> Geometry:
-    ucfg = cfg["unet_config"].get("params", cfg["unet_config"])
-    diffusion = cfg.get("diffusion") or {}
-    sf = int(diffusion.get("params", diffusion).get("sf", 4))
-    lq_size = int(ucfg.get("lq_size") or ucfg["image_size"])
-    return Geometry(
-        lq_size=lq_size,
-        sf=sf,
-        channels=int(ucfg.get("out_channels", 3)),
-        latent_channels=int(ucfg.get("in_channels", 3)),
-        latent_factor=vqgan.downsample_factor,
-    )
-
-
 def _from_config(cfg: dict[str, Any], seed: int, source: dict[str, Any]) -> LoadedModel:
     # seeded initialisation without touching the caller's global RNG
     with torch.random.fork_rng(devices=[]):
@@ -118,7 +74,8 @@ def _from_config(cfg: dict[str, Any], seed: int, source: dict[str, Any]) -> Load
     for p in [*unet.parameters(), *vqgan.parameters()]:
         p.requires_grad_(False)
     source = {**source, "sha256": state_hash(unet, vqgan)}
-    return LoadedModel(cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), _geometry(cfg, vqgan), source)
+    geometry = Geometry.from_config(cfg, vqgan.downsample_factor)
+    return LoadedModel(cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), geometry, source)
 
 
 def _from_bundle(path: Path) -> LoadedModel:
@@ -131,7 +88,8 @@ def _from_bundle(path: Path) -> LoadedModel:
     source = {"kind": "bundle", "path": str(path), "name": b.name, "version": b.version,
               "sha256": state_hash(unet, vqgan)}
     return LoadedModel(
-        cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), _geometry(cfg, vqgan), source, path, dict(b.meta)
+        cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), Geometry.from_config(cfg, vqgan.downsample_factor),
+        source, path, dict(b.meta)
     )
 
 
@@ -164,54 +122,6 @@ class EngineUnavailable(RuntimeError):
     """A backend cannot run here (library missing, no GPU, ...); the message says why."""
 
 
-@dataclass(frozen=True)
-class SamplerPlan:
-    """ResShift's ancestral sampler as per-step constants, in the order the steps run (t = T-1 .. 0).
-
-    x_T = y + start_scale * noise[0];  for k, t:  x0 = net(x * c_in[k], t, lq);
-    x = a[k] * x + b[k] * x0 + sigma[k] * noise[k + 1]   (sigma = 0 at t = 0, which draws no noise).
-    Same arithmetic as cinesr.model.diffusion.sample with the noise drawn in the same order.
-    """
-
-    timesteps: tuple[int, ...]
-    c_in: tuple[float, ...]
-    a: tuple[float, ...]
-    b: tuple[float, ...]
-    sigma: tuple[float, ...]
-    start_scale: float
-
-    @classmethod
-    def from_schedule(cls, schedule: Schedule, steps: int | None = None) -> SamplerPlan:
-        """The plan over all T steps, or over `steps` of them evenly spaced (ResShift's timestep
-        respacing: the network still sees the original step indices, the chain jumps between them)."""
-        chain, keep = schedule.respaced(schedule.steps if steps is None else int(steps))
-        etas, prev, var = chain.etas, chain.etas_prev, chain.posterior_variance
-        order = list(reversed(range(len(keep))))
-        # c_in as diffusion.scale_input computes it (float32 eta), so both agree to rounding
-        etas32 = etas.float()
-        return cls(
-            timesteps=tuple(keep[j] for j in order),
-            c_in=tuple(float(1.0 / torch.sqrt(etas32[j] * schedule.kappa**2 + 1)) for j in order),
-            a=tuple(float((prev / etas)[j]) for j in order),
-            b=tuple(float(((etas - prev) / etas)[j]) for j in order),
-            sigma=tuple(float(torch.sqrt(var[j])) if j > 0 else 0.0 for j in order),
-            start_scale=schedule.kappa * float(torch.sqrt(etas[-1])),
-        )
-
-    @property
-    def steps(self) -> int:
-        return len(self.timesteps)
-
-
-def draw_noise(
-    shape: tuple[int, ...], steps: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """(steps, *shape) standard normal noise: [0] starts the chain, [k] is drawn after step k-1.
-
-    Drawn one step at a time from `generator` in the order diffusion.sample draws it."""
-    return torch.stack([torch.randn(shape, generator=generator, dtype=dtype) for _ in range(steps)])
-
-
 class Engine(ABC):
     """One backend running one model on one device. Subclasses implement encode/denoise/decode; the
     sampling loop here works for all of them, and backends may replace it with a faster one."""
@@ -230,9 +140,10 @@ class Engine(ABC):
         overflow the caches; measured slower per window at 2 and 4), 8 on a GPU."""
         return 8 if self.device.type == "cuda" else 1
 
-    def set_steps(self, steps: int | None) -> None:
-        """Sample with `steps` of the model's T steps (None: all of them)."""
-        plan = SamplerPlan.from_schedule(self.model.schedule, steps)
+    def set_steps(self, steps: int | None, sampler: str = "ancestral", temperature: float = 1.0) -> None:
+        """Sample with `steps` of the model's T steps (None: all of them), with that sampler and noise
+        temperature (see cinesr.model.diffusion.SamplerPlan)."""
+        plan = SamplerPlan.from_schedule(self.model.schedule, steps, sampler, temperature)
         if plan != self.plan:
             self.plan = plan
             self._plan_changed()
@@ -259,18 +170,8 @@ class Engine(ABC):
     ) -> torch.Tensor:
         """The whole sampling loop from the shift target y (latent of the upsampled lq); noise is
         (steps, B, C, h, w) as from draw_noise. Returns the final latent on the engine's device."""
-        p = self.plan
         y, lq, noise = (v.to(self.device) for v in (y, lq, noise))
-        x = y + p.start_scale * noise[0].to(y.dtype)
-        for k, t in enumerate(p.timesteps):
-            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=self.device)
-            x0 = self.denoise(x * p.c_in[k], tt, lq)
-            x = p.a[k] * x + p.b[k] * x0
-            if p.sigma[k] > 0:
-                x = x + p.sigma[k] * noise[k + 1].to(x.dtype)
-            if on_step is not None:
-                on_step(k + 1, p.steps)
-        return x
+        return run_plan(self.denoise, y, lq, self.plan, noise, on_step)
 
     def superresolve(
         self, lq: torch.Tensor, noise: torch.Tensor, on_step: StepCallback | None = None

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from cinesr.model.nets import model_stats
+from cinesr.model.pipeline import Options
 from cinesr.worker.engines.base import Engine, LoadedModel, load_model
 from cinesr.worker.engines.select import create_engine
 
@@ -264,12 +265,13 @@ def run_bench(
     results: dict[str, Any] = {}
     methods = {}
     for label, engine in engines.items():
-        m = ModelMethod(engine, steps=steps or loaded.schedule.steps, batch_size=batch_size)
+        m = ModelMethod(engine, Options.from_mapping(loaded.meta.get("inference"), steps=steps), batch_size)
         methods[label] = m
         log(f"[bench] {label}: stages at batch {m.batch_size} ...")
         results[label] = {"engine": engine.describe(), "stages": stage_times(engine, m.batch_size, stage_repeats),
                           "series": {"seconds": [], "peak_memory_mb": []}}
-    windows = sum(methods[next(iter(methods))]._plan(s.frames.shape).jobs for s in series.slices) if methods else 0
+    first = next(iter(methods.values()), None)
+    windows = first.units(series) // first.engine.plan.steps if first else 0
     out_frames = sum(8 * s.num_frames for s in series.slices)
     for m in methods.values():  # warm-up runs (also checks the output shape)
         res = superresolve_series(series, m)
@@ -415,7 +417,7 @@ def stride_study(
             t0 = time.perf_counter()
             add("baseline", baseline_superresolve(lq), gt, time.perf_counter() - t0)
             for stride in strides:
-                method = ModelMethod(engine, stride=stride)
+                method = ModelMethod.configured(engine, stride=stride)
                 t0 = time.perf_counter()
                 out = method.superresolve_slice(lq, lambda n: None)
                 add(f"stride{stride}", out, gt, time.perf_counter() - t0)

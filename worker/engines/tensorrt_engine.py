@@ -245,6 +245,8 @@ class _TrtLoop:
                 torch.mul(self.x, p.c_in[k], out=self.xs)
                 unet.run(stream, self.x0, x=self.xs, t=steps[k], lq=self.lq)
                 self.x.mul_(p.a[k]).add_(self.x0, alpha=p.b[k])
+                if p.c[k] != 0:
+                    self.x.add_(self.y, alpha=p.c[k])
                 if p.sigma[k] > 0:
                     self.x.add_(self.noise[k + 1], alpha=p.sigma[k])
 

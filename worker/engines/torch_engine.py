@@ -141,6 +141,8 @@ class _LoopGraph:
             for k in range(p.steps):
                 x0 = engine._unet(x.to(engine.dtype) * p.c_in[k], self.steps[k], lq=self.lq.to(engine.dtype))
                 x = p.a[k] * x + p.b[k] * x0.float()
+                if p.c[k] != 0:
+                    x = x + p.c[k] * self.y
                 if p.sigma[k] > 0:
                     x = x + p.sigma[k] * self.noise[k + 1]
             return x

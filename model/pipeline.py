@@ -1,0 +1,148 @@
+"""The one inference path: a low-resolution cine series in, its super-resolution out.
+
+    slices (T, h, w) in series units
+    --(one intensity map for the whole series, cinesr.model.intensity)--> model units
+    --(cyclic optical flow, x8 in time)--> 8T frames at h x w
+    --(windows x tiles through a WindowRunner, blended; cinesr.model.windows)--> 8T x 4h x 4w
+    --(data consistency with the acquisition, cinesr.model.consistency)--> 8T x 4h x 4w
+    --(inverse intensity map)--> series units, and a fidelity figure per series
+
+`cinesr superresolve`, the service's workers, `cinesr evaluate`, training validation and the model
+card all run `superresolve_slices`; only the runner differs (an inference engine of the worker, or
+`cinesr.model.inference.TorchRunner` for a bundle in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from . import consistency
+from .flow import interpolate_cine
+from .intensity import CLIP, PERCENTILES, Normalisation, clip
+from .windows import WINDOW, WindowRunner, progress_units, superresolve_stacks
+
+TEMPORAL_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that changes the output (and so enters the derived UIDs), with the defaults that ship.
+
+    steps: sampler steps (<= the model's T; fewer are respaced); sampler / temperature: see
+    cinesr.model.diffusion.SamplerPlan; seed: noise seed; stride: frames between window starts (1..3:
+    1 blends three windows per frame, 3 takes each frame from one); overlap: lq pixels shared by
+    neighbouring tiles; channel_weights: how much each frame of a window counts in the blend;
+    consistency: data-consistency mode (auto, area, kspace, off); temporal: frames out per frame in.
+    """
+
+    steps: int = 15
+    sampler: str = "ancestral"
+    temperature: float = 1.0
+    seed: int = 0
+    stride: int = 1
+    overlap: int = 16
+    percentiles: tuple[float, float] = PERCENTILES
+    channel_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
+    consistency: str = "auto"
+    temporal: int = TEMPORAL_FACTOR
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.stride <= WINDOW:
+            raise ValueError(f"stride must be 1..{WINDOW} (larger strides leave frames uncovered)")
+        if self.consistency not in consistency.MODES:
+            raise ValueError(f"consistency must be one of {', '.join(consistency.MODES)}")
+        if self.overlap < 0:
+            raise ValueError("overlap must be >= 0")
+
+    def parameters(self) -> dict[str, Any]:
+        """The options as plain values (for model.json, job records and DerivationDescription)."""
+        d = asdict(self)
+        d["percentiles"], d["channel_weights"] = list(self.percentiles), list(self.channel_weights)
+        return d
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any] | None, **overrides: Any) -> Options:
+        """Options from a mapping (a bundle's model.json `inference`), unknown keys ignored, then overrides."""
+        known = {f for f in cls.__dataclass_fields__}
+        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (values or {}).items() if k in known}
+        return cls(**{**given, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def with_(self, **changes: Any) -> Options:
+        return replace(self, **changes)
+
+
+@dataclass
+class Result:
+    """Per slice (temporal*T, 4h, 4w) in series units; the fitted intensity map; the data-consistency
+    model applied (or 'off'); and the fidelity figure of the whole series (dB, see consistency.fidelity_db)."""
+
+    frames: list[np.ndarray]
+    normalisation: Normalisation
+    consistency: str
+    fidelity_db: float
+    fidelity_model: str = "area"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def units(shapes: list[tuple[int, int, int]], runner: WindowRunner, options: Options) -> int:
+    """Progress units of superresolve_slices over slices of these (T, h, w) shapes."""
+    stacked = [(t * options.temporal, h, w) for t, h, w in shapes]
+    return progress_units(stacked, runner, options.stride, options.overlap)
+
+
+def upsample_time(frames: np.ndarray, factor: int) -> np.ndarray:
+    """(T, h, w) -> (factor*T, h, w) by cyclic optical flow (unchanged when factor is 1)."""
+    return np.asarray(frames, np.float32) if factor == 1 else interpolate_cine(frames, factor)
+
+
+def superresolve_slices(
+    slices: list[np.ndarray],
+    runner: WindowRunner,
+    options: Options = Options(),
+    *,
+    batch_size: int = 1,
+    step: Callable[[int], None] | None = None,
+) -> Result:
+    """The super-resolution of one series given as its slices' (T, h, w) frames in series units."""
+    import time
+
+    if not slices:
+        raise ValueError("no slices")
+    size = runner.geometry.lq_size
+    if any(max(np.asarray(s).shape[1:]) > size for s in slices) and not options.overlap < size // 2:
+        raise ValueError(f"overlap must be in [0, {size // 2}) for this model's {size}-pixel tiles")
+    for s in slices:
+        if np.asarray(s).ndim != 3 or np.asarray(s).shape[0] < (1 if options.temporal == 1 else 2):
+            raise ValueError(f"need (T>=2, h, w) frames per slice, got {np.asarray(s).shape}")
+    started = time.perf_counter()
+    norm = Normalisation.fit([np.asarray(s) for s in slices], *options.percentiles)
+    acquired = [norm.forward(s) for s in slices]
+    # the interpolation reproduces acquired frames exactly (frame temporal*i is frame i)
+    lq = [upsample_time(a, options.temporal) for a in acquired]
+    timings = {"interpolate": time.perf_counter() - started}
+    t0 = time.perf_counter()
+    out = superresolve_stacks([clip(x) for x in lq], runner, seed=options.seed, stride=options.stride,
+                              overlap=options.overlap, channel_weights=options.channel_weights,
+                              batch_size=batch_size, step=step)
+    timings["network"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # consistency in series units: the k-space model is of a magnitude image, whose zero means no signal
+    sf = runner.geometry.sf
+    out = [norm.inverse(o) for o in out]
+    lq = [norm.inverse(x) for x in lq]
+    mode = options.consistency
+    kind = consistency.choose(out, lq, sf) if mode == "auto" else mode
+    if kind != "off":
+        out = [consistency.enforce(o, x, kind, sf) for o, x in zip(out, lq, strict=True)]
+    low, high = norm.inverse(np.asarray(CLIP, np.float32))
+    out = [np.clip(o, low, high) for o in out]
+    measure = kind if kind != "off" else consistency.choose(out, lq, sf)
+    fidelity = consistency.fidelity_db(np.concatenate([o[:: options.temporal] for o in out]),
+                                       np.concatenate([np.asarray(s, np.float32) for s in slices]), measure, sf,
+                                       data_range=norm.hi - norm.lo)
+    timings["consistency"] = time.perf_counter() - t0
+    return Result(out, norm, kind, fidelity, measure, timings)

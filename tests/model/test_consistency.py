@@ -1,0 +1,79 @@
+"""Data consistency: each acquisition model is enforced exactly (k-space) or to convergence (area),
+the correction brings no 4x4 blocks or ringing of its own, the right model is chosen, fidelity is measured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cinesr.model import consistency
+from cinesr.model.baseline import bicubic_up
+from cinesr.model.degrade import area_down, kspace_down
+from cinesr.model.phantom import make_study
+
+
+@pytest.fixture(scope="module")
+def truth() -> np.ndarray:
+    return make_study(3, slices=1, frames=2, size=128, generator="sax", noise=False).frames[0].astype(np.float64)
+
+
+def _acquire(kind: str, frames: np.ndarray) -> np.ndarray:
+    return area_down(frames) if kind == "area" else kspace_down(frames)
+
+
+@pytest.mark.parametrize("kind", consistency.KINDS)
+def test_the_model_of_an_acquisition_reproduces_it(truth: np.ndarray, kind: str) -> None:
+    """The acquisition model applied to the truth gives the acquisition (k-space: up to the magnitude)."""
+    lr = _acquire(kind, truth)
+    assert consistency.residual_rms(truth, lr, kind) < 2e-3
+
+
+@pytest.mark.parametrize("kind", consistency.KINDS)
+def test_enforcing_makes_the_output_reproduce_the_acquisition(truth: np.ndarray, kind: str) -> None:
+    lr = _acquire(kind, truth)
+    guess = np.clip(bicubic_up(lr) + 0.05 * np.sin(np.arange(128) / 3.0), 0, 1)  # a wrong guess
+    before = consistency.residual_rms(guess, lr, kind)
+    fixed = consistency.enforce(guess, lr, kind)
+    after = consistency.residual_rms(fixed, lr, kind)
+    assert after < before / 50 and after < 2e-4, (before, after)
+    # it moves the guess towards the truth, not away
+    assert np.sqrt(np.mean((fixed - truth) ** 2)) < np.sqrt(np.mean((guess - truth) ** 2))
+
+
+def test_the_area_correction_paints_no_blocks(truth: np.ndarray) -> None:
+    """A nearest-neighbour lift would be exact but would leave steps on the 4x4 grid; the bicubic lift
+    must not: the correction is as smooth across block edges as inside blocks."""
+    lr = area_down(truth)
+    guess = np.full_like(truth, float(truth.mean()))
+    correction = consistency.enforce(guess, lr, "area") - guess
+    dx = np.abs(np.diff(correction, axis=-1))
+    at_edges = dx[..., 3::4].mean()  # differences across block borders (columns 3|4, 7|8, ...)
+    inside = np.delete(dx, np.s_[3::4], axis=-1).mean()
+    assert at_edges < 1.3 * inside, (at_edges, inside)
+
+
+def test_the_kspace_correction_is_band_limited(truth: np.ndarray) -> None:
+    lr = kspace_down(truth)
+    guess = np.clip(bicubic_up(lr), 0, 1)
+    correction = consistency.enforce(guess, lr, "kspace") - guess
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft2(correction), axes=(-2, -1)))
+    h = truth.shape[-1]
+    # the measured band, with its +Nyquist row and column (the Nyquist frequency is split between both signs)
+    centre = spectrum[..., h // 2 - h // 8 : h // 2 + h // 8 + 1, h // 2 - h // 8 : h // 2 + h // 8 + 1]
+    assert spectrum.sum() - centre.sum() < 1e-5 * spectrum.sum()  # nothing outside the measured band
+
+
+@pytest.mark.parametrize("kind", consistency.KINDS)
+def test_auto_chooses_the_model_that_made_the_input(truth: np.ndarray, kind: str) -> None:
+    """Given a good reconstruction (here the truth with a little noise), the acquisition that made the
+    input explains it better than the other one."""
+    lr = _acquire(kind, truth)
+    recon = truth + np.random.default_rng(0).normal(0, 0.01, truth.shape)
+    assert consistency.choose([recon], [lr]) == kind
+
+
+def test_fidelity_figure(truth: np.ndarray) -> None:
+    lr = area_down(truth)
+    assert consistency.fidelity_db(truth, lr, "area") == consistency.FIDELITY_CAP_DB
+    blurred = np.clip(bicubic_up(area_down(area_down(truth), 2), 8), 0, 1)
+    low, high = consistency.fidelity_db(blurred, lr, "area"), consistency.fidelity_db(truth, lr, "area")
+    assert low < 30 < high
