@@ -21,6 +21,7 @@ from .errors import InputError
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # a DICOMDIR: an index of files, not an image
 # Positions closer than this (mm) along the slice normal are the same slice.
 _POSITION_TOLERANCE_MM = 0.01
 
@@ -33,6 +34,13 @@ class FrameSource:
     sop_class_uid: str
     sop_instance_uid: str
     frame_number: int | None  # 1-based within a multi-frame instance; None for single-frame instances
+    slope: float = 1.0  # the modality rescale this frame was stored with
+    intercept: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """What identifies this input frame everywhere (SOP Instance UID, and the frame in a multi-frame)."""
+        return self.sop_instance_uid if self.frame_number is None else f"{self.sop_instance_uid}#{self.frame_number}"
 
 
 @dataclass
@@ -45,6 +53,8 @@ class CineSlice:
     orientation: np.ndarray  # (6,) ImageOrientationPatient
     pixel_spacing: np.ndarray  # (2,) row spacing, column spacing (mm)
     sources: list[FrameSource]
+    slice_thickness: float | None = None  # mm, where the input says (PixelMeasuresSequence for Enhanced MR)
+    rr_interval: float | None = None  # nominal R-R interval (ms), where the input says
 
     @property
     def normal(self) -> np.ndarray:
@@ -65,6 +75,7 @@ class CineSeries:
     slices: list[CineSlice]
     header: Dataset = field(repr=False)  # first instance without pixel data: patient/study/series attributes
     files: list[Path] = field(default_factory=list, repr=False)
+    transfer_syntaxes: tuple[str, ...] = ()  # of the input files (a lossy one makes every output lossy too)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -115,13 +126,34 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr
 
 
-def _floats(value: object, n: int, what: str, path: Path) -> np.ndarray:
+def _number(value: object) -> float | None:
+    """A DS/IS/FD value as a float; None where absent, empty or not a finite number."""
+    if value in (None, ""):
+        return None
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _geometry(holder: Dataset | None, keyword: str, n: int, path: Path) -> np.ndarray:
+    """A required geometry attribute: without it the output cannot be placed in the patient, so it is refused."""
+    value = holder.get(keyword) if holder is not None else None
+    if value in (None, "") or (hasattr(value, "__len__") and len(value) == 0):  # type: ignore[arg-type]
+        raise InputError(f"not a cine: no {keyword} (the image geometry is missing)", path)
     try:
         out = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
     except Exception:
-        raise InputError(f"invalid {what}", path) from None
-    if out.shape != (n,):
-        raise InputError(f"invalid {what} (expected {n} values)", path)
+        raise InputError(f"invalid {keyword}", path) from None
+    if out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise InputError(f"invalid {keyword} (expected {n} numbers)", path)
+    if keyword == "PixelSpacing" and np.any(out <= 0):
+        raise InputError("invalid PixelSpacing (not positive)", path)
+    if keyword == "ImageOrientationPatient":
+        row, col = out[:3], out[3:]
+        if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2:
+            raise InputError("invalid ImageOrientationPatient (not two orthogonal unit vectors)", path)
     return out
 
 
@@ -134,30 +166,36 @@ class _Frame:
     trigger_time: float
     order: float  # fallback ordering key (InstanceNumber or frame index)
     source: FrameSource
+    thickness: float | None = None
+    rr_interval: float | None = None
 
 
-def _rescaled(arr: np.ndarray, slope: object, intercept: object) -> np.ndarray:
-    m = float(slope) if slope not in (None, "") else 1.0
-    b = float(intercept) if intercept not in (None, "") else 0.0
-    return arr * np.float32(m) + np.float32(b) if (m, b) != (1.0, 0.0) else arr
+def _rescale(holder: Dataset) -> tuple[float, float]:
+    slope, intercept = _number(holder.get("RescaleSlope")), _number(holder.get("RescaleIntercept"))
+    return (slope if slope else 1.0, intercept if intercept is not None else 0.0)
+
+
+def _rescaled(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    return arr * np.float32(slope) + np.float32(intercept) if (slope, intercept) != (1.0, 0.0) else arr
 
 
 def _classic_frames(ds: Dataset, path: Path) -> list[_Frame]:
     arr = _pixels(ds, path)
     if arr.shape[0] != 1:
         raise InputError("multi-frame data in a single-frame SOP class is not supported", path)
-    position = _floats(ds.get("ImagePositionPatient", [0, 0, 0]), 3, "ImagePositionPatient", path)
-    orientation = _floats(ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), 6, "ImageOrientationPatient",
-                          path)
-    spacing = _floats(ds.get("PixelSpacing", [1, 1]), 2, "PixelSpacing", path)
-    trigger = ds.get("TriggerTime")
-    number = ds.get("InstanceNumber")
+    slope, intercept = _rescale(ds)
+    trigger = _number(ds.get("TriggerTime"))
+    number = _number(ds.get("InstanceNumber"))
     return [_Frame(
-        pixels=_rescaled(arr[0], ds.get("RescaleSlope"), ds.get("RescaleIntercept")),
-        position=position, orientation=orientation, spacing=spacing,
-        trigger_time=float(trigger) if trigger not in (None, "") else float("nan"),
-        order=float(number) if number not in (None, "") else 0.0,
-        source=FrameSource(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), None),
+        pixels=_rescaled(arr[0], slope, intercept),
+        position=_geometry(ds, "ImagePositionPatient", 3, path),
+        orientation=_geometry(ds, "ImageOrientationPatient", 6, path),
+        spacing=_geometry(ds, "PixelSpacing", 2, path),
+        trigger_time=trigger if trigger is not None else float("nan"),
+        order=number if number is not None else 0.0,
+        source=FrameSource(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), None, slope, intercept),
+        thickness=_number(ds.get("SliceThickness")),
+        rr_interval=_number(ds.get("NominalInterval")),
     )]
 
 
@@ -175,32 +213,38 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
     if len(per_frame) != arr.shape[0]:
         raise InputError(f"NumberOfFrames ({arr.shape[0]}) does not match the per-frame groups ({len(per_frame)})",
                          path)
+    # Without cardiac synchronisation the trigger delays (if any) do not place frames in a heartbeat.
+    synchronised = str(ds.get("CardiacSynchronizationTechnique", "") or "").upper() != "NONE"
     frames = []
     for index, item in enumerate(per_frame):
         plane_pos = _group(ds, item, "PlanePositionSequence")
         plane_ori = _group(ds, item, "PlaneOrientationSequence")
         measures = _group(ds, item, "PixelMeasuresSequence")
-        cardiac = _group(ds, item, "CardiacSynchronizationSequence")
+        cardiac = _group(ds, item, "CardiacSynchronizationSequence") if synchronised else None
         content = _group(ds, item, "FrameContentSequence")
-        rescale = _group(ds, item, "PixelValueTransformationSequence")
-        trigger = cardiac.get("NominalCardiacTriggerDelayTime") if cardiac is not None else None
-        temporal = content.get("TemporalPositionIndex") if content is not None else None
+        slope, intercept = _rescale(_group(ds, item, "PixelValueTransformationSequence") or ds)
+        trigger = _number(cardiac.get("NominalCardiacTriggerDelayTime")) if cardiac is not None else None
+        temporal = _number(content.get("TemporalPositionIndex")) if content is not None else None
         frames.append(_Frame(
-            pixels=_rescaled(arr[index],
-                             (rescale or ds).get("RescaleSlope"), (rescale or ds).get("RescaleIntercept")),
-            position=_floats((plane_pos or ds).get("ImagePositionPatient", [0, 0, 0]), 3,
-                             "ImagePositionPatient", path),
-            orientation=_floats((plane_ori or ds).get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), 6,
-                                "ImageOrientationPatient", path),
-            spacing=_floats((measures or ds).get("PixelSpacing", [1, 1]), 2, "PixelSpacing", path),
-            trigger_time=float(trigger) if trigger not in (None, "") else float("nan"),
-            order=float(temporal) if temporal not in (None, "") else float(index),
-            source=FrameSource(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), index + 1),
+            pixels=_rescaled(arr[index], slope, intercept),
+            position=_geometry(plane_pos or ds, "ImagePositionPatient", 3, path),
+            orientation=_geometry(plane_ori or ds, "ImageOrientationPatient", 6, path),
+            spacing=_geometry(measures or ds, "PixelSpacing", 2, path),
+            trigger_time=trigger if trigger is not None else float("nan"),
+            order=temporal if temporal is not None else float(index),
+            source=FrameSource(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), index + 1, slope, intercept),
+            thickness=_number((measures or ds).get("SliceThickness")),
+            rr_interval=_number(cardiac.get("RRIntervalTimeNominal")) if cardiac is not None else None,
         ))
     return frames
 
 
-def _build_slices(frames: list[_Frame], series_uid: str) -> list[CineSlice]:
+def _median(values: Iterable[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
+    return float(np.median(found)) if found else None
+
+
+def _build_slices(frames: list[_Frame], series_uid: str, untimed_cine: bool = False) -> list[CineSlice]:
     orientation = frames[0].orientation
     for f in frames:
         if not np.allclose(f.orientation, orientation, atol=1e-4):
@@ -214,21 +258,27 @@ def _build_slices(frames: list[_Frame], series_uid: str) -> list[CineSlice]:
     slices = []
     for distance in sorted(by_position):
         group = by_position[distance]
+        where = f"series {series_uid} at slice position {distance:.2f} mm"
         if len(group) < 2:
-            raise InputError(
-                f"not cine: series {series_uid} has a single frame at slice position {distance:.2f} mm",
-                group[0].source.path)
+            raise InputError(f"not cine: {where} has a single frame", group[0].source.path)
         shapes = {g.pixels.shape for g in group}
         if len(shapes) > 1:
-            raise InputError(f"series {series_uid} mixes matrix sizes {sorted(shapes)} at one slice position",
-                             group[0].source.path)
+            raise InputError(f"{where} mixes matrix sizes {sorted(shapes)}", group[0].source.path)
         triggers = np.array([g.trigger_time for g in group])
-        if np.all(np.isfinite(triggers)) and len(np.unique(triggers)) == len(triggers):
+        timed = bool(np.all(np.isfinite(triggers)))
+        if timed and len(np.unique(triggers)) == len(triggers):
             group.sort(key=lambda g: g.trigger_time)
-        else:  # no usable TriggerTime: InstanceNumber / temporal index order
+            ordered_triggers = np.array([g.trigger_time for g in group])
+        elif timed and not untimed_cine:
+            # Several images per cardiac phase (echoes, flow components, repeats): not one cine.
+            raise InputError(f"not one cine: {where} has {len(group)} images for {len(np.unique(triggers))} "
+                             "trigger times", group[0].source.path)
+        elif untimed_cine:  # the user says: one cycle, in InstanceNumber / temporal index order
             group.sort(key=lambda g: g.order)
-            triggers = np.full(len(group), np.nan)
-        ordered_triggers = np.array([g.trigger_time for g in group]) if np.isfinite(triggers).all() else triggers
+            ordered_triggers = np.full(len(group), np.nan)
+        else:
+            raise InputError(f"not a cine: {where} has no cardiac timing (TriggerTime, or "
+                             "NominalCardiacTriggerDelayTime with cardiac synchronisation)", group[0].source.path)
         slices.append(CineSlice(
             frames=np.stack([g.pixels for g in group]).astype(np.float32, copy=False),
             trigger_times=ordered_triggers,
@@ -236,6 +286,8 @@ def _build_slices(frames: list[_Frame], series_uid: str) -> list[CineSlice]:
             orientation=orientation,
             pixel_spacing=group[0].spacing,
             sources=[g.source for g in group],
+            slice_thickness=_median(g.thickness for g in group),
+            rr_interval=_median(g.rr_interval for g in group),
         ))
     counts = {s.num_frames for s in slices}
     if len(counts) > 1:
@@ -244,10 +296,19 @@ def _build_slices(frames: list[_Frame], series_uid: str) -> list[CineSlice]:
     return slices
 
 
-def read_series(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[CineSeries]:
+def _is_directory(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    return (str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "") == MEDIA_STORAGE_DIRECTORY \
+        or "DirectoryRecordSequence" in ds
+
+
+def read_series(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
+                untimed_cine: bool = False) -> list[CineSeries]:
     """Read DICOM files/folders into cine series (one per SeriesInstanceUID).
 
-    Raises InputError naming the file and the reason for anything that is not a readable MR cine series.
+    Raises InputError naming the file and the reason for anything that is not a readable MR cine series:
+    no image geometry, no cardiac timing (unless untimed_cine: frames without timing are then one cardiac
+    cycle in InstanceNumber order), a single frame per position. DICOMDIR files are skipped (an index).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -255,10 +316,14 @@ def read_series(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str
     grouped: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     for path in files:
         ds = read_dataset(path)
+        if _is_directory(ds):
+            continue  # the files it indexes are read from the folder itself
         for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
             if not ds.get(keyword):
                 raise InputError(f"missing {keyword}", path)
         grouped[str(ds.SeriesInstanceUID)].append((path, ds))
+    if not grouped:
+        raise InputError("no DICOM images found (only a DICOMDIR)", ", ".join(str(Path(i)) for i in inputs))
     series = []
     for series_uid, members in grouped.items():
         first_path, first = members[0]
@@ -267,8 +332,10 @@ def read_series(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str
             raise InputError(f"not MR (Modality {modality or 'missing'}): series {series_uid}", first_path)
         frames: list[_Frame] = []
         sop_classes = set()
+        syntaxes = set()
         for path, ds in members:
             sop_classes.add(str(ds.SOPClassUID))
+            syntaxes.add(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""))
             if str(ds.StudyInstanceUID) != str(first.StudyInstanceUID):
                 raise InputError(f"series {series_uid} spans several studies", path)
             if str(ds.SOPClassUID) == ENHANCED_MR_IMAGE_STORAGE or int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -282,6 +349,7 @@ def read_series(inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str
             del header[tag]  # keep the header small: no pixel data or overlays
         series.append(CineSeries(
             study_uid=str(first.StudyInstanceUID), series_uid=series_uid, sop_class_uid=sop_classes.pop(),
-            slices=_build_slices(frames, series_uid), header=header, files=[p for p, _ in members],
+            slices=_build_slices(frames, series_uid, untimed_cine), header=header, files=[p for p, _ in members],
+            transfer_syntaxes=tuple(sorted(s for s in syntaxes if s)),
         ))
     return series

@@ -81,7 +81,9 @@ def interpolate_cine(frames: np.ndarray, factor: int = 8, *, cyclic: bool = True
 def interpolate_times(trigger_times: np.ndarray, factor: int = 8, rr_interval: float | None = None) -> np.ndarray:
     """Trigger times (T,) -> (factor*T,), linear within each interval; the last interval wraps over one R-R.
 
-    Without rr_interval the cycle length is the last time plus the median frame spacing.
+    Without rr_interval the cycle length is the last time plus the median frame spacing. A trigger time is a
+    delay after the R wave, so times that the last interval carries past the cycle length (when the first
+    frame is later than 0 ms) wrap to the start of the cycle; they are then not in frame order.
     """
     t = np.asarray(trigger_times, dtype=np.float64)
     if t.size < 2 or not np.all(np.isfinite(t)):
@@ -89,4 +91,7 @@ def interpolate_times(trigger_times: np.ndarray, factor: int = 8, rr_interval: f
     rr = float(rr_interval) if rr_interval else float(t[-1] - t[0] + np.median(np.diff(t)))
     ends = np.append(t[1:], t[0] + rr)
     phases = np.arange(factor) / factor
-    return (t[:, None] + (ends - t)[:, None] * phases[None, :]).ravel()
+    times = (t[:, None] + (ends - t)[:, None] * phases[None, :]).ravel()
+    if rr > t[-1]:  # every input time lies within one cycle [0, rr): so must the new ones
+        times = np.where(times >= rr, times - rr, times)
+    return times

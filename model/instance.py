@@ -1,4 +1,4 @@
-"""Building MR Image Storage instances: deterministic UIDs, pixel encoding and a conformant header.
+"""Building MR Image Storage instances: deterministic UIDs, pixel encoding, transfer syntax and a conformant header.
 
 Used for synthetic acquisitions (phantoms) and for derived series built from Enhanced MR input, where the
 single-frame MR Image IOD is written from scratch rather than copied from a source instance.
@@ -8,13 +8,40 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from .cine import MR_IMAGE_STORAGE
+from .errors import CineSRError
+
+# Output transfer syntaxes, all lossless (derived images go to PACS storage). JPEG 2000 lossless is the default:
+# the smallest of the four on cine frames, decoded by PACS, viewers, dcm2niix and pydicom alike.
+OUTPUT_TRANSFER_SYNTAXES: dict[str, UID] = {
+    "jpeg2000-lossless": JPEG2000Lossless,
+    "jpeg-ls-lossless": JPEGLSLossless,
+    "rle-lossless": RLELossless,
+    "explicit-little-endian": ExplicitVRLittleEndian,
+}
+DEFAULT_OUTPUT_TRANSFER_SYNTAX = "jpeg2000-lossless"
+# The encoder each uses (all installed with the package): pylibjpeg-openjpeg, pyjpegls, pylibjpeg-rle.
+_ENCODER_PLUGIN = {JPEG2000Lossless: "pylibjpeg", JPEGLSLossless: "pyjpegls", RLELossless: "pylibjpeg"}
+
+# The classic MR Image module's acquisition attributes; new_mr_image's defaults describe the synthetic
+# acquisitions (a balanced SSFP cine, ECG-gated). Derived images pass what their source says instead.
+SYNTHETIC_SSFP_ACQUISITION: dict[str, object] = {
+    "ScanningSequence": "GR", "SequenceVariant": "SS", "ScanOptions": "CG", "MRAcquisitionType": "2D",
+    "RepetitionTime": 3.0, "EchoTime": 1.5, "EchoTrainLength": 1, "FlipAngle": 60,
+}
 
 # Identity attributes copied from a source into every new instance of the same patient and study.
 PATIENT_STUDY_KEYWORDS = (
@@ -51,13 +78,32 @@ def window_for(values: Iterable[np.ndarray]) -> tuple[float, float]:
     return round(float(lo) + width / 2, 2), round(width, 2)
 
 
-def file_meta_for(ds: Dataset) -> FileMetaDataset:
+def file_meta_for(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = UID(transfer_syntax)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return meta
+
+
+def output_transfer_syntax(name: str | None) -> UID:
+    """The transfer syntax UID for a setting value: a name from OUTPUT_TRANSFER_SYNTAXES or one of their UIDs."""
+    name = name or DEFAULT_OUTPUT_TRANSFER_SYNTAX
+    if name in OUTPUT_TRANSFER_SYNTAXES:
+        return OUTPUT_TRANSFER_SYNTAXES[name]
+    if name in OUTPUT_TRANSFER_SYNTAXES.values():
+        return UID(name)
+    raise CineSRError(f"unknown output transfer syntax {name!r} (available: {', '.join(OUTPUT_TRANSFER_SYNTAXES)})")
+
+
+def encode_as(ds: Dataset, transfer_syntax: str) -> None:
+    """Set the file meta for `transfer_syntax` and, for a compressed one, compress the (native) pixel data."""
+    uid = output_transfer_syntax(transfer_syntax)
+    ds.file_meta = file_meta_for(ds)  # native pixel data, as set_pixels wrote it
+    if uid.is_compressed:
+        ds.compress(uid, encoding_plugin=_ENCODER_PLUGIN[uid], generate_instance_uid=False)
+        ds.file_meta = file_meta_for(ds, uid)
 
 
 def set_pixels(ds: Dataset, stored: np.ndarray, *, bits_stored: int = 16) -> None:
@@ -81,11 +127,16 @@ def now_da_tm() -> tuple[str, str]:
 
 def new_mr_image(identity: Dataset, *, series_uid: str, sop_uid: str, series_number: int, instance_number: int,
                  position: np.ndarray, orientation: np.ndarray, pixel_spacing: tuple[float, float],
-                 slice_thickness: float, trigger_time: float | None, cardiac_images: int,
+                 slice_thickness: float | None, trigger_time: float | None, cardiac_images: int,
                  nominal_interval: float | None, stored: np.ndarray, bits_stored: int = 16,
                  series_description: str = "", image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "OTHER"),
-                 slope: float = 1.0, intercept: float = 0.0) -> Dataset:
-    """A complete single-frame MR Image Storage instance (cine frame), conformant to the MR Image IOD."""
+                 slope: float = 1.0, intercept: float = 0.0,
+                 acquisition: Mapping[str, object] | None = None) -> Dataset:
+    """A complete single-frame MR Image Storage instance (cine frame), conformant to the MR Image IOD.
+
+    acquisition: the MR Image module's acquisition attributes (keyword -> value; None writes an empty value);
+    by default those of the synthetic SSFP cine. slice_thickness None writes an empty SliceThickness.
+    """
     ds = Dataset()
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in identity:
@@ -108,21 +159,14 @@ def new_mr_image(identity: Dataset, *, series_uid: str, sop_uid: str, series_num
     ds.SeriesTime = ds.get("StudyTime", "")
     ds.ContentDate, ds.ContentTime = da, tm
     ds.InstanceNumber = instance_number
-    # MR Image module: a balanced SSFP cine, ECG-gated.
-    ds.ScanningSequence = "GR"
-    ds.SequenceVariant = "SS"
-    ds.ScanOptions = "CG"
-    ds.MRAcquisitionType = "2D"
-    ds.RepetitionTime = 3.0
-    ds.EchoTime = 1.5
-    ds.EchoTrainLength = 1
-    ds.FlipAngle = 60
+    for keyword, value in (SYNTHETIC_SSFP_ACQUISITION if acquisition is None else acquisition).items():
+        setattr(ds, keyword, "" if value is None else value)
     if trigger_time is not None and np.isfinite(trigger_time):
         ds.TriggerTime = round(float(trigger_time), 3)
     if nominal_interval:
         ds.NominalInterval = int(round(float(nominal_interval)))  # IS
     ds.CardiacNumberOfImages = cardiac_images
-    ds.SliceThickness = round(float(slice_thickness), 4)
+    ds.SliceThickness = round(float(slice_thickness), 4) if slice_thickness is not None else ""
     ds.PixelSpacing = [round(float(s), 6) for s in pixel_spacing]
     ds.ImageOrientationPatient = [round(float(v), 6) for v in orientation]
     ds.ImagePositionPatient = [round(float(v), 4) for v in position]

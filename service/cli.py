@@ -61,13 +61,22 @@ def superresolve(
                                                               "bundled model).")] = None,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    transfer_syntax: Annotated[str | None, typer.Option(
+        help="Output transfer syntax: jpeg2000-lossless, jpeg-ls-lossless, rle-lossless or explicit-little-endian "
+             "(default: the OUTPUT_TRANSFER_SYNTAX setting, jpeg2000-lossless).")] = None,
+    untimed_cine: Annotated[bool, typer.Option(
+        "--untimed-cine", help="Read frames without cardiac timing (no TriggerTime) as one cardiac cycle in "
+                               "InstanceNumber order instead of refusing them.")] = False,
 ) -> None:
     """Super-resolve cine series offline: one derived series per input series is written to OUTPUT."""
     from cinesr.model.cine import read_series
+    from cinesr.model.instance import output_transfer_syntax
     from cinesr.worker.derived import Derivation, write_derived_series
     from cinesr.worker.pipeline import superresolve_series
 
-    series_list = read_series(inputs)  # validates everything before anything is written
+    transfer_syntax = transfer_syntax or load_settings().output_transfer_syntax
+    output_transfer_syntax(transfer_syntax)  # a mistake ends here, before any work
+    series_list = read_series(inputs, untimed_cine=untimed_cine)  # validates everything before anything is written
     sr_method = _method(method, backend, device, steps, seed, model, consistency)
     derivation = Derivation(sr_method.name, sr_method.version, sr_method.parameters())
     created_output = not output.exists()
@@ -81,7 +90,8 @@ def superresolve(
                                              lambda done, total, task=task: bar.update(task, completed=done))
                 write_task = bar.add_task("  writing", total=sum(len(f) for f in result.frames))
                 derived = write_derived_series(series, result.frames, output, derivation,
-                                               lambda done, total, t=write_task: bar.update(t, completed=done))
+                                               lambda done, total, t=write_task: bar.update(t, completed=done),
+                                               transfer_syntax=transfer_syntax)
                 written.append(derived.folder)
                 summary.append({
                     "input_series_uid": series.series_uid, "output_series_uid": derived.series_uid,

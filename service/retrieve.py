@@ -32,6 +32,16 @@ GET_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
     "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
 )
+# Images may be stored compressed at the PACS (CineSR's own derived series are JPEG 2000 lossless by default):
+# one context per syntax for the image classes, so that the PACS can send each file as it is.
+GET_COMPRESSED_SYNTAXES = (
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
 
 
 @dataclass
@@ -95,6 +105,9 @@ def get_study(settings: Settings, node: DicomNode, study_uid: str, store: Instan
     roles = []
     for sop_class in GET_STORAGE_CLASSES:
         ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        if sop_class in GET_STORAGE_CLASSES[:4]:  # the image classes
+            for syntax in GET_COMPRESSED_SYNTAXES:
+                ae.add_requested_context(sop_class, [syntax])
         roles.append(build_role(sop_class, scp_role=True))
 
     def on_store(event: evt.Event) -> int:

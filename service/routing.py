@@ -1,7 +1,8 @@
 """Routing: which received series are processed, and clean-up of the ones that are not.
 
-A series is eligible when cinesr.model.cine.read_series accepts it (MR; per slice position at least 2
-frames ordered by TriggerTime or InstanceNumber; classic or enhanced MR) and it is not itself a CineSR output.
+A series is eligible when cinesr.model.cine.read_series accepts it (MR with image geometry; per slice
+position at least 2 frames with distinct cardiac trigger times; classic or enhanced MR) and it is not itself a
+CineSR output.
 Every decision is recorded (DATA_DIR/routing.sqlite3) with the reason; ineligible series (including
 non-image instances such as presentation states or reports) are deleted from the instance store once they
 are older than RETENTION_HOURS.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import NotConfigured, PacsUnavailable
 
@@ -132,12 +133,20 @@ def _store_batch(node: DicomNode, calling_ae: str, items: list[tuple[str, Datase
         by_class.setdefault(sop_class, []).append(ts)
     for sop_class, syntaxes in by_class.items():
         ae.add_requested_context(sop_class, syntaxes)
+        if any(UID(ts).is_compressed for ts in syntaxes):  # for a peer that does not take the compressed syntax
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = associate(ae, node)
     outcome = StoreOutcome()
     try:
         for uid, ds in items:
             try:
-                status = assoc.send_c_store(ds)
+                try:
+                    status = assoc.send_c_store(ds)
+                except (ValueError, RuntimeError):  # the compressed syntax was not accepted: send it uncompressed
+                    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+                        raise
+                    ds.decompress(generate_instance_uid=False)
+                    status = assoc.send_c_store(ds)
             except (ValueError, RuntimeError) as exc:  # no accepted context for this class/syntax
                 outcome.failures[uid] = f"not sent: {exc}"
                 continue

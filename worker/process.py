@@ -153,7 +153,8 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
             jobs.add_timing(job_id, "compute", result.timings["compute"], series_uid)
             t0 = time.perf_counter()
             derivation = Derivation(method.name, method.version, method.parameters())
-            derived = write_derived_series(series, result.frames, outputs_dir(settings, job_id), derivation)
+            derived = write_derived_series(series, result.frames, outputs_dir(settings, job_id), derivation,
+                                           transfer_syntax=settings.output_transfer_syntax)
             jobs.add_timing(job_id, "write", time.perf_counter() - t0, series_uid)
         except PermanentError as exc:
             jobs.update_series(job_id, series_uid, status="failed", error=str(exc))

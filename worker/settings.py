@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     disk_min_free_bytes: int = Field(1 << 30, ge=0)
     disk_min_free_fraction: float = Field(0.05, ge=0, lt=1)
     # --- end service ---
+    # derived series: transfer syntax of the written files (lossless only; see cinesr.model.instance)
+    output_transfer_syntax: Literal["jpeg2000-lossless", "jpeg-ls-lossless", "rle-lossless",
+                                    "explicit-little-endian"] = "jpeg2000-lossless"
 
     @field_validator("allowed_calling_aets", "api_tokens", "destinations", mode="before")
     @classmethod

@@ -12,6 +12,8 @@ from cinesr.model.cine import ENHANCED_MR_IMAGE_STORAGE, read_series
 from cinesr.model.errors import InputError
 from pydicom.data import get_testdata_file
 
+from ..conformance.realfiles import enhanced_cine
+
 
 def _cine_from(source: str, folder: Path, triggers: list[float | None], numbers: list[int]) -> list[Path]:
     """Copies of one real MR file made into a cine: same position, new SOP UIDs, given timing."""
@@ -39,13 +41,22 @@ def _cine_from(source: str, folder: Path, triggers: list[float | None], numbers:
 
 @pytest.mark.parametrize("name", ["emri_small.dcm", "emri_small_RLE.dcm", "emri_small_jpeg_ls_lossless.dcm",
                                   "emri_small_jpeg_2k_lossless.dcm", "emri_small_big_endian.dcm"])
-def test_enhanced_mr_multiframe_all_transfer_syntaxes_read_identically(name: str) -> None:
+def test_enhanced_mr_multiframe_all_transfer_syntaxes_read_identically(name: str, tmp_path: Path) -> None:
+    # pydicom's encodings of one Enhanced MR, given the functional groups of a 2-slice, 5-phase cine
     reference = pydicom.dcmread(get_testdata_file("emri_small.dcm")).pixel_array.astype(np.float32)
-    [series] = read_series(get_testdata_file(name))
+    [series] = read_series(enhanced_cine(tmp_path / "EMR", name, slope=2.0, intercept=-500.0))
     assert series.sop_class_uid == ENHANCED_MR_IMAGE_STORAGE
-    assert series.shape == (1, 10, 64, 64)
-    np.testing.assert_array_equal(series.slices[0].frames, reference)
-    assert [s.frame_number for s in series.slices[0].sources] == list(range(1, 11))
+    assert series.shape == (2, 5, 64, 64)
+    np.testing.assert_array_equal(series.slices[1].frames, reference[5:] * 2 - 500)
+    assert [s.frame_number for s in series.slices[1].sources] == list(range(6, 11))
+    assert series.slices[0].slice_thickness == 5.0 and series.slices[0].rr_interval == 800.0
+
+
+@pytest.mark.parametrize("name", ["emri_small.dcm", "emri_small_big_endian.dcm"])
+def test_enhanced_mr_without_geometry_is_refused(name: str) -> None:
+    # emri_small as shipped: a 3D head volume, no plane positions, cardiac synchronisation NONE
+    with pytest.raises(InputError, match="not a cine: no ImagePositionPatient"):
+        read_series(get_testdata_file(name))
 
 
 @pytest.mark.parametrize("name", ["MR2_UNCR.dcm", "MR2_J2KR.dcm", "MR_small.dcm"])
@@ -66,7 +77,7 @@ def test_not_dicom(tmp_path: Path) -> None:
         read_series(tmp_path)
 
 
-def test_frames_ordered_by_trigger_time_then_instance_number(tmp_path: Path) -> None:
+def test_frames_ordered_by_trigger_time_or_by_instance_number_when_asked(tmp_path: Path) -> None:
     by_trigger = tmp_path / "a"
     by_trigger.mkdir()
     _cine_from("MR_small.dcm", by_trigger, [300.0, 0.0, 200.0, 100.0], [1, 2, 3, 4])
@@ -79,7 +90,9 @@ def test_frames_ordered_by_trigger_time_then_instance_number(tmp_path: Path) -> 
     by_number = tmp_path / "b"
     by_number.mkdir()
     _cine_from("MR_small.dcm", by_number, [None] * 3, [3, 1, 2])
-    [series] = read_series(by_number)
+    with pytest.raises(InputError, match="no cardiac timing"):
+        read_series(by_number)
+    [series] = read_series(by_number, untimed_cine=True)  # the user says: one cycle in InstanceNumber order
     np.testing.assert_array_equal(series.slices[0].frames[:, 0, 0], [1, 2, 0])
     assert np.isnan(series.slices[0].trigger_times).all()
 

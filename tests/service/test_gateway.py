@@ -234,10 +234,11 @@ def test_routing_auto_processes_eligible_series_and_cleans_up_the_rest(
     ct, report, cine = f"{study_uid}.1", f"{study_uid}.2", f"{study_uid}.3"
     files = []
     for i, path in enumerate(study[2]):
-        # a CT series, a non-image instance (SR document), and an MR cine without TriggerTime
+        # a CT series, a non-image instance (SR document), and an MR cine (without TriggerTime it would be
+        # refused as not a cine: tests/conformance/test_eligibility.py)
         if i < 2:
             files.append(_copy_as(path, tmp_path / f"ct{i}.dcm", study_uid, ct, f"{ct}.{i + 1}", Modality="CT"))
-        files.append(_copy_as(path, tmp_path / f"mr{i}.dcm", study_uid, cine, f"{cine}.{i + 1}", TriggerTime=None))
+        files.append(_copy_as(path, tmp_path / f"mr{i}.dcm", study_uid, cine, f"{cine}.{i + 1}"))
     files.append(_copy_as(study[2][0], tmp_path / "sr.dcm", study_uid, report, f"{report}.1", Modality="SR",
                           SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", PixelData=None))
     with Service(settings, dispatch="inline", min_free_bytes=1 << 20) as svc:

@@ -9,10 +9,12 @@ import pydicom
 import pytest
 from cinesr.model.baseline import bicubic_up
 from cinesr.model.cine import read_series
+from cinesr.model.errors import CineSRError
 from cinesr.worker.derived import Derivation, write_derived_series
 from cinesr.worker.pipeline import BaselineMethod, superresolve_series
 from pydicom.data import get_testdata_file
 
+from ..conformance.realfiles import enhanced_cine
 from ..dicomcheck import dciodvfy_errors, new_errors
 
 DERIVATION = Derivation("baseline", "1", {"temporal": 8, "spatial": 4})
@@ -95,14 +97,27 @@ def test_real_scanner_header_survives(tmp_path: Path) -> None:
 
 
 def test_enhanced_input_becomes_conformant_mr_images(tmp_path: Path) -> None:
-    [series] = read_series(get_testdata_file("emri_small.dcm"))
+    source = enhanced_cine(tmp_path / "in" / "EMR")  # emri_small as a 2-slice, 5-phase cine
+    [series] = read_series(source)
     result = superresolve_series(series, BaselineMethod())
-    derived = write_derived_series(series, result.frames, tmp_path, DERIVATION)
+    derived = write_derived_series(series, result.frames, tmp_path / "out", DERIVATION)
     assert len(derived.files) == 80
     ds = pydicom.dcmread(derived.files[3])
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4" and (ds.Rows, ds.Columns) == (256, 256)
     assert ds.SourceImageSequence[0].ReferencedFrameNumber in (1, 2)
-    assert new_errors(derived.files[3], Path(get_testdata_file("emri_small.dcm"))) == set()
+    assert new_errors(derived.files[3], source) == set()
+
+
+def test_image_comments_and_transfer_syntax_are_the_callers(lowres_study: Path, tmp_path: Path) -> None:
+    [series] = read_series(lowres_study / "lowres")
+    frames = superresolve_series(series, BaselineMethod()).frames
+    derived = write_derived_series(series, frames, tmp_path, DERIVATION, transfer_syntax="explicit-little-endian",
+                                   image_comments="fidelity: 41.2 dB against the acquired frames")
+    ds = pydicom.dcmread(derived.files[0])
+    assert ds.ImageComments == "fidelity: 41.2 dB against the acquired frames"
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    with pytest.raises(CineSRError, match="unknown output transfer syntax"):
+        write_derived_series(series, frames, tmp_path, DERIVATION, transfer_syntax="jpeg-lossy")
 
 
 def test_failed_write_leaves_nothing(lowres_study: Path, tmp_path: Path) -> None:
