@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .kspace import band, unband
+from .phantom_common import area_downsample
 
 KINDS = ("area", "kspace")
 MODES = ("auto", *KINDS, "off")
@@ -53,7 +54,7 @@ def acquire(frames: np.ndarray, kind: str, factor: int = 4) -> np.ndarray:
     if h % factor or w % factor:
         raise ValueError(f"frames of {h}x{w} are not a multiple of {factor}")
     if kind == "area":
-        return x.reshape(*x.shape[:-2], h // factor, factor, w // factor, factor).mean(axis=(-3, -1))
+        return area_downsample(x, factor)
     if kind == "kspace":
         return np.abs(np.real(band(x, factor)))  # scanners store magnitude images
     raise ValueError(f"unknown acquisition model {kind!r} (one of {', '.join(KINDS)})")

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from scipy.special import j1
 
 from .kspace import band
+from .phantom_common import area_downsample
 
 __all__ = [
     "KERNEL_TYPES",
@@ -466,11 +467,7 @@ def bicubic_down(frames: np.ndarray, factor: int = 4) -> np.ndarray:
 
 def area_down(frames: np.ndarray, factor: int = 4) -> np.ndarray:
     """Mean of each factor x factor block of (C, H, W) or (H, W) frames (H, W divisible by factor)."""
-    x = np.asarray(frames, dtype=np.float64)
-    h, w = x.shape[-2:]
-    if h % factor or w % factor:
-        raise ValueError(f"image size {h}x{w} is not divisible by {factor}")
-    return x.reshape(*x.shape[:-2], h // factor, factor, w // factor, factor).mean(axis=(-3, -1)).astype(np.float32)
+    return area_downsample(np.asarray(frames, dtype=np.float64), factor).astype(np.float32)
 
 
 def kspace_down(frames: np.ndarray, factor: int = 4, taper: float = 0.0, sigma: float = 0.0,

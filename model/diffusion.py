@@ -350,21 +350,3 @@ def run_plan(
         if on_step is not None:
             on_step(k + 1, plan.steps)
     return x
-
-
-@torch.no_grad()
-def superresolve_window(
-    unet: torch.nn.Module,
-    vqgan: torch.nn.Module,
-    lq: torch.Tensor,
-    schedule: Schedule,
-    sf: int = 4,
-    deterministic: bool = False,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """(B, 3, h, w) LR frames in [-1, 1] -> (B, 3, sf*h, sf*w): encode y, run the sampler, decode."""
-    y = vqgan.encode(upsample_lq(lq, sf))
-    sampler = sample_deterministic if deterministic else sample
-    z = sampler(unet_denoiser(unet), y, lq, schedule, noise=noise, generator=generator)
-    return vqgan.decode(z)

@@ -9,19 +9,21 @@ import pytest
 import torch
 from cinesr.model.configs import load_config
 from cinesr.model.diffusion import (
+    SamplerPlan,
     Schedule,
+    draw_noise,
     exponential_sqrt_eta,
     posterior_mean_variance,
     prior_sample,
     q_sample,
+    run_plan,
     sample,
     sample_deterministic,
     scale_input,
-    superresolve_window,
     training_loss,
     unet_denoiser,
 )
-from cinesr.model.nets import VQGAN, SwinUNet
+from cinesr.model.nets import SwinUNet
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "resshift"
 
@@ -205,14 +207,25 @@ def test_training_loss_trains_tiny_unet(schedule):
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_superresolve_window_tiny(schedule):
-    cfg = load_config("tiny")
-    unet = SwinUNet.from_resshift_config(cfg["unet_config"]).eval()
-    ae = VQGAN.from_resshift_config(cfg["autoencoder_config"]).eval()
-    lq = torch.rand(1, 3, 64, 64) * 2 - 1
-    a = superresolve_window(unet, ae, lq, schedule, deterministic=True)
-    b = superresolve_window(unet, ae, lq, schedule, deterministic=True)
-    assert a.shape == (1, 3, 256, 256) and torch.equal(a, b)
+def test_plans_run_the_reference_samplers(schedule):
+    """run_plan with the ancestral plan is `sample`, with the ddim plan `sample_deterministic` (same noise);
+    temperature 0 starts the chain at y and draws nothing."""
+    g = torch.Generator().manual_seed(5)
+    y, lq = torch.randn(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+
+    def denoise(x, t, cond):  # any smooth function of its inputs will do
+        return torch.tanh(0.7 * x + 0.1 * cond + 0.01 * t.view(-1, 1, 1, 1))
+
+    noise = draw_noise(tuple(y.shape), schedule.steps, torch.Generator().manual_seed(9))
+    draws = iter(noise[1:])
+    ref = sample(denoise, y, lq, schedule, noise=noise[0], step_noise=lambda: next(draws))
+    assert torch.allclose(run_plan(denoise, y, lq, SamplerPlan.from_schedule(schedule), noise), ref, atol=1e-6)
+    ref = sample_deterministic(denoise, y, lq, schedule, noise=noise[0])
+    assert torch.allclose(run_plan(denoise, y, lq, SamplerPlan.from_schedule(schedule, None, "ddim"), noise), ref,
+                          atol=1e-6)
+    cold = SamplerPlan.from_schedule(schedule, None, "ancestral", temperature=0.0)
+    assert cold.start_scale == 0 and not any(cold.sigma)
+    assert torch.equal(run_plan(denoise, y, lq, cold, noise), run_plan(denoise, y, lq, cold, torch.zeros_like(noise)))
 
 
 def test_respaced_schedule_keeps_the_ends_and_the_original_etas() -> None:
