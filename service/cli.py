@@ -72,9 +72,11 @@ def superresolve(
     from cinesr.model.cine import read_series
     from cinesr.model.instance import output_transfer_syntax
     from cinesr.worker.derived import Derivation, write_derived_series
-    from cinesr.worker.pipeline import superresolve_series
+    from cinesr.worker.pipeline import fidelity_warning, superresolve_series
 
-    transfer_syntax = transfer_syntax or load_settings().output_transfer_syntax
+    settings = load_settings()
+    floor = settings.fidelity_floor_db
+    transfer_syntax = transfer_syntax or settings.output_transfer_syntax
     output_transfer_syntax(transfer_syntax)  # a mistake ends here, before any work
     series_list = read_series(inputs, untimed_cine=untimed_cine)  # validates everything before anything is written
     sr_method = _method(method, backend, device, steps, seed, model, consistency)
@@ -89,9 +91,13 @@ def superresolve(
                 result = superresolve_series(series, sr_method,
                                              lambda done, total, task=task: bar.update(task, completed=done))
                 write_task = bar.add_task("  writing", total=sum(len(f) for f in result.frames))
+                warning = fidelity_warning(result, floor)
+                if warning:
+                    err.print(f"cinesr: warning: series …{series.series_uid[-12:]}: {warning}", highlight=False,
+                              soft_wrap=True)
                 derived = write_derived_series(series, result.frames, output, derivation,
                                                lambda done, total, t=write_task: bar.update(t, completed=done),
-                                               transfer_syntax=transfer_syntax)
+                                               transfer_syntax=transfer_syntax, image_comments=warning)
                 written.append(derived.folder)
                 summary.append({
                     "input_series_uid": series.series_uid, "output_series_uid": derived.series_uid,
@@ -99,8 +105,8 @@ def superresolve(
                     "input_shape": list(series.shape),
                     "output_shape": [len(result.frames), *result.frames[0].shape],
                     "seconds": round(result.timings["compute"], 3),
-                    **({"fidelity_db": result.fidelity_db, "consistency": result.consistency}
-                       if result.fidelity_db is not None else {}),
+                    **({"fidelity_db": result.fidelity_db, "consistency": result.consistency,
+                        "fidelity_flagged": warning is not None} if result.fidelity_db is not None else {}),
                 })
     except BaseException:
         for folder in written:  # nothing partial: a failed run leaves the output folder as it was

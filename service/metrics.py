@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGES = ("retrieve", "queue", "load", "compute", "write", "export")
+FIDELITY_BUCKETS = (20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 60.0, 80.0)  # dB
 
 
 class ServiceCollector(Collector):
@@ -54,6 +55,8 @@ class ServiceCollector(Collector):
         failed_by_stage = {"process": 0, "export": 0, "retrieve": 0}
         stage_sum: dict[str, float] = {}
         stage_count: dict[str, int] = {}
+        fidelity: list[float] = []
+        flagged = 0
         for job in jobs:
             counts[job.status] = counts.get(job.status, 0) + 1
             if job.status == "failed" and not job.series:
@@ -63,6 +66,9 @@ class ServiceCollector(Collector):
                     queued_series += 1
                 if entry.status == "failed":
                     failed_by_stage["export" if entry.output_series_uid else "process"] += 1
+                if entry.fidelity_db is not None:
+                    fidelity.append(entry.fidelity_db)
+                    flagged += bool(entry.warnings)
             for stage, seconds in job.timings.items():
                 stage_sum[stage] = stage_sum.get(stage, 0.0) + seconds
                 stage_count[stage] = stage_count.get(stage, 0) + 1
@@ -80,6 +86,15 @@ class ServiceCollector(Collector):
         for stage in sorted(set(STAGES) | set(stage_sum)):
             durations.add_metric([stage], stage_count.get(stage, 0), stage_sum.get(stage, 0.0))
         yield durations
+        histogram = HistogramMetricFamily("cinesr_series_fidelity_db", "Agreement of each processed series, "
+                                          "re-acquired, with its acquisition (dB; recent jobs)")
+        buckets = [(str(b), sum(v <= b for v in fidelity)) for b in FIDELITY_BUCKETS] + [("+Inf", len(fidelity))]
+        histogram.add_metric([], buckets, sum_value=float(sum(fidelity)))
+        yield histogram
+        low = GaugeMetricFamily("cinesr_low_fidelity_series", "Processed series flagged below FIDELITY_FLOOR_DB "
+                                "(recent jobs)")
+        low.add_metric([], flagged)
+        yield low
         if self.ineligible is not None:
             skipped = GaugeMetricFamily("cinesr_ineligible_series", "Received series not processed (kept until "
                                         "retention)")

@@ -62,6 +62,10 @@ class SeriesEntry(BaseModel):
     acknowledged: list[str] = Field(default_factory=list)
     # per-instance export outcome for instances that were not acknowledged: SOPInstanceUID -> reason
     export_failures: dict[str, str] = Field(default_factory=dict)
+    # the model's agreement with the acquisition (dB; cinesr.model.consistency) and the model used for it
+    fidelity_db: float | None = None
+    consistency: str | None = None
+    warnings: list[str] = Field(default_factory=list)  # e.g. fidelity below FIDELITY_FLOOR_DB
 
 
 class Job(BaseModel):

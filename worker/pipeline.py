@@ -88,8 +88,19 @@ def superresolve_series(series: CineSeries, method: Method, progress: Progress |
     else:
         frames = [method.superresolve_slice(s.frames, step) for s in series.slices]
     timings = {"compute": time.perf_counter() - start}
-    quality = getattr(method, "last", None)  # the model's cinesr.model.pipeline.Result of this series
+    # the model's cinesr.model.pipeline.Result of this series (its fidelity figure)
+    quality = getattr(method, "last", None) if callable(whole) else None
     if quality is None:
         return SeriesResult(frames=frames, timings=timings)
     return SeriesResult(frames=frames, timings={**timings, **{k: round(v, 3) for k, v in quality.timings.items()}},
                         fidelity_db=quality.fidelity_db, consistency=quality.consistency)
+
+
+def fidelity_warning(result: SeriesResult, floor_db: float) -> str | None:
+    """The flag of a series whose output does not reproduce its acquisition well enough (None if it does,
+    or if the method makes no fidelity figure). Goes into the job record and the output's ImageComments."""
+    if result.fidelity_db is None or result.fidelity_db >= floor_db:
+        return None
+    return (f"CineSR: low fidelity to the acquisition ({result.fidelity_db:.1f} dB, floor {floor_db:g} dB; "
+            f"data consistency {result.consistency}): the output re-acquired differs from the acquired frames; "
+            "read with care")

@@ -124,7 +124,7 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
     from cinesr.model.cine import read_series
 
     from .derived import Derivation, write_derived_series
-    from .pipeline import superresolve_series
+    from .pipeline import fidelity_warning, superresolve_series
 
     jobs = open_job_store(settings)
     try:
@@ -151,10 +151,15 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
             method = make_method(job.params.method, job.params.steps, settings)
             result = superresolve_series(series, method, _progress_writer(jobs, job_id, series_uid))
             jobs.add_timing(job_id, "compute", result.timings["compute"], series_uid)
+            warning = fidelity_warning(result, settings.fidelity_floor_db)
+            if warning:
+                LOGGER.warning("job %s: series %s: %s", job_id, series_uid, warning)
+            jobs.update_series(job_id, series_uid, fidelity_db=result.fidelity_db, consistency=result.consistency,
+                               warnings=[warning] if warning else [])
             t0 = time.perf_counter()
             derivation = Derivation(method.name, method.version, method.parameters())
             derived = write_derived_series(series, result.frames, outputs_dir(settings, job_id), derivation,
-                                           transfer_syntax=settings.output_transfer_syntax)
+                                           transfer_syntax=settings.output_transfer_syntax, image_comments=warning)
             jobs.add_timing(job_id, "write", time.perf_counter() - t0, series_uid)
         except PermanentError as exc:
             jobs.update_series(job_id, series_uid, status="failed", error=str(exc))
