@@ -64,6 +64,9 @@ def evaluate(
                                                      "(auto|tensorrt|onnx|torch); default: the bundle's networks "
                                                      "in torch, as `cinesr superresolve --backend torch`.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    phantom_slices: Annotated[int, typer.Option(min=1, help="Slices per synthetic patient (phantom: data).")] = 3,
+    phantom_frames: Annotated[int, typer.Option(min=8, help="Frames per cycle of synthetic patients.")] = 32,
+    phantom_size: Annotated[int, typer.Option(min=32, help="Matrix of synthetic ground truth.")] = 256,
 ) -> None:
     """Acquire ground-truth cine, run the baseline and the model through the shipped path, print a table
     like the paper's Table 1 (plus temporal error), per source."""
@@ -72,6 +75,10 @@ def evaluate(
     from cinesr.model.evaluate import evaluate as run_evaluation
     from cinesr.model.pipeline import Options
 
+    for name, given, known in (("acquisition", acquisition, ACQUISITIONS), ("protocol", protocol, PROTOCOLS)):
+        for value in given or ():
+            if value not in known:
+                raise UsageError(f"unknown {name} {value!r} (one of {', '.join(known)})")
     bundle = load_bundle(model, device=device)
     try:
         options = Options.from_mapping(bundle.meta.get("inference"), steps=steps, seed=seed, consistency=consistency)
@@ -94,7 +101,8 @@ def evaluate(
 
         report = run_evaluation(data, bundle, output, acquisitions=tuple(acquisition or ACQUISITIONS),
                                 protocols=tuple(protocol or PROTOCOLS), seed=seed, split=split,
-                                max_patients=max_patients, options=options, runner=runner, progress=show)
+                                max_patients=max_patients, options=options, runner=runner, progress=show,
+                                phantom={"slices": phantom_slices, "frames": phantom_frames, "size": phantom_size})
     out.print(markdown_table(report), soft_wrap=True, highlight=False)
     out.print(f"report -> {output}", soft_wrap=True, highlight=False)
 

@@ -106,3 +106,31 @@ def test_settings_from_environment_and_file(tmp_path: Path, monkeypatch: pytest.
     assert settings.allowed_calling_aets == ["A", "B"]
     monkeypatch.setenv("CINESR_API_TOKENS", "t1, t2")
     assert load_settings().api_tokens == ["t1", "t2"]
+
+
+def test_evaluate_command_reports_per_source(tmp_path: Path) -> None:
+    """`cinesr evaluate` with two sources and two acquisitions: a table per source, the files, and a clear
+    error for an acquisition it does not know."""
+    import torch
+    from cinesr.model.bundle import build_networks, save_bundle, write_meta
+    from cinesr.model.configs import load_config
+
+    torch.manual_seed(0)
+    cfg = {**load_config("tiny"), "name": "micro"}
+    cfg["unet_config"] = {**cfg["unet_config"], "image_size": 16, "lq_size": 16, "channel_mult": [1, 1],
+                          "num_res_blocks": [1, 1], "attention_resolutions": [8], "window_size": 4}
+    bundle = save_bundle(tmp_path / "micro", *build_networks(cfg), cfg)
+    write_meta(bundle, {"inference": {"steps": 2, "overlap": 4, "stride": 3}})
+    args = ["evaluate", "--data", "phantom:3", "--data", "phantom:3:deadleaves", "--model", str(bundle),
+            "--protocol", "sequence", "--acquisition", "area", "--acquisition", "kspace", "-o", str(tmp_path / "ev"),
+            "--phantom-slices", "1", "--phantom-frames", "16", "--phantom-size", "64"]
+    run = cinesr(*args, timeout=900)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert {(r["source"], r["acquisition"]) for r in report["rows"]} == {
+        (s, a) for s in ("sax", "deadleaves") for a in ("area", "kspace")}
+    assert all("temporal" in r["model"] for r in report["rows"])
+    assert "| deadleaves | sequence | k-space |" in run.stdout
+    bad = cinesr("evaluate", "--data", "phantom:3", "--model", str(bundle), "--acquisition", "jpeg", "-o",
+                 str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "unknown acquisition 'jpeg'" in bad.stderr and bad.stderr.count("\n") == 1
