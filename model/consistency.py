@@ -21,8 +21,15 @@ other. In time, frame 8i of the output is at the trigger time of acquired frame 
 interpolation reproduces acquired frames exactly, so the same spatial step makes those frames
 consistent with the acquisition, and the interpolated frames consistent with the interpolation.
 
+Noise: an acquisition holds noise, which is no structure. Consistency is enforced up to a tolerance
+(`tolerance`, in the acquisition's units; the pipeline sets it to a multiple of the noise level that
+`noise_sigma` estimates from the acquired frames): residuals within it are left alone, larger ones are
+corrected by their excess (soft thresholding). So a network that removes the noise keeps its work, while
+a structure it erased or invented (a residual well above the noise) comes back or goes. With a noise-free
+acquisition the tolerance is about zero and consistency is exact.
+
 `fidelity_db` measures the agreement: the PSNR between the output's acquired frames re-acquired and
-the acquired frames, over the acquisition's own range.
+the acquired frames (beyond the tolerance), over the acquisition's own range.
 """
 
 from __future__ import annotations
@@ -60,9 +67,43 @@ def acquire(frames: np.ndarray, kind: str, factor: int = 4) -> np.ndarray:
     raise ValueError(f"unknown acquisition model {kind!r} (one of {', '.join(KINDS)})")
 
 
-def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4, iterations: int = 8
-            ) -> np.ndarray:
-    """(..., H, W) frames made consistent with (..., H/f, W/f) acquired frames under the model `kind`."""
+def noise_sigma(acquired: list[np.ndarray], block: int = 4, percentile: float = 10.0) -> float:
+    """The noise level of acquired frames (their units), from their flattest parts: the diagonal Haar
+    details (a/2 - b/2 - c/2 + d/2 of each 2x2 group, whose standard deviation is that of white noise) in
+    blocks of block x block, and the `percentile`-th block RMS. Flat background shows the noise alone; edges
+    and texture, which fill most blocks of a busy low-resolution frame, do not count."""
+    rms = []
+    for frames in acquired:
+        f = np.asarray(frames, np.float64)
+        f = f.reshape(-1, *f.shape[-2:])
+        n = 2 * block
+        h, w = f.shape[-2] // n * n, f.shape[-1] // n * n
+        if h == 0 or w == 0:
+            continue
+        f = f[:, :h, :w]
+        hh = (f[:, 0::2, 0::2] - f[:, 0::2, 1::2] - f[:, 1::2, 0::2] + f[:, 1::2, 1::2]) / 2.0
+        blocks = hh.reshape(hh.shape[0], h // n, block, w // n, block)
+        rms.append(np.sqrt(np.mean(blocks**2, axis=(2, 4))).ravel())
+    if not rms:
+        return 0.0
+    # the percentile of a block RMS of pure noise sits below sigma: sqrt(chi2 quantile / dof)
+    from scipy.stats import chi2
+
+    bias = math.sqrt(chi2.ppf(percentile / 100.0, block * block) / (block * block))
+    return float(np.percentile(np.concatenate(rms), percentile)) / bias
+
+
+def _tolerated(residual: np.ndarray, tolerance: float) -> np.ndarray:
+    """The part of a residual beyond the tolerance (soft threshold)."""
+    if tolerance <= 0:
+        return residual
+    return np.sign(residual) * np.maximum(np.abs(residual) - tolerance, 0.0)
+
+
+def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4, iterations: int = 8,
+            tolerance: float = 0.0) -> np.ndarray:
+    """(..., H, W) frames made consistent with (..., H/f, W/f) acquired frames under the model `kind`, up
+    to `tolerance` (acquisition units) per low-resolution pixel."""
     x = np.asarray(frames, dtype=np.float64)
     y = np.asarray(acquired, dtype=np.float64)
     if kind == "kspace":
@@ -72,18 +113,20 @@ def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4
         for _ in range(max(1, iterations // 2)):
             current = np.real(band(x, factor))
             target = np.where((current < 0) & (y > 0), -y, y)
-            x = x + unband(target - current, factor)
+            x = x + unband(_tolerated(target - current, tolerance), factor)
         return x.astype(np.float32)
     if kind != "area":
         raise ValueError(f"unknown acquisition model {kind!r} (one of {', '.join(KINDS)})")
     for _ in range(iterations):  # converges geometrically: the block mean of a bicubic lift keeps most of it
-        x = x + _bicubic(y - acquire(x, kind, factor), factor)
+        x = x + _bicubic(_tolerated(y - acquire(x, kind, factor), tolerance), factor)
     return x.astype(np.float32)
 
 
-def residual_rms(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4) -> float:
-    """Root mean square of (re-acquired frames - acquired frames)."""
-    return float(np.sqrt(np.mean((acquire(frames, kind, factor) - np.asarray(acquired, np.float64)) ** 2)))
+def residual_rms(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4,
+                 tolerance: float = 0.0) -> float:
+    """Root mean square of (re-acquired frames - acquired frames), beyond the tolerance."""
+    residual = acquire(frames, kind, factor) - np.asarray(acquired, np.float64)
+    return float(np.sqrt(np.mean(_tolerated(residual, tolerance) ** 2)))
 
 
 def choose(frames: list[np.ndarray], acquired: list[np.ndarray], factor: int = 4) -> str:
@@ -97,12 +140,13 @@ FIDELITY_CAP_DB = 99.0  # agreement to rounding: a finite number, for JSON and m
 
 
 def fidelity_db(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4,
-                data_range: float | None = None) -> float:
-    """PSNR (dB) of the re-acquired frames against the acquired ones, capped at FIDELITY_CAP_DB; the range
-    defaults to the acquired frames' own (max - min) (the pipeline passes its intensity map's span)."""
+                data_range: float | None = None, tolerance: float = 0.0) -> float:
+    """PSNR (dB) of the re-acquired frames against the acquired ones (disagreement beyond the tolerance),
+    capped at FIDELITY_CAP_DB; the range defaults to the acquired frames' own (max - min) (the pipeline
+    passes its intensity map's span)."""
     y = np.asarray(acquired, np.float64)
     rng = float(data_range if data_range is not None else (y.max() - y.min()) or 1.0)
-    rms = residual_rms(frames, y, kind, factor)
+    rms = residual_rms(frames, y, kind, factor, tolerance)
     if rms <= rng * 10 ** (-FIDELITY_CAP_DB / 20):
         return FIDELITY_CAP_DB
     return round(20.0 * math.log10(rng / rms), 2)

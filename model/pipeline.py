@@ -36,7 +36,9 @@ class Options:
     cinesr.model.diffusion.SamplerPlan; seed: noise seed; stride: frames between window starts (1..3:
     1 blends three windows per frame, 3 takes each frame from one); overlap: lq pixels shared by
     neighbouring tiles; channel_weights: how much each frame of a window counts in the blend;
-    consistency: data-consistency mode (auto, area, kspace, off); temporal: frames out per frame in.
+    consistency: data-consistency mode (auto, area, kspace, off); tolerance: residuals up to this many times
+    the acquisition's estimated noise level are left alone (noise is no structure); temporal: frames out
+    per frame in.
     """
 
     steps: int = 15
@@ -48,6 +50,7 @@ class Options:
     percentiles: tuple[float, float] = PERCENTILES
     channel_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
     consistency: str = "auto"
+    tolerance: float = 2.0  # data consistency up to this many times the acquisition's noise level
     temporal: int = TEMPORAL_FACTOR
 
     def __post_init__(self) -> None:
@@ -57,6 +60,8 @@ class Options:
             raise ValueError(f"consistency must be one of {', '.join(consistency.MODES)}")
         if self.overlap < 0:
             raise ValueError("overlap must be >= 0")
+        if self.tolerance < 0:
+            raise ValueError("tolerance must be >= 0")
 
     def parameters(self) -> dict[str, Any]:
         """The options as plain values (for model.json, job records and DerivationDescription)."""
@@ -78,13 +83,15 @@ class Options:
 @dataclass
 class Result:
     """Per slice (temporal*T, 4h, 4w) in series units; the fitted intensity map; the data-consistency
-    model applied (or 'off'); and the fidelity figure of the whole series (dB, see consistency.fidelity_db)."""
+    model applied (or 'off'); the fidelity figure of the whole series (dB, see consistency.fidelity_db) and the
+    model it was measured with; the acquisition's estimated noise level (series units)."""
 
     frames: list[np.ndarray]
     normalisation: Normalisation
     consistency: str
     fidelity_db: float
     fidelity_model: str = "area"
+    noise_sigma: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -136,13 +143,15 @@ def superresolve_slices(
     lq = [norm.inverse(x) for x in lq]
     mode = options.consistency
     kind = consistency.choose(out, lq, sf) if mode == "auto" else mode
+    sigma = consistency.noise_sigma([np.asarray(s, np.float32) for s in slices])
+    tolerance = options.tolerance * sigma
     if kind != "off":
-        out = [consistency.enforce(o, x, kind, sf) for o, x in zip(out, lq, strict=True)]
+        out = [consistency.enforce(o, x, kind, sf, tolerance=tolerance) for o, x in zip(out, lq, strict=True)]
     low, high = norm.inverse(np.asarray(CLIP, np.float32))
     out = [np.clip(o, low, high) for o in out]
     measure = kind if kind != "off" else consistency.choose(out, lq, sf)
     fidelity = consistency.fidelity_db(np.concatenate([o[:: options.temporal] for o in out]),
                                        np.concatenate([np.asarray(s, np.float32) for s in slices]), measure, sf,
-                                       data_range=norm.hi - norm.lo)
+                                       data_range=norm.hi - norm.lo, tolerance=tolerance)
     timings["consistency"] = time.perf_counter() - t0
-    return Result(out, norm, kind, fidelity, measure, timings)
+    return Result(out, norm, kind, fidelity, measure, sigma, timings)

@@ -77,3 +77,24 @@ def test_fidelity_figure(truth: np.ndarray) -> None:
     blurred = np.clip(bicubic_up(area_down(area_down(truth), 2), 8), 0, 1)
     low, high = consistency.fidelity_db(blurred, lr, "area"), consistency.fidelity_db(truth, lr, "area")
     assert low < 30 < high
+
+
+def test_noise_level_and_tolerance() -> None:
+    """The noise estimate reads the noise of an acquisition, not its edges; with a tolerance of twice that
+    level a denoised output keeps its work, while a bright dot the output erased comes back."""
+    rng = np.random.default_rng(1)
+    truth = make_study(4, slices=1, frames=2, size=256, noise=False).frames[0].astype(np.float64)
+    clean = area_down(truth)
+    assert consistency.noise_sigma([clean]) < 0.005
+    noisy = clean + rng.normal(0, 0.02, clean.shape)
+    assert consistency.noise_sigma([noisy]) == pytest.approx(0.02, rel=0.3)
+    tol = 2 * consistency.noise_sigma([noisy])
+    denoised = consistency.enforce(truth, noisy, "area", tolerance=tol)
+    exact = consistency.enforce(truth, noisy, "area")
+    err = lambda x: float(np.sqrt(np.mean((x - truth) ** 2)))  # noqa: E731
+    assert err(denoised) < 0.5 * err(exact)  # the noise does not come back in
+    dotted = truth.copy()
+    dotted[:, 120:128, 120:128] += 0.6  # a bright 8x8 structure the acquisition shows...
+    lr = area_down(dotted) + rng.normal(0, 0.02, clean.shape)
+    erased = consistency.enforce(truth, lr, "area", tolerance=tol)  # ...and an output without it
+    assert float(erased[:, 120:128, 120:128].mean() - truth[:, 120:128, 120:128].mean()) > 0.4

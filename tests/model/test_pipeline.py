@@ -104,7 +104,12 @@ def test_consistency_makes_the_output_reproduce_the_acquisition(mode: str) -> No
     assert off.consistency == "off" and on.consistency in consistency.KINDS
     assert mode == "auto" or on.consistency == mode
     assert on.fidelity_db > off.fidelity_db + 10 and on.fidelity_db > 40, (on.fidelity_db, off.fidelity_db)
+    # up to the tolerance: twice the acquisition's noise level (15 here), which the result estimates
+    assert on.noise_sigma == pytest.approx(15.0, rel=0.2)
     reacquired = consistency.acquire(on.frames[0][::8], on.consistency)
+    assert np.abs(reacquired - frames).max() < 2 * on.noise_sigma + 0.01 * float(frames.max() - frames.min())
+    exact = superresolve_slices([frames], NearestRunner(gain=0.8), Options(consistency=mode, tolerance=0))
+    reacquired = consistency.acquire(exact.frames[0][::8], exact.consistency)
     assert np.abs(reacquired - frames).max() < 0.01 * float(frames.max() - frames.min())
 
 
