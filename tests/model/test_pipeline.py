@@ -17,6 +17,8 @@ from cinesr.model.intensity import Normalisation
 from cinesr.model.pipeline import Options, superresolve_slices, units
 from cinesr.model.windows import Geometry, tile_starts, window_starts
 
+from tests.models import moving_disc
+
 
 class NearestRunner:
     """Each window's output is its lq frames enlarged by pixel replication (no network), times `gain`."""
@@ -36,20 +38,8 @@ class NearestRunner:
         return self.gain * lq.repeat_interleave(4, -2).repeat_interleave(4, -1)
 
 
-def _cine(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A moving bright disc on a dim background with noise, in scanner-like units."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    frames = []
-    for k in range(t):
-        cx = w / 2 + 0.1 * w * np.sin(2 * np.pi * k / t)
-        disc = ((yy - h / 2) ** 2 + (xx - cx) ** 2 < (0.25 * min(h, w)) ** 2).astype(np.float32)
-        frames.append(150 + 600 * disc + 15 * rng.standard_normal((h, w)))
-    return np.stack(frames).astype(np.float32)
-
-
 def test_normalisation_is_robust_and_exactly_invertible() -> None:
-    x = _cine(4, 32, 32)
+    x = moving_disc(4, 32, 32)
     x[0, 0, 0] = 1e6  # one hot pixel must not set the range
     n = Normalisation.fit([x])
     assert n.hi < 2000
@@ -76,7 +66,7 @@ def test_tiles_and_windows_cover_everything() -> None:
 @pytest.mark.parametrize("stride", [1, 3])
 def test_bookkeeping_reproduces_nearest_upsampling(shape: tuple[int, int], stride: int) -> None:
     runner = NearestRunner()
-    frames = _cine(3, *shape)
+    frames = moving_disc(3, *shape)
     done: list[int] = []
     options = Options(stride=stride, consistency="off")
     result = superresolve_slices([frames], runner, options, batch_size=5, step=done.append)
@@ -98,7 +88,7 @@ def test_bookkeeping_reproduces_nearest_upsampling(shape: tuple[int, int], strid
 def test_consistency_makes_the_output_reproduce_the_acquisition(mode: str) -> None:
     """Whatever the network returns (here a blocky enlargement with the wrong contrast), the shipped output
     re-acquired gives back the acquired frames; `off` leaves the network's output as is."""
-    frames = _cine(2, 48, 48)
+    frames = moving_disc(2, 48, 48)
     off = superresolve_slices([frames], NearestRunner(gain=0.8), Options(consistency="off"))
     on = superresolve_slices([frames], NearestRunner(gain=0.8), Options(consistency=mode))
     assert off.consistency == "off" and on.consistency in consistency.KINDS
@@ -115,7 +105,7 @@ def test_consistency_makes_the_output_reproduce_the_acquisition(mode: str) -> No
 
 def test_runs_are_seeded_and_batch_invariant(micro_bundle: Path) -> None:
     bundle = load_bundle(micro_bundle)
-    frames = _cine(2, 24, 24)
+    frames = moving_disc(2, 24, 24)
     runner = TorchRunner(bundle, steps=3)
 
     def run(seed: int, batch: int) -> np.ndarray:
@@ -130,7 +120,7 @@ def test_runs_are_seeded_and_batch_invariant(micro_bundle: Path) -> None:
 
 def test_deterministic_sampler_needs_no_noise(micro_bundle: Path) -> None:
     bundle = load_bundle(micro_bundle)
-    frames = _cine(2, 16, 16)
+    frames = moving_disc(2, 16, 16)
     outs = [superresolve_slices([frames], TorchRunner(bundle, 3, "ddim", 0.0),
                                 Options(steps=3, sampler="ddim", temperature=0.0, seed=s, overlap=4)).frames[0]
             for s in (1, 2)]

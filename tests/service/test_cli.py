@@ -111,16 +111,9 @@ def test_settings_from_environment_and_file(tmp_path: Path, monkeypatch: pytest.
 def test_evaluate_command_reports_per_source(tmp_path: Path) -> None:
     """`cinesr evaluate` with two sources and two acquisitions: a table per source, the files, and a clear
     error for an acquisition it does not know."""
-    import torch
-    from cinesr.model.bundle import build_networks, save_bundle, write_meta
-    from cinesr.model.configs import load_config
+    from tests import models
 
-    torch.manual_seed(0)
-    cfg = {**load_config("tiny"), "name": "micro"}
-    cfg["unet_config"] = {**cfg["unet_config"], "image_size": 16, "lq_size": 16, "channel_mult": [1, 1],
-                          "num_res_blocks": [1, 1], "attention_resolutions": [8], "window_size": 4}
-    bundle = save_bundle(tmp_path / "micro", *build_networks(cfg), cfg)
-    write_meta(bundle, {"inference": {"steps": 2, "overlap": 4, "stride": 3}})
+    bundle = models.micro_bundle(tmp_path / "micro", 0, {"steps": 2, "overlap": 4, "stride": 3})
     args = ["evaluate", "--data", "phantom:3", "--data", "phantom:3:deadleaves", "--model", str(bundle),
             "--protocol", "sequence", "--acquisition", "area", "--acquisition", "kspace", "-o", str(tmp_path / "ev"),
             "--phantom-slices", "1", "--phantom-frames", "16", "--phantom-size", "64"]

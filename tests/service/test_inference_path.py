@@ -14,26 +14,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from cinesr.model.bundle import build_networks, load_bundle, save_bundle, write_meta
+from cinesr.model.bundle import load_bundle
 from cinesr.model.cine import read_series
-from cinesr.model.configs import load_config
 from cinesr.model.evaluate import model_output
 from cinesr.model.inference import TorchRunner
 from cinesr.model.instance import encode_pixels
 from cinesr.model.pipeline import Options
+
+from tests import models
 
 CLI = [sys.executable, "-m", "cinesr.service.cli"]
 
 
 @pytest.mark.slow
 def test_evaluate_measures_what_superresolve_writes(tmp_path: Path) -> None:
-    torch.manual_seed(2)
-    cfg = {**load_config("tiny"), "name": "micro"}
-    cfg["unet_config"] = {**cfg["unet_config"], "image_size": 16, "lq_size": 16, "channel_mult": [1, 1],
-                          "num_res_blocks": [1, 1], "attention_resolutions": [8], "window_size": 4}
-    bundle_dir = save_bundle(tmp_path / "micro", *build_networks(cfg), cfg)
-    write_meta(bundle_dir, {"inference": {"steps": 3, "overlap": 4, "stride": 1}})
+    bundle_dir = models.micro_bundle(tmp_path / "micro", 2, {"steps": 3, "overlap": 4, "stride": 1})
     made = subprocess.run([*CLI, "phantom", str(tmp_path / "in"), "--slices", "2", "--frames", "16", "--size", "96",
                            "--degraded", "--no-truth", "--seed", "9"], capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr

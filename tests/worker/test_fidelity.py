@@ -11,26 +11,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import torch
-from cinesr.model.bundle import build_networks, save_bundle, write_meta
-from cinesr.model.configs import load_config
 from cinesr.worker.jobs import open_job_store
 from cinesr.worker.process import outputs_dir, process_series
 from cinesr.worker.settings import Settings
 
+from tests import models
 from tests.worker.celery_helpers import stage_series
 
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Untrained micro networks (16x16 tiles) with quick shipped options: fast, and a fidelity figure all the same."""
-    torch.manual_seed(3)
-    cfg = {**load_config("tiny"), "name": "micro"}
-    cfg["unet_config"] = {**cfg["unet_config"], "image_size": 16, "lq_size": 16, "channel_mult": [1, 1],
-                          "num_res_blocks": [1, 1], "attention_resolutions": [8], "window_size": 4}
-    folder = save_bundle(tmp_path_factory.mktemp("m") / "micro", *build_networks(cfg), cfg)
-    write_meta(folder, {"inference": {"steps": 2, "overlap": 4, "stride": 3}})
-    return folder
+    return models.micro_bundle(tmp_path_factory.mktemp("m") / "micro", 3, {"steps": 2, "overlap": 4, "stride": 3})
 
 
 def _processed(tmp_path: Path, model: Path, floor: float) -> tuple[dict, list[Path], Settings]:

@@ -22,6 +22,8 @@ from cinesr.worker.engines.torch_engine import TorchEngine
 from cinesr.worker.modelsr import ModelMethod
 from cinesr.worker.pipeline import superresolve_series
 
+from tests.models import moving_disc
+
 
 class NearestEngine(Engine):
     """A model-free engine: each window's output is its lq frames upsampled by pixel replication.
@@ -53,18 +55,6 @@ class NearestEngine(Engine):
         return lq.repeat_interleave(4, -2).repeat_interleave(4, -1)
 
 
-def _cine(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A moving bright disc on a dim background with noise, in scanner-like units."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    frames = []
-    for k in range(t):
-        cx = w / 2 + 0.1 * w * np.sin(2 * np.pi * k / t)
-        disc = ((yy - h / 2) ** 2 + (xx - cx) ** 2 < (0.25 * min(h, w)) ** 2).astype(np.float32)
-        frames.append(150 + 600 * disc + 15 * rng.standard_normal((h, w)))
-    return np.stack(frames).astype(np.float32)
-
-
 def test_parameters_and_respaced_steps(tiny):
     method = ModelMethod(NearestEngine(tiny), Options(steps=5, stride=2))
     p = method.parameters()
@@ -83,7 +73,7 @@ def test_series_normalisation_spans_all_slices(tiny):
         return CineSlice(frames, np.arange(len(frames)) * 40.0, np.zeros(3), np.array([1.0, 0, 0, 0, 1, 0]),
                          np.ones(2), [])
 
-    dim, bright = _cine(2, 32, 32), _cine(2, 32, 32, seed=1) * 3
+    dim, bright = moving_disc(2, 32, 32), moving_disc(2, 32, 32, seed=1) * 3
     series = CineSeries("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.4", [slice_(dim), slice_(bright)], Dataset())
     method = ModelMethod(NearestEngine(tiny), Options(steps=2, stride=3))
     units = method.units(series)
@@ -98,14 +88,14 @@ def test_series_normalisation_spans_all_slices(tiny):
 def test_model_any_matrix_size_gives_4x(tiny, shape):
     engine = OnnxEngine(tiny, "cpu")
     method = ModelMethod(engine, Options(steps=2, stride=3))
-    out = method.superresolve_slice(_cine(2, *shape), lambda n: None)
+    out = method.superresolve_slice(moving_disc(2, *shape), lambda n: None)
     assert out.shape == (16, 4 * shape[0], 4 * shape[1])
     assert np.isfinite(out).all()
 
 
 def test_output_does_not_depend_on_batch_size(tiny):
     engine = OnnxEngine(tiny, "cpu")
-    frames = _cine(2, 40, 40)
+    frames = moving_disc(2, 40, 40)
     a = ModelMethod(engine, Options(steps=3), batch_size=1).superresolve_slice(frames, lambda n: None)
     b = ModelMethod(engine, Options(steps=3), batch_size=4).superresolve_slice(frames, lambda n: None)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * (a.max() - a.min()) / 100)
@@ -116,7 +106,7 @@ def test_output_does_not_depend_on_batch_size(tiny):
 @pytest.mark.slow
 def test_backends_agree_on_a_whole_series(tiny):
     """Same seed, whole-slice output (15 steps): onnxruntime vs torch eager."""
-    frames = _cine(2, 40, 40)
+    frames = moving_disc(2, 40, 40)
     outs = {}
     for engine in (OnnxEngine(tiny, "cpu"), TorchEngine(tiny, "cpu", threads=1)):
         outs[engine.name] = ModelMethod(engine, Options(seed=0)).superresolve_slice(frames, lambda n: None)
@@ -167,7 +157,7 @@ def test_batches_across_slices_give_the_same_series(tiny):
                          np.ones(2), [])
 
     series = CineSeries("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.4",
-                        [slice_(_cine(2, 32, 32)), slice_(_cine(2, 32, 32, seed=2) * 2)], Dataset())
+                        [slice_(moving_disc(2, 32, 32)), slice_(moving_disc(2, 32, 32, seed=2) * 2)], Dataset())
     engine = OnnxEngine(tiny, "cpu")
     method = ModelMethod(engine, Options(steps=2), batch_size=4)
     per_slice = superresolve_series(series, method).frames
