@@ -3,6 +3,8 @@
     <bundle>/model.json               format, name, version, network config, training record, metrics
     <bundle>/autoencoder.safetensors  VQGAN state dict (ResShift/LDM key names)
     <bundle>/unet.safetensors         Swin-UNet state dict (EMA weights when trained with EMA)
+    <bundle>/student.safetensors      optional: a few-step student UNet distilled from it (`distilled` in
+                                      model.json says which step counts it serves)
     <bundle>/*.onnx, TensorRT plans   optional, written by `cinesr export`
 
 Tensors are stored as float16 where that is lossless enough (relative round-trip error of the
@@ -31,7 +33,8 @@ from .nets import VQGAN, SwinUNet
 FORMAT = "cinesr-model-bundle"
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
-WEIGHT_FILES = {"autoencoder": "autoencoder.safetensors", "unet": "unet.safetensors"}
+WEIGHT_FILES = {"autoencoder": "autoencoder.safetensors", "unet": "unet.safetensors",
+                "student": "student.safetensors"}
 FP16_TOLERANCE = 1e-3
 BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 DEFAULT_BUNDLE = BUNDLES_DIR / "tiny"
@@ -46,6 +49,19 @@ class ModelBundle:
     unet: SwinUNet
     autoencoder: VQGAN
     meta: dict[str, Any] = field(default_factory=dict)
+    student: SwinUNet | None = None  # the distilled few-step UNet, when the bundle has one
+
+    @property
+    def student_steps(self) -> tuple[int, ...]:
+        """Sampler step counts the student serves (empty without a student)."""
+        if self.student is None:
+            return ()
+        return tuple(int(s) for s in (self.meta.get("distilled") or {}).get("steps", ()))
+
+    def unet_for(self, steps: int) -> SwinUNet:
+        """The network that runs `steps` sampler steps: the student for the step counts it was distilled
+        for, the teacher otherwise."""
+        return self.student if self.student is not None and steps in self.student_steps else self.unet
 
     @property
     def schedule(self) -> Schedule:
@@ -74,6 +90,8 @@ class ModelBundle:
     def to(self, device: str | torch.device) -> ModelBundle:
         self.unet.to(device)
         self.autoencoder.to(device)
+        if self.student is not None:
+            self.student.to(device)
         return self
 
 
@@ -103,6 +121,18 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return half if err <= FP16_TOLERANCE else t32
 
 
+def state_digest(*modules: torch.nn.Module) -> str:
+    """sha256 over the parameters and buffers of modules (names, shapes, bytes): identifies weights."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, value in sorted(module.state_dict().items()):
+            t = value.detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -118,6 +148,7 @@ def save_bundle(
     config: Mapping[str, Any],
     meta: Mapping[str, Any] | None = None,
     fp16: bool = True,
+    student: torch.nn.Module | None = None,
 ) -> Path:
     """Write a bundle folder (created if needed; weights and model.json replaced atomically per file).
 
@@ -129,7 +160,8 @@ def save_bundle(
     path.mkdir(parents=True, exist_ok=True)
     weights: dict[str, Any] = {}
     digest = hashlib.sha256()
-    for key, module in (("autoencoder", autoencoder), ("unet", unet)):
+    modules = [("autoencoder", autoencoder), ("unet", unet)] + ([("student", student)] if student is not None else [])
+    for key, module in modules:
         state = _persistent_state(module)
         if fp16:
             state = {k: _compact(v) for k, v in state.items()}
@@ -201,7 +233,9 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
     doc = read_meta(path)
     config = doc["config"]
     unet, autoencoder = build_networks(config)
-    for key, module in (("autoencoder", autoencoder), ("unet", unet)):
+    student = build_networks(config)[0] if "student" in (doc.get("weights") or {}) else None
+    modules = [("autoencoder", autoencoder), ("unet", unet)] + ([("student", student)] if student is not None else [])
+    for key, module in modules:
         entry = (doc.get("weights") or {}).get(key, {})
         file = path / entry.get("file", WEIGHT_FILES[key])
         if not file.is_file():
@@ -211,7 +245,9 @@ def load_bundle(path: str | Path | None = None, device: str | torch.device = "cp
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
         load_into(module, state, source=str(file))
     meta = {k: v for k, v in doc.items() if k not in ("config",)}
-    bundle = ModelBundle(path=path, config=config, unet=unet.eval(), autoencoder=autoencoder.eval(), meta=meta)
-    bundle.unet.requires_grad_(False)
-    bundle.autoencoder.requires_grad_(False)
+    bundle = ModelBundle(path=path, config=config, unet=unet.eval(), autoencoder=autoencoder.eval(), meta=meta,
+                         student=student.eval() if student is not None else None)
+    for module in (bundle.unet, bundle.autoencoder, bundle.student):
+        if module is not None:
+            module.requires_grad_(False)
     return bundle.to(device)

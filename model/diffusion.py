@@ -68,9 +68,14 @@ class Schedule:
 
     def respaced(self, steps: int) -> tuple[Schedule, tuple[int, ...]]:
         """`steps` of the T steps, evenly spaced (ResShift's timestep respacing), as a chain of its own,
-        with the original step indices it keeps (the network still sees those)."""
+        with the original step indices it keeps (the network still sees those). One step starts from the
+        prior at the last index (a single x0 prediction from the noised shift target), as a distilled
+        one-step student does."""
         if not 1 <= steps <= self.steps:
             raise ValueError(f"steps must be in 1..{self.steps} for this model, got {steps}")
+        if steps == 1:
+            keep: tuple[int, ...] = (self.steps - 1,)
+            return Schedule(sqrt_etas=self.sqrt_etas[list(keep)], kappa=self.kappa), keep
         keep = tuple(sorted({round(float(v)) for v in torch.linspace(0, self.steps - 1, steps)}))
         return Schedule(sqrt_etas=self.sqrt_etas[list(keep)], kappa=self.kappa), keep
 

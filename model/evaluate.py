@@ -183,7 +183,7 @@ def evaluate(
             raise InputError(f"unknown acquisition {a!r} (one of {', '.join(ACQUISITIONS)})")
     configs = {a: DegradationConfig(kind=a) for a in acquisitions}
     model = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle, device=device)
-    opts = options or Options.from_mapping(model.meta.get("inference"))
+    opts = (options or Options.from_mapping(model.meta.get("inference"))).for_model(model.student_steps)
     run = runner or TorchRunner.for_options(model, opts)
     specs = [data] if isinstance(data, (str, Path)) else list(data)
     sources = []

@@ -8,6 +8,7 @@ and the service produce (a test holds the two to the bit).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -24,12 +25,14 @@ class TorchRunner:
         self.bundle = bundle
         self.geometry = Geometry.from_config(bundle.config, bundle.autoencoder.downsample_factor)
         self.plan = SamplerPlan.from_schedule(bundle.schedule, steps, sampler, temperature)
+        self.unet = bundle.unet_for(self.plan.steps)  # the distilled student for its step counts
 
     @classmethod
-    def for_options(cls, bundle: ModelBundle, options: object) -> TorchRunner:
-        """A runner with the sampler of pipeline Options (steps, sampler, temperature)."""
-        return cls(bundle, getattr(options, "steps", None), getattr(options, "sampler", "ancestral"),
-                   getattr(options, "temperature", 1.0))
+    def for_options(cls, bundle: ModelBundle, options: Any) -> TorchRunner:
+        """A runner with the sampler of pipeline Options (steps, sampler, temperature), as they run on this
+        bundle (Options.for_model)."""
+        o = options.for_model(bundle.student_steps)
+        return cls(bundle, o.steps, o.sampler, o.temperature)
 
     @torch.inference_mode()
     def latents(self, lq: torch.Tensor, noise: torch.Tensor,
@@ -38,7 +41,7 @@ class TorchRunner:
         device = self.bundle.device
         lq = lq.to(device, torch.float32)
         y = self.bundle.autoencoder.encode(upsample_lq(lq, self.geometry.sf))
-        unet = self.bundle.unet
+        unet = self.unet
 
         def denoise(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             return unet(x, t, lq=cond).float()

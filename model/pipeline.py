@@ -79,6 +79,11 @@ class Options:
     def with_(self, **changes: Any) -> Options:
         return replace(self, **changes)
 
+    def for_model(self, student_steps: tuple[int, ...]) -> Options:
+        """The options as they run on a model: a distilled student serves its step counts with the
+        deterministic sampler it learned (whatever sampler the options name for the teacher)."""
+        return self.with_(sampler="ddim") if self.steps in student_steps else self
+
 
 @dataclass
 class Result:

@@ -325,7 +325,8 @@ def validate(unet: nn.Module, ae: nn.Module, config: Mapping[str, Any], dataset:
     from .pipeline import Options, superresolve_slices
 
     opts = (options or Options()).with_(temporal=1, stride=3)
-    runner = TorchRunner.for_options(ModelBundle(path=None, config=dict(config), unet=unet, autoencoder=ae), opts)
+    bundle = ModelBundle(path=None, config=dict(config), unet=unet, autoencoder=ae)
+    runner = TorchRunner(bundle, opts.steps, opts.sampler, opts.temperature)
     was_training = unet.training
     unet.eval()
     lqs, gts, outs = [], [], []
@@ -360,9 +361,11 @@ def sampled_pool(unet: nn.Module, ae: nn.Module, model_cfg: Mapping[str, Any], s
     from .bundle import ModelBundle
     from .diffusion import draw_noise
     from .inference import TorchRunner
+    from .pipeline import Options
 
-    runner = TorchRunner.for_options(ModelBundle(path=None, config=dict(model_cfg), unet=unet.to(device).eval(),
-                                                 autoencoder=ae.to(device).eval()), options)
+    o = options or Options()
+    runner = TorchRunner(ModelBundle(path=None, config=dict(model_cfg), unet=unet.to(device).eval(),
+                                     autoencoder=ae.to(device).eval()), o.steps, o.sampler, o.temperature)
     g = runner.geometry
     zs, gts = [], []
     for start in range(0, size, chunk):
@@ -415,3 +418,84 @@ def refine_stage(section: Mapping[str, Any], model_cfg: Mapping[str, Any], seed:
         return total, parts
 
     return Stage("refine", section, {"model": ae}, params, loss)
+
+
+# -------------------------------------------------------------------------------------- distill
+
+STUDENT_STEPS = (1, 2, 4)
+
+
+def student_timesteps(schedule: Schedule, steps: tuple[int, ...] = STUDENT_STEPS) -> tuple[int, ...]:
+    """The step indices at which the student runs for those step counts (each plan's respaced steps)."""
+    from .diffusion import SamplerPlan
+
+    return tuple(sorted({t for k in steps for t in SamplerPlan.from_schedule(schedule, k, "ddim").timesteps},
+                        reverse=True))
+
+
+@torch.no_grad()
+def teacher_pool(unet: nn.Module, ae: nn.Module, model_cfg: Mapping[str, Any], samples: Samples, size: int,
+                 seed: int, device: torch.device, temperature: float = 1.0, chunk: int = 8,
+                 progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """What the student learns from: per sample the lq frames, the true latent x0 = E(gt), and the
+    teacher's deterministic (ddim) 15-step chain from its start: its states at the student's step
+    indices (`x<t>`) and its final latent (`z`). float16 where large."""
+    from .diffusion import SamplerPlan, draw_noise, run_plan
+
+    schedule = Schedule.from_config(model_cfg.get("diffusion"))
+    plan = SamplerPlan.from_schedule(schedule, None, "ddim", temperature)
+    wanted = set(student_timesteps(schedule))
+    unet = unet.to(device).eval()
+    ae = ae.to(device).eval()
+    out: dict[str, list[torch.Tensor]] = {"lq": [], "x0": [], "z": [], **{f"x{t}": [] for t in wanted}}
+    for start in range(0, size, chunk):
+        items = [samples[i] for i in range(start, min(size, start + chunk))]
+        lq = torch.stack([it["lq"] for it in items]).to(device)
+        y = ae.encode(upsample_lq(lq, 4))
+        states: dict[int, torch.Tensor] = {}
+
+        def denoise(x_scaled: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                    states: dict[int, torch.Tensor] = states) -> torch.Tensor:
+            step = int(t[0])
+            if step in wanted:  # the state the chain is in at this step (unscaled)
+                states[step] = x_scaled / plan.c_in[plan.timesteps.index(step)]
+            return unet(x_scaled, t, lq=cond).float()
+
+        noise = draw_noise(tuple(y.shape), plan.steps, torch.Generator().manual_seed(seed * 1_000_003 + start))
+        z = run_plan(denoise, y, lq, plan, noise.to(device))
+        out["lq"].append(lq.cpu().half())
+        out["x0"].append(ae.encode(torch.stack([it["gt"] for it in items]).to(device)).cpu())
+        out["z"].append(z.cpu())
+        for t in wanted:
+            out[f"x{t}"].append(states[t].cpu())
+        if progress:
+            progress("teacher pool", min(size, start + chunk), size, {})
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def distill_stage(section: Mapping[str, Any], model_cfg: Mapping[str, Any], seed: int, student: nn.Module,
+                  pool: Mapping[str, torch.Tensor], device: torch.device) -> Stage:
+    """The student (initialised as the teacher) learns the teacher's whole deterministic chain in one x0
+    prediction from any of its step indices: MSE to the teacher's final latent, plus `gt_weight` x MSE to
+    the true latent (the truth supervises the student, as in SinSR's consistency loss), half of the
+    batches at the first step (the one-step default)."""
+    schedule = Schedule.from_config(model_cfg.get("diffusion"))
+    steps = student_timesteps(schedule)
+    student.to(device).train()
+    bs, gt_weight = int(section["batch_size"]), float(section.get("gt_weight") or 0.0)
+
+    def loss(step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        gen = step_generator(seed, step, 20 + micro)
+        idx = torch.randint(0, pool["z"].shape[0], (bs,), generator=gen)
+        first = torch.rand(bs, generator=gen) < 0.5
+        pick = torch.randint(0, len(steps), (bs,), generator=gen)
+        t = torch.where(first, torch.full_like(pick, steps[0]), torch.tensor(steps)[pick])
+        x_t = torch.stack([pool[f"x{int(ti)}"][i] for ti, i in zip(t.tolist(), idx.tolist(), strict=True)])
+        c_in = 1.0 / torch.sqrt(schedule.etas.float()[t] * schedule.kappa**2 + 1)
+        pred = student((x_t.float() * c_in.view(-1, 1, 1, 1)).to(device), t.to(device),
+                       lq=pool["lq"][idx].float().to(device))
+        teacher = F.mse_loss(pred, pool["z"][idx].float().to(device))
+        truth = F.mse_loss(pred, pool["x0"][idx].float().to(device))
+        return teacher + gt_weight * truth, {"teacher_mse": float(teacher.detach()), "gt_mse": float(truth.detach())}
+
+    return Stage("distill", section, {"model": student}, list(student.parameters()), loss)

@@ -37,8 +37,8 @@ from .loop import Progress
 from .stages import SamplePool, autoencoder_losses, restart_codes
 
 TRAIN_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "train"
-STAGES = ("autoencoder", "denoiser", "decoder", "refine", "both")
-STAGE_KEYS = ("autoencoder", "denoiser", "decoder", "refine")
+STAGES = ("autoencoder", "denoiser", "decoder", "refine", "distill", "both")
+STAGE_KEYS = ("autoencoder", "denoiser", "decoder", "refine", "distill")
 
 _AE = {"steps": 1000, "batch_size": 8, "crop": 128, "lr": 2e-4, "betas": [0.5, 0.9], "warmup": 0, "lr_end": None,
        "l1_weight": 1.0, "mse_weight": 0.0, "lpips_weight": 1.0, "codebook_weight": 1.0, "commitment": 0.25,
@@ -68,6 +68,10 @@ DEFAULTS: dict[str, Any] = {
     # decoding them as if they were exact costs fidelity. Encoder, codebook and UNet stay as they are.
     "refine": {"steps": 0, "pool": 512, "batch_size": 8, "crop": 96, "lr": 1e-4, "lr_end": None, "warmup": 0,
                "l1_weight": 1.0, "mse_weight": 1.0, "lpips_weight": 0.1, "log_every": 10, "checkpoint_every": 250},
+    # optional: a few-step student distilled from the trained denoiser (SinSR-style: the teacher's
+    # deterministic 15-step chain in one x0 prediction, the truth supervising it too), for 1, 2 and 4 steps
+    "distill": {"steps": 0, "pool": 1024, "batch_size": 8, "lr": 1e-4, "lr_end": 1e-5, "warmup": 0,
+                "temperature": 1.0, "gt_weight": 0.5, "log_every": 10, "checkpoint_every": 250},
     # the bundle's shipped inference options (cinesr.model.pipeline.Options), written into model.json
     "inference": {},
 }
@@ -196,7 +200,8 @@ def _stage_wall(stage: Mapping[str, Any]) -> float:
 
 
 def _write_bundle(path: Path, unet: nn.Module, ae: nn.Module, model_cfg: Mapping[str, Any], cfg: Mapping[str, Any],
-                  record: Mapping[str, Any], extra: Mapping[str, Any], denoiser_wall: float) -> None:
+                  record: Mapping[str, Any], extra: Mapping[str, Any], denoiser_wall: float,
+                  student: nn.Module | None = None, distilled: Mapping[str, Any] | None = None) -> None:
     training = copy.deepcopy(dict(record))
     training.setdefault("denoiser", {})
     training["denoiser"] = {**training["denoiser"], "steps": extra.get("denoiser_steps"),
@@ -207,7 +212,9 @@ def _write_bundle(path: Path, unet: nn.Module, ae: nn.Module, model_cfg: Mapping
         meta["inference"] = dict(cfg["inference"])
     if "val" in extra:
         meta["validation"] = extra["val"]
-    bundle_io.save_bundle(path, unet, ae, model_cfg, meta)
+    if student is not None:
+        meta["distilled"] = dict(distilled or {})
+    bundle_io.save_bundle(path, unet, ae, model_cfg, meta, student=student)
 
 
 def _bundle_training_records(init_from: str | Path | Sequence[str | Path] | None) -> list[dict[str, Any]]:
@@ -245,7 +252,8 @@ def train(
 
     stage: 'autoencoder', 'denoiser' (needs an autoencoder: a previous run in out_dir or `init_from`),
     'decoder' (fine-tune the decoder alone, latents unchanged), 'refine' (the decoder on sampled
-    latents; needs a denoiser) or 'both' (every stage whose steps > 0, in that order). Returns
+    latents; needs a denoiser), 'distill' (a few-step student of the denoiser) or 'both' (every stage
+    whose steps > 0, in that order). Returns
     out_dir/bundle, or out_dir when no denoiser exists yet. init_from: bundle folder or ResShift/LDM
     checkpoint file(s) to start from. resume: continue from out_dir/checkpoints when present.
     max_steps caps each stage (smoke runs).
@@ -270,6 +278,8 @@ def train(
     unet, ae = bundle_io.build_networks(model_cfg)
     loaded = apply_init(init_from, unet, ae)
     from_bundle = any(s.startswith("bundle") for s in loaded)
+    # a student distilled from the bundle's denoiser stays valid while that denoiser does
+    student, distilled = _bundle_student(init_from)
     options = _options(cfg, init_from)
     train_set, val_set = _datasets(cfg)
     samples: SamplePool | SampleDataset = train_set
@@ -327,6 +337,7 @@ def train(
                                                                   {"denoiser_steps": step}, wall)
         result = loop.run(dn.stage, out, resume, progress)
         unet.load_state_dict(dn.ema.state_dict())  # the bundle ships the EMA weights
+        student, distilled = None, None  # a new teacher: an earlier student no longer matches it
         _set_stage(record, history, "denoiser",
                    {**result, **{k: c[k] for k in ("batch_size", "grad_accum", "lr", "ema_decay")},
                     "sample_pool": int(cfg["data"].get("pool") or 0)})
@@ -360,12 +371,47 @@ def train(
                     **{k: c[k] for k in ("batch_size", "crop", "lr", "lr_end", "l1_weight", "mse_weight",
                                          "lpips_weight")}})
         save_record()
+    if stage == "distill" or (stage == "both" and int(cfg["distill"]["steps"]) > 0):
+        if not ((ckpts / "denoiser.pt").is_file() or from_bundle):
+            raise InputError("distill needs a trained denoiser (the teacher): train stage 'denoiser' first or pass "
+                             "--init-from a bundle")
+        c = cfg["distill"]
+        student = copy.deepcopy(unet)  # starts as the teacher
+        state = loop.load_checkpoint(ckpts / "distill.pt") if resume else None
+        pool = {}
+        if state is None or int(state["step"]) < int(c["steps"]):
+            pool = stages.teacher_pool(unet, ae, model_cfg, samples, int(c["pool"]), seed + 41, device,
+                                       float(c["temperature"]), progress=progress)
+        result = loop.run(stages.distill_stage(c, model_cfg, seed + 41, student, pool, device), out, resume,
+                          progress)
+        student.eval().requires_grad_(False)
+        distilled = {"steps": list(stages.STUDENT_STEPS), "sampler": "ddim", "teacher_temperature": c["temperature"],
+                     "teacher_sha256": bundle_io.state_digest(unet)}
+        _set_stage(record, history, "distill", {**result, "pool": int(c["pool"]), "note": distilled_note(),
+                                                **{k: c[k] for k in ("batch_size", "lr", "lr_end", "gt_weight")}})
+        save_record()
     if not (ckpts / "denoiser.pt").is_file() and not from_bundle:
         return out  # no denoiser yet: nothing to bundle (the autoencoder lives in out/checkpoints)
     _write_bundle(out / "bundle", unet, ae, model_cfg, cfg, record,
                   {"denoiser_steps": (record.get("denoiser") or {}).get("steps")},
-                  float((record.get("denoiser") or {}).get("wall_time_s") or 0))
+                  float((record.get("denoiser") or {}).get("wall_time_s") or 0), student, distilled)
     return out / "bundle"
+
+
+def distilled_note() -> str:
+    return ("student UNet distilled from the denoiser: the teacher's deterministic 15-step chain in one x0 "
+            "prediction from each of the 1-, 2- and 4-step plans' steps, plus the true latent")
+
+
+def _bundle_student(init_from: Any) -> tuple[nn.Module | None, dict[str, Any] | None]:
+    """The student and its `distilled` record of the (last) bundle among init_from, if it has one."""
+    items = [] if init_from is None else [init_from] if isinstance(init_from, (str, Path)) else list(init_from)
+    for item in reversed(items):
+        if (Path(item) / bundle_io.MODEL_JSON).is_file():
+            b = bundle_io.load_bundle(item)
+            if b.student is not None:
+                return b.student, dict(b.meta.get("distilled") or {})
+    return None, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,6 +23,12 @@ from cinesr.worker.engines.base import Engine, LoadedModel, draw_noise, load_mod
 
 OPSET = 17
 GRAPHS = ("encoder", "unet", "decoder")
+STUDENT = "student"  # the distilled few-step UNet: the unet graph's inputs and outputs, its own weights
+
+
+def graphs_of(model: LoadedModel) -> tuple[str, ...]:
+    """The graphs a model has: the three, and the student's where the bundle has one."""
+    return (*GRAPHS, STUDENT) if model.student is not None else GRAPHS
 DEFAULT_BATCH_SIZES = (1, 4, 8)
 
 
@@ -58,14 +64,15 @@ class _Decode(torch.nn.Module):
 def graph_io(model: LoadedModel) -> dict[str, dict[str, Any]]:
     """Input/output names and shapes ('B' = dynamic batch) of the three graphs."""
     s = model.geometry.shapes("B")
-    return {
+    unet = {"inputs": {"x": s["unet.x"], "t": s["unet.t"], "lq": s["unet.lq"]}, "outputs": {"x0": s["unet.x0"]}}
+    io = {
         "encoder": {"inputs": {"images": s["encoder.images"]}, "outputs": {"latents": s["encoder.latents"]}},
-        "unet": {
-            "inputs": {"x": s["unet.x"], "t": s["unet.t"], "lq": s["unet.lq"]},
-            "outputs": {"x0": s["unet.x0"]},
-        },
+        "unet": unet,
         "decoder": {"inputs": {"latents": s["decoder.latents"]}, "outputs": {"images": s["decoder.images"]}},
     }
+    if model.student is not None:
+        io[STUDENT] = unet
+    return io
 
 
 def _example(model: LoadedModel, graph: str, batch: int) -> tuple[torch.Tensor, ...]:
@@ -81,9 +88,9 @@ def _example(model: LoadedModel, graph: str, batch: int) -> tuple[torch.Tensor, 
 
 
 def _module(model: LoadedModel, graph: str) -> torch.nn.Module:
-    return {"encoder": _Encode, "unet": _UNetCall, "decoder": _Decode}[graph](
-        model.vqgan if graph != "unet" else model.unet
-    ).eval()
+    if graph in ("unet", STUDENT):
+        return _UNetCall(model.unet if graph == "unet" else model.student).eval()
+    return {"encoder": _Encode, "decoder": _Decode}[graph](model.vqgan).eval()
 
 
 def export_graph(model: LoadedModel, graph: str, path: Path, opset: int = OPSET) -> None:
@@ -121,10 +128,11 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def onnx_record(directory: str | Path) -> dict[str, Any] | None:
-    """The "onnx" entry of a folder's model.json, if all three graphs are there."""
+    """The "onnx" entry of a folder's model.json, if all its graphs are there."""
     directory = Path(directory)
     rec = _read_json(directory / "model.json").get("onnx")
-    if not rec or not all((directory / f"{g}.onnx").is_file() for g in GRAPHS):
+    if not rec or not all((directory / f).is_file() for f in (rec.get("graphs") or {g: f"{g}.onnx" for g in GRAPHS})
+                          .values()):
         return None
     return rec
 
@@ -151,14 +159,14 @@ def export_bundle(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for graph in GRAPHS:
+    for graph in graphs_of(model):
         export_graph(model, graph, out / f"{graph}.onnx", opset)
     meta = _read_json(out / "model.json")
     if not meta:  # a folder of graphs only: keep what is needed to run them (config, schedule)
         meta = {"name": model.config.get("name", "custom"), "config": model.config, "source": model.source}
     meta["onnx"] = {
         "opset": opset,
-        "graphs": {g: f"{g}.onnx" for g in GRAPHS},
+        "graphs": {g: f"{g}.onnx" for g in graphs_of(model)},
         "io": graph_io(model),
         "batch": "dynamic",
         "batch_sizes": [int(b) for b in batch_sizes],
@@ -217,7 +225,7 @@ def export_tensorrt(
         return {"built": False, "reason": str(exc)}
     t0 = time.perf_counter()
     for b in engine.batch_sizes:
-        for g in GRAPHS:
+        for g in graphs_of(model):
             engine.graph(b, g)
     plans = sorted(str(p) for p in engine.cache_dir.glob("*.plan"))
     return {"built": True, "plans": plans, "cache_dir": str(engine.cache_dir), "gpu": engine.gpu,

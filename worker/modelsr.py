@@ -37,6 +37,7 @@ class ModelMethod:
     def __post_init__(self) -> None:
         if self.options is None:
             self.options = Options.from_mapping(self.engine.model.meta.get("inference"))
+        self.options = self.options.for_model(self.engine.model.student_steps)
         if self.batch_size is None:
             self.batch_size = self.engine.preferred_batch
         if self.batch_size < 1:

@@ -198,3 +198,36 @@ def test_refine_stage_trains_the_decoder_on_sampled_latents(tmp_path: Path) -> N
     assert twice["wall_time_s"] >= meta["wall_time_s"]  # earlier runs count
     with pytest.raises(InputError, match="'refine' needs a trained autoencoder"):
         train(cfg, tmp_path / "empty", stage="refine")
+
+
+def test_distill_stage_puts_a_student_in_the_bundle(tmp_path: Path) -> None:
+    """A student distilled from a micro bundle: its weights and `distilled` record ship in the bundle, it
+    serves 1, 2 and 4 steps (with the deterministic sampler), the teacher the rest; the history is kept."""
+    from cinesr.model.inference import TorchRunner
+    from cinesr.model.pipeline import Options
+
+    cfg = micro_config(2, ae_steps=2)
+    cfg["model"] = micro_model(codebook=False)
+    start = train(cfg, tmp_path / "cont")
+    cfg["distill"] = {"steps": 3, "pool": 4, "batch_size": 2, "log_every": 1, "checkpoint_every": 1}
+    distilled = train(cfg, tmp_path / "student", stage="distill", init_from=[start])
+    b = load_bundle(distilled)
+    assert (distilled / "student.safetensors").is_file() and b.student is not None
+    assert b.student_steps == (1, 2, 4) and b.meta["distilled"]["sampler"] == "ddim"
+    assert b.unet_for(1) is b.student and b.unet_for(15) is b.unet
+    teacher = load_bundle(start)
+    for (name, pa), pb in zip(teacher.unet.state_dict().items(), b.unet.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name  # the teacher ships unchanged
+    assert any(not torch.equal(pa, pb) for pa, pb in zip(b.unet.state_dict().values(),
+                                                          b.student.state_dict().values(), strict=True))
+    log = read_log(tmp_path / "student" / "logs" / "distill.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["teacher_mse"] >= 0 and r["gt_mse"] > 0 for r in log)
+    meta = json.loads((distilled / "model.json").read_text())["training"]
+    assert meta["distill"]["steps"] == 3 and meta["denoiser"]["steps"] == 2
+    runner = TorchRunner.for_options(b, Options(steps=1, sampler="ancestral"))
+    assert runner.unet is b.student and runner.plan.sampler == "ddim" and runner.plan.timesteps == (14,)
+    assert TorchRunner.for_options(b, Options(steps=15)).unet is b.unet
+    # a decoder stage on top keeps the student (the denoiser it learned from did not change)
+    cfg["refine"] = {"steps": 1, "pool": 2, "batch_size": 2, "crop": 32, "log_every": 1, "checkpoint_every": 1}
+    refined = train(cfg, tmp_path / "refined", stage="refine", init_from=[distilled])
+    assert load_bundle(refined).student_steps == (1, 2, 4)

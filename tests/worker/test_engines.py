@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+import numpy as np
 import pytest
 import torch
 from cinesr.model.diffusion import sample, unet_denoiser
@@ -189,3 +190,36 @@ def test_tensorrt_selftest_passes(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("CINESR_CACHE_DIR", str(tmp_path))
     report = selftest("tensorrt", "cuda", model="tiny")
     assert report["ok"], report
+
+
+def test_engines_run_the_student_for_its_step_counts(tmp_path):
+    """A bundle with a distilled student: torch and onnxruntime both run the student for 1 step (and agree),
+    the teacher for 15; the student's graph is exported beside the others."""
+    from cinesr.model.bundle import build_networks, load_bundle, save_bundle
+    from cinesr.model.configs import load_config
+    from cinesr.worker.modelsr import ModelMethod
+
+    from tests.models import MICRO_UNET, moving_disc
+
+    torch.manual_seed(5)
+    cfg = {**load_config("tiny"), "name": "micro"}
+    cfg["unet_config"] = {**cfg["unet_config"], **MICRO_UNET}
+    unet, ae = build_networks(cfg)
+    student = build_networks(cfg)[0]
+    path = save_bundle(tmp_path / "b", unet, ae, cfg, {"distilled": {"steps": [1, 2, 4]},
+                                                        "inference": {"steps": 1, "overlap": 4}}, student=student)
+    assert load_bundle(path).student is not None
+    model = load_model(path)
+    outs = {}
+    onnx = OnnxEngine(model, "cpu")
+    for engine in (TorchEngine(model, "cpu"), onnx):
+        method = ModelMethod(engine)
+        assert method.options.sampler == "ddim" and engine.plan.timesteps == (14,)
+        outs[engine.name] = method.superresolve_slice(moving_disc(2, 16, 16), lambda n: None)
+        engine.set_steps(15)
+        assert (getattr(engine, "network", None) or "unet") in ("unet", "teacher")
+    assert (onnx.onnx_dir / "student.onnx").is_file()
+    a, b = outs["torch"], outs["onnx"]
+    assert np.abs(a - b).max() < 1e-3 * float(a.max() - a.min())
+    teacher_one_step = ModelMethod.configured(TorchEngine(load_model(str(path)), "cpu"), steps=1)
+    assert teacher_one_step.engine.network == "student"

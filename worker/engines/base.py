@@ -14,7 +14,6 @@ batch composition.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cinesr.model.bundle import state_digest as state_hash
 from cinesr.model.configs import load_config
 from cinesr.model.diffusion import SamplerPlan, Schedule, draw_noise, run_plan, upsample_lq
 from cinesr.model.nets import VQGAN, SwinUNet
@@ -47,22 +47,18 @@ class LoadedModel:
     source: dict[str, Any]  # {"kind": "bundle"|"config", "path"/"name", "sha256", "version"}
     bundle_dir: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # the bundle's model.json, if any
+    student: SwinUNet | None = None  # a distilled few-step UNet, when the bundle has one
+
+    @property
+    def student_steps(self) -> tuple[int, ...]:
+        """Sampler step counts the student serves (empty without one)."""
+        if self.student is None:
+            return ()
+        return tuple(int(s) for s in (self.meta.get("distilled") or {}).get("steps", ()))
 
     @property
     def weights_hash(self) -> str:
         return str(self.source["sha256"])
-
-
-def state_hash(*modules: torch.nn.Module) -> str:
-    """sha256 over the parameters and buffers of modules (names, shapes, bytes): identifies weights."""
-    h = hashlib.sha256()
-    for module in modules:
-        for name, value in sorted(module.state_dict().items()):
-            t = value.detach().cpu().contiguous()
-            h.update(name.encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _from_config(cfg: dict[str, Any], seed: int, source: dict[str, Any]) -> LoadedModel:
@@ -85,11 +81,12 @@ def _from_bundle(path: Path) -> LoadedModel:
     b = load_bundle(path)
     unet, vqgan, cfg = b.unet.eval(), b.autoencoder.eval(), dict(b.config)
     cfg.setdefault("diffusion", {})
+    nets = (unet, vqgan) if b.student is None else (unet, vqgan, b.student)
     source = {"kind": "bundle", "path": str(path), "name": b.name, "version": b.version,
-              "sha256": state_hash(unet, vqgan)}
+              "sha256": state_hash(*nets)}
     return LoadedModel(
         cfg, unet, vqgan, Schedule.from_config(cfg["diffusion"]), Geometry.from_config(cfg, vqgan.downsample_factor),
-        source, path, dict(b.meta)
+        source, path, dict(b.meta), b.student
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from .base import Engine, EngineUnavailable, LoadedModel
 
-_GRAPH_OUTPUTS = {"encoder": "latents", "unet": "x0", "decoder": "images"}
+_GRAPH_OUTPUTS = {"encoder": "latents", "unet": "x0", "decoder": "images", "student": "x0"}
 
 
 def cpu_threads() -> int:
@@ -84,9 +84,10 @@ class OnnxEngine(Engine):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.spin = spin
         self.optimization = optimization
+        graphs = ["encoder", "unet", "decoder", *(["student"] if model.student is not None else [])]
         self.sessions = {
             g: ort.InferenceSession(str(self.onnx_dir / f"{g}.onnx"), sess_options=opts, providers=providers)
-            for g in _GRAPH_OUTPUTS
+            for g in graphs
         }
         active = self.sessions["unet"].get_providers()
         if device.type == "cuda" and active[0] != "CUDAExecutionProvider":
@@ -94,6 +95,11 @@ class OnnxEngine(Engine):
         self._ort = ort
 
     # -- running one graph --------------------------------------------------------------------
+    @property
+    def network(self) -> str:
+        """The UNet graph of the current plan: the student for the step counts it serves."""
+        return "student" if "student" in self.sessions and self.plan.steps in self.model.student_steps else "unet"
+
     def _run(self, graph: str, **inputs: torch.Tensor) -> torch.Tensor:
         session = self.sessions[graph]
         if self.device.type == "cpu":
@@ -130,7 +136,7 @@ class OnnxEngine(Engine):
         return self._run("encoder", images=images.float())
 
     def denoise(self, x_scaled: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        return self._run("unet", x=x_scaled.float(), t=t.long(), lq=lq.float())
+        return self._run(self.network, x=x_scaled.float(), t=t.long(), lq=lq.float())
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run("decoder", latents=latents.float())

@@ -29,7 +29,7 @@ from .base import Engine, EngineUnavailable, LoadedModel, StepCallback
 
 log = logging.getLogger(__name__)
 
-_FP16_GRAPHS = {"unet"}
+_FP16_GRAPHS = {"unet", "student"}
 
 
 def _import_trt() -> Any:
@@ -186,7 +186,12 @@ class TensorRTEngine(Engine):
                           images=images.float())
 
     def denoise(self, x_scaled: torch.Tensor, t: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        return self._call("unet", tuple(x_scaled.shape), x=x_scaled.float(), t=t.long(), lq=lq.float())
+        return self._call(self.network, tuple(x_scaled.shape), x=x_scaled.float(), t=t.long(), lq=lq.float())
+
+    @property
+    def network(self) -> str:
+        """The UNet graph of the current plan: the student for the step counts it serves."""
+        return "student" if self.model.student is not None and self.plan.steps in self.model.student_steps else "unet"
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -236,7 +241,7 @@ class _TrtLoop:
         self.xs = torch.zeros(lat, device=dev)
         self.x0 = torch.zeros(lat, device=dev)
         steps = [torch.full((batch,), t, dtype=torch.long, device=dev) for t in p.timesteps]
-        unet = engine.graph(batch, "unet")
+        unet = engine.graph(batch, engine.network)
         stream = torch.cuda.Stream(dev)
 
         def loop() -> None:

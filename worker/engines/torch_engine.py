@@ -42,18 +42,25 @@ class TorchEngine(Engine):
         self.dtype = _DTYPES[precision]
         # copies for another device/precision, so the shared LoadedModel stays a CPU fp32 source
         own = device.type != "cpu" or precision != "fp32"
-        unet, vqgan = (copy.deepcopy(model.unet), copy.deepcopy(model.vqgan)) if own else (model.unet, model.vqgan)
-        self.unet = unet.to(device, self.dtype).eval()
+
+        def mine(net: torch.nn.Module) -> torch.nn.Module:
+            return copy.deepcopy(net) if own else net
+
+        # the teacher, and the distilled student for the step counts it serves (_plan_changed picks)
+        self._unets = {"teacher": mine(model.unet).to(device, self.dtype).eval()}
+        if model.student is not None:
+            self._unets["student"] = mine(model.student).to(device, self.dtype).eval()
         # the VQGAN's codebook lookup (argmin) is precision-sensitive: keep it fp32, it is cheap
-        self.vqgan = vqgan.to(device).eval()
+        self.vqgan = mine(model.vqgan).to(device).eval()
         self._encode = self.vqgan.encode
         self._decode = self.vqgan.decode
-        self._unet = self.unet
         self.compiled = bool(compile)
+        self._calls = dict(self._unets)
         if compile:
-            self._unet = torch.compile(self.unet, dynamic=False)
+            self._calls = {k: torch.compile(v, dynamic=False) for k, v in self._unets.items()}
             self._encode = torch.compile(self.vqgan.encode, dynamic=False)
             self._decode = torch.compile(self.vqgan.decode, dynamic=False)
+        self._select()
         self.cuda_graphs = bool(cuda_graphs and device.type == "cuda")
         self._graphs: dict[int, _LoopGraph] = {}
         # CPU intra-op threads for this engine's calls (None: leave torch's process-wide setting)
@@ -111,10 +118,19 @@ class TorchEngine(Engine):
             "cuda_graphs": self.cuda_graphs,
             "threads": self.threads if self.threads is not None else torch.get_num_threads(),
             "torch": torch.__version__,
+            "network": self.network,
         }
+
+    def _select(self) -> None:
+        """Run the student for the step counts it was distilled for, the teacher otherwise."""
+        which = "student" if "student" in self._unets and self.plan.steps in self.model.student_steps else "teacher"
+        self.network = which
+        self.unet, self._unet = self._unets[which], self._calls[which]
 
     def _plan_changed(self) -> None:
         self._graphs.clear()
+        if hasattr(self, "_unets"):  # set_steps during __init__ runs before the networks exist
+            self._select()
 
     def close(self) -> None:
         self._graphs.clear()
