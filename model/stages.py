@@ -247,14 +247,30 @@ def encode_items(ae: nn.Module, items: list[dict], device: torch.device) -> dict
 
 
 def latent_pool(ae: nn.Module, samples: Samples, size: int, device: torch.device, chunk: int = 16,
-                progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """Samples 0..size-1 with their latents x0 = E(gt), y = E(bicubic(lq)) (frozen E)."""
+                progress: Progress | None = None, path: Path | None = None) -> dict[str, torch.Tensor]:
+    """Samples 0..size-1 with their latents x0 = E(gt), y = E(bicubic(lq)) (frozen E). Kept at `path`
+    (keyed by the encoder's weights), so a resumed run does not encode them again."""
+    import hashlib
+
+    from .bundle import state_digest
+    from .folders import atomic_write
+
+    data = hashlib.sha256(samples.lq.numpy().tobytes()).hexdigest() if isinstance(samples, SamplePool) else None
+    key = {"size": size, "encoder": state_digest(ae.encoder, ae.quant_conv), "samples": data}
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved.get("key") == key:
+            return saved["latents"]
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, size, chunk):
         parts.append(encode_items(ae, [samples[i] for i in range(start, min(size, start + chunk))], device))
         if progress:
             progress("pool", min(size, start + chunk), size, {})
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    latents = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if path is not None:
+        with atomic_write(path) as tmp:
+            torch.save({"key": key, "latents": latents}, tmp)
+    return latents
 
 
 def mixed_precision(device: torch.device, enabled: bool) -> tuple[Any, Any]:
@@ -281,14 +297,14 @@ class Denoiser:
 
 def denoiser_stage(section: Mapping[str, Any], model_cfg: Mapping[str, Any], seed: int, unet: nn.Module,
                    ae: nn.Module, samples: Samples, device: torch.device, validate: Any = None,
-                   progress: Progress | None = None) -> Denoiser:
+                   progress: Progress | None = None, cache: Path | None = None) -> Denoiser:
     schedule = Schedule.from_config(model_cfg.get("diffusion"))
     ae.to(device).eval().requires_grad_(False)
     unet.to(device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     bs = int(section["batch_size"])
     accum = int(section.get("grad_accum") or 1)
-    pool = latent_pool(ae, samples, len(samples), device, progress=progress) \
+    pool = latent_pool(ae, samples, len(samples), device, progress=progress, path=cache) \
         if isinstance(samples, SamplePool) else None
     denoise = unet_denoiser(unet)
     autocast, scaler = mixed_precision(device, bool(section.get("amp")))

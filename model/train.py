@@ -331,7 +331,8 @@ def train(
             return check_cache[step]
 
         dn = stages.denoiser_stage(c, model_cfg, seed, unet, ae, samples, device,
-                                   check_and_keep if val_set is not None and int(c["val_every"]) else None, progress)
+                                   check_and_keep if val_set is not None and int(c["val_every"]) else None, progress,
+                                   cache=out / "latents.pt")
         dn.stage.on_best = best
         dn.stage.on_checkpoint = lambda step, wall: _write_bundle(out / "bundle", dn.ema, ae, model_cfg, cfg, record,
                                                                   {"denoiser_steps": step}, wall)
