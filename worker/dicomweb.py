@@ -68,7 +68,7 @@ def check_url(url: str) -> str:
 
 def _credentials(settings: Settings) -> dict[str, tuple[str, str, str]]:
     """DICOMWEB_CREDENTIALS: NAME=bearer:TOKEN or NAME=basic:USER:PASSWORD, comma separated."""
-    text = settings.dicomweb_credentials.get_secret_value() if settings.dicomweb_credentials else ""
+    text = getattr(settings, "dicomweb_credentials", "") or ""
     found: dict[str, tuple[str, str, str]] = {}
     for entry in filter(None, (e.strip() for e in text.split(","))):
         name, _, spec = entry.partition("=")
@@ -89,9 +89,8 @@ def pacs_dicomweb_node(settings: Settings) -> DicomWebNode | None:
     url = getattr(settings, "pacs_dicomweb_url", "")
     if not url:
         return None
-    token = settings.pacs_dicomweb_token.get_secret_value()
     return DicomWebNode(settings.pacs_ae_title or "PACS", check_url(url), settings.pacs_dicomweb_user,
-                        settings.pacs_dicomweb_password.get_secret_value(), token,
+                        settings.pacs_dicomweb_password, settings.pacs_dicomweb_token,
                         float(settings.dicomweb_timeout_seconds))
 
 

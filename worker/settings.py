@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Backend = Literal["auto", "tensorrt", "onnx", "torch"]
@@ -61,11 +61,13 @@ class Settings(BaseSettings):
     # The PACS by URL (e.g. https://pacs/dicom-web): when set, results go to it by STOW-RS and studies are
     # found by QIDO-RS and pulled by WADO-RS, instead of C-STORE / C-FIND / C-MOVE to PACS_HOST.
     pacs_dicomweb_url: str = ""
+    # Secrets: plain strings (the embedded worker gets the settings as environment variables), kept out of
+    # repr() so that a logged Settings never shows them.
     pacs_dicomweb_user: str = ""  # basic auth, with PACS_DICOMWEB_PASSWORD (from a Secret)
-    pacs_dicomweb_password: SecretStr = SecretStr("")
-    pacs_dicomweb_token: SecretStr = SecretStr("")  # bearer auth (from a Secret); wins over user/password
+    pacs_dicomweb_password: str = Field("", repr=False)
+    pacs_dicomweb_token: str = Field("", repr=False)  # bearer auth (from a Secret); wins over user/password
     # credentials of DICOMweb entries in DESTINATIONS (from a Secret): NAME=bearer:TOKEN or NAME=basic:USER:PASSWORD
-    dicomweb_credentials: SecretStr = SecretStr("")
+    dicomweb_credentials: str = Field("", repr=False)
     dicomweb_timeout_seconds: float = Field(60.0, gt=0)  # per HTTP operation (connect, read, write)
     stow_max_request_bytes: int = Field(4 << 30, ge=1)  # STOW-RS in: one request body
     stow_max_part_bytes: int = Field(1 << 30, ge=1)  # STOW-RS in: one part (one instance, held in memory)

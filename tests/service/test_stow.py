@@ -81,9 +81,9 @@ def client(service: Service) -> Iterator[TestClient]:
 
 
 @contextmanager
-def live_server(service: Service) -> Iterator[str]:
-    """The gateway on a real HTTP server (uvicorn, in a thread, on a free port): its URL."""
-    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=free_port(), log_level="warning")
+def live_server(service: Service, port: int | None = None) -> Iterator[str]:
+    """The gateway on a real HTTP server (uvicorn, in a thread, on a free port unless given): its URL."""
+    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port or free_port(), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
