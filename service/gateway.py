@@ -7,6 +7,7 @@
     GET  /healthz                            liveness, no auth
     GET  /readyz                             broker, storage, model (503 when one is not ready), no auth
     GET  /metrics                            Prometheus text, no auth (scrapers on the cluster network)
+    POST /dicomweb/studies[/{study_uid}]     STOW-RS (cinesr.service.stow): 200/202/409 + store response
     /docs, /openapi.json
 
 Errors are JSON {"detail": reason}: 401 no/invalid bearer token, 404 unknown study/series/job, 409 job not
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .app import InvalidRequest, JobConflict, PacsUnreachable, Service, StudyNotFound
 from .metrics import CONTENT_TYPE, render
+from .stow import router as stow_router
 
 LOGGER = logging.getLogger(__name__)
 
@@ -207,6 +209,8 @@ def create_app(service: Service) -> FastAPI:
         job = service.retry(job_id)
         response.headers["Location"] = f"/jobs/{job.job_id}"
         return JobView.of(job)
+
+    app.include_router(stow_router, dependencies=[Authorized])  # the token is checked before the body is read
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -1,20 +1,26 @@
 """Pulling a study from the configured PACS: C-FIND to see what it has, then C-MOVE to our own AE title
-(the PACS opens associations to our listener) or C-GET (instances come back on our own association).
+(the PACS opens associations to our listener) or C-GET (instances come back on our own association); for a
+PACS configured by URL, QIDO-RS and WADO-RS.
 
-Either way the instances land in the InstanceStore exactly like pushed ones (bytes as received, durable).
+Every way the instances land in the InstanceStore exactly like pushed ones (bytes as received, durable).
 For C-MOVE the PACS must know our AE title, host and DICOM port (a modality entry on the PACS).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
+from cinesr.worker import dicomweb
+from cinesr.worker.dicomweb import DicomWebNode
 from cinesr.worker.errors import PacsUnavailable, RetrieveFailed
+from cinesr.worker.multipart import MultipartError
 from cinesr.worker.pacs import DicomNode, associate, find_study_series, make_ae
 from cinesr.worker.settings import Settings
 from pydicom.dataset import Dataset
 
+from .part10 import split_part10, store_part10
 from .store import InstanceStore, InvalidDataset, StoreFull
 
 LOGGER = logging.getLogger(__name__)
@@ -52,8 +58,11 @@ class RetrieveResult:
     series: list[str]
 
 
-def study_series_at_pacs(settings: Settings, node: DicomNode, study_uid: str) -> list[dict[str, str]]:
+def study_series_at_pacs(settings: Settings, node: DicomNode | DicomWebNode,
+                         study_uid: str) -> list[dict[str, str]]:
     """The study's series at the PACS ([] = the PACS does not have it); raises PacsUnavailable."""
+    if isinstance(node, DicomWebNode):
+        return dicomweb.find_study_series(node, study_uid)
     return find_study_series(node, study_uid, settings.ae_title)
 
 
@@ -148,18 +157,56 @@ def get_study(settings: Settings, node: DicomNode, study_uid: str, store: Instan
     return final or (0, 0, 0)
 
 
-def retrieve_study(settings: Settings, node: DicomNode, study_uid: str, store: InstanceStore) -> RetrieveResult:
-    """Fetch a study into the store by the configured RETRIEVE_METHOD; files are visible when this returns."""
+def wado_study(settings: Settings, node: DicomWebNode, study_uid: str, store: InstanceStore,
+               timeout: float) -> tuple[int, int, int]:
+    """WADO-RS the study: each Part 10 file of the response goes into the store as the response streams in
+    (as a STOW-RS part would); returns (completed, failed, 0). A part the store refuses is counted and logged."""
+    completed = failed = 0
+    deadline = time.monotonic() + timeout
+    writer = store.open_writer(node.name[:16])
+    try:
+        for part in dicomweb.retrieve_study(node, study_uid, int(settings.stow_max_part_bytes)):
+            if time.monotonic() > deadline:
+                raise RetrieveFailed(f"WADO-RS of study {study_uid} from {node} took longer than {timeout:.0f} s "
+                                     f"({completed} instances arrived)")
+            if isinstance(part, str):
+                failed += 1
+                LOGGER.warning("WADO-RS of study %s from %s: %s", study_uid, node, part)
+                continue
+            try:
+                stored = store_part10(writer, split_part10(part))
+            except (InvalidDataset, StoreFull, OSError) as exc:
+                failed += 1
+                LOGGER.warning("WADO-RS of study %s from %s: an instance was not stored: %s", study_uid, node, exc)
+                continue
+            if stored.study_uid != study_uid:
+                LOGGER.warning("WADO-RS of study %s from %s delivered SOPInstanceUID %s of study %s", study_uid,
+                               node, stored.sop_instance_uid, stored.study_uid)
+            completed += 1
+    except MultipartError as exc:
+        raise RetrieveFailed(f"WADO-RS of study {study_uid} from {node}: malformed response: {exc}") from exc
+    finally:
+        writer.close()
+    return completed, failed, 0
+
+
+def retrieve_study(settings: Settings, node: DicomNode | DicomWebNode, study_uid: str,
+                   store: InstanceStore) -> RetrieveResult:
+    """Fetch a study into the store by the configured RETRIEVE_METHOD (WADO-RS for a PACS configured by URL);
+    files are visible when this returns."""
     timeout = float(getattr(settings, "retrieve_timeout_seconds", 600))
     method = getattr(settings, "retrieve_method", "move")
-    if method == "get":
+    if isinstance(node, DicomWebNode):
+        method = "wado-rs"
+        completed, failed, warning = wado_study(settings, node, study_uid, store, timeout)
+    elif method == "get":
         completed, failed, warning = get_study(settings, node, study_uid, store, timeout)
     else:
         completed, failed, warning = move_study(settings, node, study_uid, timeout)
     store.flush(timeout=timeout)  # the instances acknowledged to the PACS are files now
     series = store.series(study_uid)
-    LOGGER.info("retrieved study %s from %s by C-%s: %d instances, %d failed, %d series here", study_uid, node,
-                method.upper(), completed, failed, len(series))
+    LOGGER.info("retrieved study %s from %s by %s: %d instances, %d failed, %d series here", study_uid, node,
+                method.upper() if method == "wado-rs" else f"C-{method.upper()}", completed, failed, len(series))
     if not series:
         raise RetrieveFailed(f"retrieval of study {study_uid} from {node} delivered no instances "
                              f"({completed} completed, {failed} failed)")

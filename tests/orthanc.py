@@ -7,6 +7,8 @@ storage in a temporary folder (never the system service).
         pacs.series_instances(series_uid)                              # what arrived, via Orthanc's REST API
 
 `stop()` and `start()` keep the storage, so a test can take the PACS down and bring it back.
+With ``dicomweb=True`` Orthanc loads its DICOMweb plugin (Debian `orthanc-dicomweb`) at ``pacs.dicomweb_url``;
+``users={name: password}`` turns on HTTP basic auth (the REST helpers then use the first user).
 """
 
 from __future__ import annotations
@@ -25,10 +27,19 @@ from typing import Any
 import httpx
 
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN_PATHS = (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+                         Path("/usr/lib/orthanc/libOrthancDicomWeb.so"))
 
 
 def orthanc_available() -> bool:
     return Path(ORTHANC_BINARY).is_file() and os.access(ORTHANC_BINARY, os.X_OK)
+
+
+def dicomweb_plugin() -> Path | None:
+    """The Orthanc DICOMweb plugin library (Debian package orthanc-dicomweb), if installed."""
+    found = [p for p in DICOMWEB_PLUGIN_PATHS if p.is_file()]
+    found += sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*"))  # a missing folder globs nothing
+    return found[0] if found else None
 
 
 def free_port() -> int:
@@ -41,13 +52,17 @@ class OrthancServer:
     """One Orthanc process; REST helpers read what it holds."""
 
     def __init__(self, folder: Path, ae_title: str = "ORTHANC", dicom_port: int | None = None,
-                 http_port: int | None = None) -> None:
+                 http_port: int | None = None, dicomweb: bool = False,
+                 users: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
+        self.dicomweb = dicomweb
+        self.users = dict(users or {})
         self.ae_title = ae_title
         self.host = "127.0.0.1"
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
+        self.dicomweb_url = f"{self.url}/dicom-web"
         self.modalities: dict[str, list[Any]] = {}
         self._process: subprocess.Popen[bytes] | None = None
         self.log = self.folder / "orthanc.log"
@@ -62,7 +77,8 @@ class OrthancServer:
             "HttpPort": self.http_port,
             "HttpServerEnabled": True,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "DicomCheckCalledAet": False,
             "DicomModalities": self.modalities,
             "Plugins": [],
@@ -73,6 +89,12 @@ class OrthancServer:
             "DicomScpTimeout": 10,
             "DicomAssociationCloseDelay": 0,
         }
+        if self.dicomweb:
+            plugin = dicomweb_plugin()
+            if plugin is None:
+                raise RuntimeError("the Orthanc DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+            config["Plugins"] = [str(plugin)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{self.http_port}"}
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))
         return path
@@ -94,7 +116,7 @@ class OrthancServer:
                 self._process = None
                 raise RuntimeError(f"Orthanc exited at start; see {self.log}:\n{self.log.read_text()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/system", timeout=1, auth=self._auth).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -120,8 +142,15 @@ class OrthancServer:
 
     # ---- REST helpers ---------------------------------------------------------------------------
 
+    @property
+    def _auth(self) -> httpx.BasicAuth | None:
+        if not self.users:
+            return None
+        user, password = next(iter(self.users.items()))
+        return httpx.BasicAuth(user, password)
+
     def rest(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+        response = httpx.request(method, f"{self.url}{path}", timeout=30, auth=self._auth, **kwargs)
         response.raise_for_status()
         return response.json() if response.content else None
 
@@ -158,6 +187,27 @@ class OrthancServer:
             return []
         instances = self.rest("GET", f"/series/{orthanc_id}/instances")
         return [i["MainDicomTags"]["SOPInstanceUID"] for i in instances]
+
+    def instance_origins(self, series_uid: str) -> set[str]:
+        """How the series' instances reached Orthanc (its 'Origin' metadata: DicomProtocol, RestApi, Plugins...)."""
+        orthanc_id = self._orthanc_id(series_uid, "Series")
+        if orthanc_id is None:
+            return set()
+        instances = self.rest("GET", f"/series/{orthanc_id}/instances")
+        return {self._text("GET", f"/instances/{i['ID']}/metadata/Origin") for i in instances}
+
+    def _text(self, method: str, path: str) -> str:
+        response = httpx.request(method, f"{self.url}{path}", timeout=30, auth=self._auth)
+        response.raise_for_status()
+        return response.text
+
+    def instance_file(self, sop_instance_uid: str) -> bytes:
+        """The DICOM file Orthanc holds for an instance."""
+        orthanc_id = self._orthanc_id(sop_instance_uid, "Instance")
+        assert orthanc_id is not None, f"Orthanc has no instance {sop_instance_uid}"
+        response = httpx.get(f"{self.url}/instances/{orthanc_id}/file", timeout=30, auth=self._auth)
+        response.raise_for_status()
+        return response.content
 
     def instance_count(self) -> int:
         return int(self.rest("GET", "/statistics")["CountInstances"])

@@ -20,6 +20,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from .errors import NotConfigured, PacsUnavailable
 
 if TYPE_CHECKING:
+    from .dicomweb import DicomWebNode
     from .settings import Settings
 
 LOGGER = logging.getLogger(__name__)
@@ -51,23 +52,35 @@ def parse_node(text: str) -> DicomNode:
     return DicomNode(match.group(1), match.group(2), int(match.group(3)))
 
 
-def pacs_node(settings: Settings) -> DicomNode | None:
-    """The configured PACS, or None."""
+def pacs_node(settings: Settings) -> DicomNode | DicomWebNode | None:
+    """The configured PACS, or None: by URL (PACS_DICOMWEB_URL: STOW-RS, QIDO-RS, WADO-RS) when one is set,
+    else by AE title, host and port (C-STORE, C-FIND, C-MOVE/C-GET)."""
+    from .dicomweb import pacs_dicomweb_node
+
+    web = pacs_dicomweb_node(settings)
+    if web is not None:
+        return web
     if not settings.pacs_configured:
         return None
     return DicomNode(settings.pacs_ae_title, settings.pacs_host, settings.pacs_port)
 
 
-def destinations(settings: Settings) -> dict[str, DicomNode]:
-    """Every destination a job may name: the PACS and the DESTINATIONS list, by AE title."""
-    nodes = {n.ae_title: n for n in (parse_node(t) for t in getattr(settings, "destinations", []) or [])}
+def destinations(settings: Settings) -> dict[str, DicomNode | DicomWebNode]:
+    """Every destination a job may name: the PACS and the DESTINATIONS list (AE@host:port, or
+    NAME=https://host/dicom-web for a STOW-RS destination), by AE title or name."""
+    from .dicomweb import parse_dicomweb_destination
+
+    nodes: dict[str, DicomNode | DicomWebNode] = {}
+    for text in getattr(settings, "destinations", []) or []:
+        node = parse_dicomweb_destination(text, settings) or parse_node(text)
+        nodes[node.ae_title] = node
     pacs = pacs_node(settings)
     if pacs is not None:
         nodes.setdefault(pacs.ae_title, pacs)
     return nodes
 
 
-def destination_node(settings: Settings, destination: str | None) -> DicomNode | None:
+def destination_node(settings: Settings, destination: str | None) -> DicomNode | DicomWebNode | None:
     """Where a job's results go: the named destination, else the PACS; None when nothing is configured."""
     if destination:
         nodes = destinations(settings)
@@ -166,13 +179,18 @@ def _store_batch(node: DicomNode, calling_ae: str, items: list[tuple[str, Datase
     return outcome
 
 
-def store_files(node: DicomNode, files: Iterable[Path], calling_ae: str, batch_size: int = 64,
+def store_files(node: DicomNode | DicomWebNode, files: Iterable[Path], calling_ae: str, batch_size: int = 64,
                 timeout: float = 30, on_batch: Callable[[StoreOutcome], None] | None = None) -> StoreOutcome:
-    """C-STORE every file, batch_size instances per association.
+    """C-STORE every file, batch_size instances per association (STOW-RS, batch_size per request, for a node
+    configured by URL).
 
     on_batch is called after each association with its outcome, so progress survives a later failure.
     Raises PacsUnavailable when an association cannot be made or is lost (after reporting what got through).
     """
+    from .dicomweb import DicomWebNode, stow_files
+
+    if isinstance(node, DicomWebNode):
+        return stow_files(node, files, batch_size, on_batch)
     total = StoreOutcome()
     items: list[tuple[str, Dataset]] = []
 

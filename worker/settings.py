@@ -53,9 +53,25 @@ class Settings(BaseSettings):
     export_backoff_seconds: float = Field(2.0, ge=0)  # first wait; doubles each attempt
     retrieve_method: Literal["move", "get"] = "move"  # C-MOVE to our own AE, or C-GET on one association
     retrieve_timeout_seconds: float = Field(600.0, gt=0)
-    # extra destinations for the REST `destination` field: comma list of AE@host:port
+    # extra destinations for the REST `destination` field: comma list of AE@host:port (C-STORE) or
+    # NAME=https://host/dicom-web (STOW-RS)
     destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
     retention_hours: float = Field(24.0, ge=0)  # ineligible series / non-image instances kept this long
+    # --- DICOMweb (issue 17) ---
+    # The PACS by URL (e.g. https://pacs/dicom-web): when set, results go to it by STOW-RS and studies are
+    # found by QIDO-RS and pulled by WADO-RS, instead of C-STORE / C-FIND / C-MOVE to PACS_HOST.
+    pacs_dicomweb_url: str = ""
+    # Secrets: plain strings (the embedded worker gets the settings as environment variables), kept out of
+    # repr() so that a logged Settings never shows them.
+    pacs_dicomweb_user: str = ""  # basic auth, with PACS_DICOMWEB_PASSWORD (from a Secret)
+    pacs_dicomweb_password: str = Field("", repr=False)
+    pacs_dicomweb_token: str = Field("", repr=False)  # bearer auth (from a Secret); wins over user/password
+    # credentials of DICOMweb entries in DESTINATIONS (from a Secret): NAME=bearer:TOKEN or NAME=basic:USER:PASSWORD
+    dicomweb_credentials: str = Field("", repr=False)
+    dicomweb_timeout_seconds: float = Field(60.0, gt=0)  # per HTTP operation (connect, read, write)
+    stow_max_request_bytes: int = Field(4 << 30, ge=1)  # STOW-RS in: one request body
+    stow_max_part_bytes: int = Field(1 << 30, ge=1)  # STOW-RS in: one part (one instance, held in memory)
+    # --- end DICOMweb ---
     # listener (read by cinesr.service.listener.ListenerConfig.from_settings by these names)
     dicom_host: str = "0.0.0.0"
     max_associations: int = Field(32, ge=1)
@@ -83,7 +99,7 @@ class Settings(BaseSettings):
 
     @property
     def pacs_configured(self) -> bool:
-        return bool(self.pacs_ae_title and self.pacs_host and self.pacs_port)
+        return bool(self.pacs_dicomweb_url) or bool(self.pacs_ae_title and self.pacs_host and self.pacs_port)
 
 
 def _file_values(path: Path) -> dict[str, object]:

@@ -558,3 +558,54 @@ def test_service_settings_accept_the_default_configmap(
     settings = Settings()
     assert settings.allowed_calling_aets == [] and not settings.pacs_configured
     assert settings.model_dir is None and settings.backend == "auto"
+
+
+def test_dicomweb_pacs_settings_and_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The PACS by URL and DICOMweb destinations in the ConfigMap; their credentials only in the Secret, reaching
+    # both the gateway (QIDO-RS/WADO-RS pulls) and the workers (STOW-RS exports); the real Settings parse them.
+    from cinesr.service.settings import Settings
+    from cinesr.worker.dicomweb import DicomWebNode
+    from cinesr.worker.pacs import destination_node, pacs_node
+
+    password, credentials = "dwPw-7c41e2", "CLOUD=bearer:dwTok-90ab1f"
+    objects = render({"config": {"pacs": {"aeTitle": "PACS01", "dicomwebUrl": "https://pacs.internal/dicom-web"},
+                                 "destinations": ["ARCHIVE@archive.internal:104", "CLOUD=https://cloud.example/dw"]},
+                      "dicomwebAuth": {"username": "cinesr", "password": password,
+                                       "destinationCredentials": credentials}})
+    validate_all(objects)
+    secret = find(objects, "Secret")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert (data["dicomweb-username"], data["dicomweb-password"]) == ("cinesr", password)
+    assert data["dicomweb-destination-credentials"] == credentials and "dicomweb-token" not in data
+    for obj in objects:
+        if obj["kind"] != "Secret":
+            assert password not in json.dumps(obj) and "dwTok-90ab1f" not in json.dumps(obj), obj["kind"]
+    config = find(objects, "ConfigMap")["data"]
+    for name, value in config.items():
+        monkeypatch.setenv(name, value)
+    for component in ("gateway", "worker"):
+        container = find(objects, "Deployment", f"-{component}")["spec"]["template"]["spec"]["containers"][0]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "DICOMWEB" in e["name"]}
+        assert refs == {"CINESR_PACS_DICOMWEB_USER": {"name": secret["metadata"]["name"], "key": "dicomweb-username"},
+                        "CINESR_PACS_DICOMWEB_PASSWORD": {"name": secret["metadata"]["name"],
+                                                          "key": "dicomweb-password"},
+                        "CINESR_DICOMWEB_CREDENTIALS": {"name": secret["metadata"]["name"],
+                                                        "key": "dicomweb-destination-credentials"}}
+        for name, ref in refs.items():  # what the kubelet would put there
+            monkeypatch.setenv(name, data[ref["key"]])
+        settings = Settings()
+        pacs = pacs_node(settings)
+        assert isinstance(pacs, DicomWebNode) and pacs.url == "https://pacs.internal/dicom-web"
+        assert (pacs.name, pacs.user, pacs.password) == ("PACS01", "cinesr", password)
+        cloud = destination_node(settings, "CLOUD")
+        assert isinstance(cloud, DicomWebNode) and cloud.token == "dwTok-90ab1f"
+        assert destination_node(settings, "ARCHIVE").ae_title == "ARCHIVE"
+    # a Secret of the operator's instead: referenced, every key optional, nothing of ours rendered
+    objects = render({"dicomwebAuth": {"existingSecret": "pacs-credentials", "tokenKey": "bearer"}})
+    gateway = find(objects, "Deployment", "-gateway")["spec"]["template"]["spec"]["containers"][0]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in gateway["env"] if "DICOMWEB" in e["name"]}
+    assert refs["CINESR_PACS_DICOMWEB_TOKEN"] == {"name": "pacs-credentials", "key": "bearer", "optional": True}
+    assert len(refs) == 4 and all(r["name"] == "pacs-credentials" and r["optional"] for r in refs.values())
+    assert not any(k.startswith("dicomweb") for k in find(objects, "Secret")["data"])
+    with pytest.raises(Exception, match="dicomwebUrl|pattern"):
+        render({"config": {"pacs": {"dicomwebUrl": "https://user:pw@pacs/dicom-web"}}})

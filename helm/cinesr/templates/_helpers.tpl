@@ -140,6 +140,32 @@ Kubernetes' $(VAR) expansion, so it never appears in the ConfigMap or the pod sp
 {{- end }}
 {{- end -}}
 
+{{/*
+Environment for DICOMweb credentials (the PACS by URL, DICOMweb destinations), from the release's Secret or
+the one named by dicomwebAuth.existingSecret (keys absent there are left unset).
+*/}}
+{{- define "cinesr.dicomwebEnv" -}}
+{{- $web := .Values.dicomwebAuth -}}
+{{- $env := dict "CINESR_PACS_DICOMWEB_USER" (list $web.usernameKey "dicomweb-username" $web.username) "CINESR_PACS_DICOMWEB_PASSWORD" (list $web.passwordKey "dicomweb-password" $web.password) "CINESR_PACS_DICOMWEB_TOKEN" (list $web.tokenKey "dicomweb-token" $web.token) "CINESR_DICOMWEB_CREDENTIALS" (list $web.destinationCredentialsKey "dicomweb-destination-credentials" $web.destinationCredentials) -}}
+{{- range $name := keys $env | sortAlpha }}
+{{- $spec := get $env $name }}
+{{- if $web.existingSecret }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $web.existingSecret }}
+      key: {{ index $spec 0 }}
+      optional: true
+{{- else if index $spec 2 }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cinesr.secretName" $ }}
+      key: {{ index $spec 1 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* ---- Shared pod pieces ---- */}}
 
 {{- define "cinesr.dataClaimName" -}}
