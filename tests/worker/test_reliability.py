@@ -62,7 +62,8 @@ def pacs(tmp_path: Path) -> Iterator[OrthancServer]:
 def _settings(tmp_path: Path, broker_url: str, pacs: OrthancServer | None, **extra: object) -> Settings:
     values: dict[str, object] = {
         "data_dir": tmp_path / "data", "broker_url": broker_url, "heartbeat_file": tmp_path / "heartbeat",
-        "default_method": "model", "task_soft_time_limit": 20.0, "task_time_limit": 25.0,
+        # the limits leave room for a 2x32x128 series on a loaded 2-core CI machine (about 20 s when idle)
+        "default_method": "model", "task_soft_time_limit": 90.0, "task_time_limit": 100.0,
         "export_retries": 2, "export_backoff_seconds": 0.2,
     }
     if pacs is not None:
