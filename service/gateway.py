@@ -5,18 +5,21 @@
     GET  /jobs?study_uid=&status=&limit=     jobs, newest first
     POST /jobs/{job_id}/retry                202 {job}; resend without recomputing (failed jobs only, else 409)
     GET  /healthz                            liveness, no auth
-    GET  /readyz                             broker, storage, model (503 when one is not ready), no auth
+    GET  /readyz                             broker, storage, model (503 when one is not ready), no auth;
+                                             which check failed; why only with a token (and in the log)
     GET  /metrics                            Prometheus text, no auth (scrapers on the cluster network)
     POST /dicomweb/studies[/{study_uid}]     STOW-RS (cinesr.service.stow): 200/202/409 + store response
-    /docs, /openapi.json
+    /openapi.json; /docs and /redoc with DOCS_ENABLED (their assets come from a public CDN)
 
-Errors are JSON {"detail": reason}: 401 no/invalid bearer token, 404 unknown study/series/job, 409 job not
-retryable, 422 malformed UID or body, 503 PACS unreachable for a study that is not here.
+Every path but health, readiness, metrics and the docs needs the bearer token, checked (with the body size,
+HTTP_MAX_BODY_BYTES) by cinesr.service.guard before any body is read.
+
+Errors are JSON {"detail": reason}: 401 no/invalid bearer token, 413 body too large, 404 unknown study/series/job,
+409 job not retryable, 422 malformed UID or body, 503 PACS unreachable for a study that is not here.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -29,6 +32,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .app import InvalidRequest, JobConflict, PacsUnreachable, Service, StudyNotFound
+from .guard import RequestGuard, bearer_problem, token_matches
 from .metrics import CONTENT_TYPE, render
 from .stow import router as stow_router
 
@@ -118,12 +122,9 @@ def require_token(service: Annotated[Service, Depends(get_service)],
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthError("missing bearer token")
-    given = credentials.credentials.encode()
-    # compare against every token in constant time each, so timing says nothing about which matched
-    matched = False
-    for token in service.tokens:
-        matched |= hmac.compare_digest(given, token.encode())
-    if not matched:
+    # RequestGuard has already refused a request without a valid token; this documents the scheme in OpenAPI
+    # and keeps a route safe should it be mounted without the guard
+    if not token_matches(credentials.credentials, service.tokens):
         raise AuthError("invalid bearer token")
 
 
@@ -135,11 +136,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# what /readyz shows of each check (no error text: it can carry paths and internal exception messages)
+_PUBLIC_CHECK_FIELDS = frozenset({"ok", "kind", "method", "model_code", "port"})
+
+
 def create_app(service: Service) -> FastAPI:
     """The REST app for a (started) Service."""
+    docs = bool(service.settings.docs_enabled)  # the docs pages load their assets from a public CDN
     app = FastAPI(title="CineSR", version=_version(),
-                  description="Super-resolution of cardiac cine MRI (4x spatial, 8x temporal), DICOM in and out.")
+                  description="Super-resolution of cardiac cine MRI (4x spatial, 8x temporal), DICOM in and out.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.service = service
+    app.add_middleware(RequestGuard, tokens=lambda: service.tokens,
+                       max_body_bytes=int(service.settings.http_max_body_bytes))
 
     @app.exception_handler(AuthError)
     async def _auth(_: Request, exc: AuthError) -> JSONResponse:
@@ -218,10 +227,17 @@ def create_app(service: Service) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"description": "A dependency is not ready"}})
-    def readyz(service: Annotated[Service, Depends(get_service)]) -> JSONResponse:
-        """Readiness: job store/broker reachable, storage writable above the watermark, model loadable."""
+    def readyz(request: Request, service: Annotated[Service, Depends(get_service)]) -> JSONResponse:
+        """Readiness: job store/broker reachable, storage writable above the watermark, model loadable. The
+        reasons of failed checks are shown to a caller with a valid bearer token only."""
         checks = service.readiness()
         ready = all(c.get("ok") for c in checks.values())
+        failing = {name: c for name, c in checks.items() if not c.get("ok")}
+        if failing:
+            # the reasons (paths, exception text) go to the log, not to whoever can reach this without a token
+            LOGGER.warning("not ready: %s", "; ".join(f"{n}: {c.get('error', 'not ok')}" for n, c in failing.items()))
+        if bearer_problem(request.headers.get("authorization"), service.tokens) is not None:
+            checks = {name: {k: v for k, v in c.items() if k in _PUBLIC_CHECK_FIELDS} for name, c in checks.items()}
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     @app.get("/metrics", response_class=Response)

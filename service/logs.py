@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -32,12 +33,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# pydicom's warnings about invalid values quote the value, which may be a name or a birth date
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+class WithholdQuotedValues(logging.Filter):
+    """pydicom's messages (its logger, and its warnings routed through py.warnings) lose quoted values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings" or record.name.split(".")[0] == "pydicom":
+            text = record.getMessage()
+            if record.name == "py.warnings":
+                # "file:line: Category: message\n  source line": the first line is the warning
+                text = text.strip().splitlines()[0] if text.strip() else text
+            record.msg, record.args = _QUOTED.sub("'<withheld>'", text), ()
+        return True
+
+
 def configure_logging(level: str | int = "WARNING") -> None:
-    """Send JSON lines to stderr; stdout stays free for command output."""
+    """Send JSON lines to stderr; stdout stays free for command output. Python warnings (pydicom's, Celery's)
+    become log records too, so nothing else is printed to stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(WithholdQuotedValues())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if isinstance(level, int) else level.upper())
+    logging.captureWarnings(True)
+    # uvicorn's loggers may carry handlers of their own from an earlier dictConfig: ours only
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
     # pynetdicom is chatty at INFO and can print dataset contents at DEBUG.
     logging.getLogger("pynetdicom").setLevel(max(root.level, logging.WARNING))

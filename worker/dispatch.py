@@ -22,6 +22,7 @@ from typing import Any
 
 from celery import chain
 from cinesr.worker.celery_app import EXPORT, SUPERRESOLVE, get_app, is_embedded
+from cinesr.worker.lifeline import PARENT_ENV
 from cinesr.worker.settings import Settings
 
 log = logging.getLogger("cinesr.worker.dispatch")
@@ -97,7 +98,7 @@ def worker_command(pool: str = "prefork", loglevel: str = "WARNING", hostname: s
 
 
 class EmbeddedWorker:
-    """A `cinesr worker` subprocess on the embedded transport, restarted if it dies.
+    """A `cinesr worker` subprocess on the embedded transport, restarted if it dies, dying with us.
 
     A separate process, not a thread: the worker's CUDA context, signal handling and memory stay out
     of the listener's process, and a crash of the engine does not take the DICOM listener with it. The
@@ -124,7 +125,8 @@ class EmbeddedWorker:
         return self
 
     def _spawn(self) -> None:
-        env = {**os.environ, **settings_environment(self.settings)}
+        # the worker (and its pool child) dies with this process, even on kill -9 (cinesr.worker.lifeline)
+        env = {**os.environ, **settings_environment(self.settings), PARENT_ENV: str(os.getpid())}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if self._stopping.is_set():

@@ -56,6 +56,17 @@ def job_store() -> Any:
         return _state["store"]
 
 
+def lease_store() -> Any:
+    """The series lease store of this process (cinesr.worker.leases; opened once per process)."""
+    from cinesr.worker.leases import open_lease_store
+
+    with _lock:
+        _fresh_process()
+        if "leases" not in _state:
+            _state["leases"] = open_lease_store(settings())
+        return _state["leases"]
+
+
 def device() -> str:
     """'cuda' where a GPU is visible to this process, else 'cpu' (torch is imported here, in the child)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):

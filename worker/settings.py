@@ -85,6 +85,15 @@ class Settings(BaseSettings):
     disk_min_free_bytes: int = Field(1 << 30, ge=0)
     disk_min_free_fraction: float = Field(0.05, ge=0, lt=1)
     # --- end service ---
+    # --- hardening (issue 14) ---
+    # a series being processed renews a lease every SERIES_LEASE_SECONDS / 6; a lease older than this means
+    # its worker is gone, and any live worker requeues the series (instead of waiting for the broker's
+    # visibility timeout, which must exceed the task time limit)
+    series_lease_seconds: float = Field(60.0, ge=5)
+    http_max_body_bytes: int = Field(1 << 20, ge=1)  # REST request bodies (STOW-RS has its own limits above)
+    docs_enabled: bool = False  # /docs and /redoc load their page assets from a public CDN
+    probe_calling_ae: str = Field("CINESR-PROBE", max_length=16)  # `cinesr probe dicom`; allowed by the listener
+    # --- end hardening ---
     # derived series: transfer syntax of the written files (lossless only; see cinesr.model.instance)
     output_transfer_syntax: Literal["jpeg2000-lossless", "jpeg-ls-lossless", "rle-lossless",
                                     "explicit-little-endian"] = "jpeg2000-lossless"

@@ -16,13 +16,16 @@ Pixel data never travels through the broker. Each delivery first looks at the jo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from cinesr.worker import runtime
-from cinesr.worker.errors import JobError, TransientError
+from cinesr.worker.errors import JobError, PermanentError, TransientError
+from cinesr.worker.leases import HeldLease, Reaper, owner_id
+from cinesr.worker.lifeline import PARENT_ENV, follow_parent
 
 log = logging.getLogger("cinesr.worker.tasks")
 
@@ -76,8 +79,10 @@ def _record_failure(job_id: str, series_uid: str, reason: str) -> None:
         log.error("could not record failure of job %s: %s (%s)", job_id, reason, exc)
 
 
-def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> bool:
-    """Decide whether this delivery runs: False = already done (skip); raises Ignore to stop the chain."""
+def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> HeldLease | None:
+    """Decide whether this delivery runs: None = already done (skip); raises Ignore to stop the chain.
+
+    A delivery that runs holds the series' lease (cinesr.worker.leases) until _end."""
     from cinesr.worker.jobs import UnknownJob
 
     store = runtime.job_store()
@@ -89,9 +94,33 @@ def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> bool:
         raise Ignore() from None
     if entry.status in _DONE[stage]:
         log.info("%s of %s/%s already done; skipped", stage, job_id, series_uid)
-        return False
+        return None
     request = task.request
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    if redelivered and entry.status == "failed":
+        # the broker's late redelivery of a message whose series has since failed (its failure is recorded;
+        # POST /jobs/{id}/retry is the way to run it again)
+        log.info("%s of %s/%s redelivered after it failed; dropped", stage, job_id, series_uid)
+        raise Ignore()
+    settings = runtime.settings()
+    leases = runtime.lease_store()
+    lease = leases.take(job_id, series_uid, stage, owner_id(), settings.series_lease_seconds)
+    if lease is None:
+        # another live worker holds this series: this is a duplicate (a late redelivery, or a requeue that
+        # raced a restart); that worker finishes it, or its lease expires and the series is queued again
+        log.info("%s of %s/%s is running elsewhere; duplicate delivery dropped", stage, job_id, series_uid)
+        raise Ignore()
+    held = HeldLease(leases, lease, settings.series_lease_seconds)
+    try:
+        _count_delivery(task, stage, store, job, entry, redelivered)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def _count_delivery(task: Task, stage: str, store: Any, job: Any, entry: Any, redelivered: bool) -> None:
+    job_id, series_uid, request = job.job_id, entry.input_series_uid, task.request
     crashed = redelivered or (entry.status == _IN_FLIGHT[stage] and not request.retries)
     if crashed:
         job = store.update(job_id, attempts=job.attempts + 1)
@@ -107,7 +136,6 @@ def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> bool:
     enqueued = _header(request, "cinesr_enqueued_at")
     if enqueued and not request.retries and not crashed:
         store.add_timing(job_id, "queue", max(0.0, time.time() - float(enqueued)), series_uid)
-    return True
 
 
 def _header(request: Any, name: str) -> Any:
@@ -117,13 +145,28 @@ def _header(request: Any, name: str) -> Any:
     return value
 
 
+def _expected_failure(stage: str, job_id: str, series_uid: str, exc: PermanentError) -> Ignore:
+    # bad input, an ineligible series, an export that exhausted its retries: recorded in the job by the task
+    # body; a warning without a traceback (Celery would log it at ERROR as "unexpected"), and the chain stops
+    log.warning("%s of %s/%s failed: %s", stage, job_id, series_uid, exc,
+                extra={"job_id": job_id, "series_uid": series_uid, "reason": type(exc).__name__})
+    _record_failure(job_id, series_uid, str(exc) or type(exc).__name__)
+    return Ignore()
+
+
 def superresolve_series(self: Task, job_id: str, series_uid: str) -> None:
     """Read the series, super-resolve it, write the derived series (process.process_series)."""
-    if not _begin(self, "superresolve", job_id, series_uid):
+    held = _begin(self, "superresolve", job_id, series_uid)
+    if held is None:
         return
     from cinesr.worker import process
 
-    process.process_series(job_id, series_uid, runtime.settings())
+    try:
+        process.process_series(job_id, series_uid, runtime.settings())
+    except PermanentError as exc:
+        raise _expected_failure("superresolve", job_id, series_uid, exc) from None
+    finally:
+        held.release()
     # a series that failed inside process_series without raising must not be exported
     entry = runtime.job_store().get(job_id).entry(series_uid)
     if entry.status == "failed":
@@ -132,11 +175,17 @@ def superresolve_series(self: Task, job_id: str, series_uid: str) -> None:
 
 def export_series(self: Task, job_id: str, series_uid: str) -> None:
     """C-STORE the derived series to the destination (process.export_series); skips acknowledged ones."""
-    if not _begin(self, "export", job_id, series_uid):
+    held = _begin(self, "export", job_id, series_uid)
+    if held is None:
         return
     from cinesr.worker import process
 
-    process.export_series(job_id, series_uid, runtime.settings())
+    try:
+        process.export_series(job_id, series_uid, runtime.settings())
+    except PermanentError as exc:
+        raise _expected_failure("export", job_id, series_uid, exc) from None
+    finally:
+        held.release()
 
 
 def register(app: Celery) -> None:
@@ -161,6 +210,8 @@ def _connect_signals() -> None:
 
     @signals.worker_process_init.connect(weak=False)
     def _child_start(**_: Any) -> None:
+        if os.environ.get(PARENT_ENV):  # an embedded worker: the pool child dies with the worker process too
+            follow_parent(os.getppid())
         runtime.start()
 
     @signals.worker_init.connect(weak=False)
@@ -174,6 +225,16 @@ def _connect_signals() -> None:
     def _child_stop(**_: Any) -> None:
         runtime.stop()
 
+    @signals.worker_ready.connect(weak=False)
+    def _main_ready(**_: Any) -> None:
+        # the main process (never the pool child) looks for series whose worker died
+        _reaper[0] = Reaper(runtime.settings()).start()
+
     @signals.worker_shutdown.connect(weak=False)
     def _main_stop(**_: Any) -> None:
+        if _reaper[0] is not None:
+            _reaper[0].stop()
         runtime.stop()
+
+
+_reaper: list[Reaper | None] = [None]

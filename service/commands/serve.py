@@ -3,12 +3,14 @@ empty, so one command on one machine is a working service."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 from typing import Annotated
 
 import typer
-from cinesr.service.cli import app
+from cinesr.service.cli import UsageError, app
 
 LOGGER = logging.getLogger("cinesr.service.serve")
 
@@ -35,15 +37,43 @@ def serve(
 
     signal.signal(signal.SIGTERM, _terminate)
     settings = load_settings()
+    # the REST port first: a port in use is found before anything (the embedded worker above all) is started
+    http_socket = bind_port(host, settings.http_port, "REST (HTTP_PORT)")
     service = Service(settings, dispatch="inline" if inline else "auto", embedded_worker=worker)
-    service.start()
     try:
-        LOGGER.warning("CineSR serving: DICOM %s on port %d, REST on http://%s:%d (docs at /docs)",
+        try:
+            service.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"DICOM port {settings.dicom_port} on {settings.dicom_host} is in use "
+                                 f"(DICOM_PORT)") from exc
+            raise
+        LOGGER.warning("CineSR serving: DICOM %s on port %d, REST on http://%s:%d%s",
                        settings.ae_title, service.listener.port if service.listener else settings.dicom_port,
-                       host, settings.http_port)
+                       host, settings.http_port, " (docs at /docs)" if settings.docs_enabled else "")
         if service.token_file is not None:
             LOGGER.warning("API token file: %s", service.token_file)
-        uvicorn.run(create_app(service), host=host, port=settings.http_port, log_level="warning",
-                    access_log=False)
+        # log_config=None: uvicorn's loggers propagate to ours (JSON lines), it installs no handlers of its own
+        config = uvicorn.Config(create_app(service), host=host, port=settings.http_port, log_level="warning",
+                                access_log=False, log_config=None)
+        uvicorn.Server(config).run(sockets=[http_socket])
     finally:
+        # on any way out, start-up failures included: the listener and the embedded worker stop with us
         service.stop()
+        http_socket.close()
+
+
+def bind_port(host: str, port: int, what: str) -> socket.socket:
+    """A listening TCP socket on host:port; a port in use is a user error naming the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"{what} port {port} on {host} is in use") from exc
+        raise UsageError(f"cannot listen on {what} port {port} on {host}: {exc.strerror}") from exc
+    return sock

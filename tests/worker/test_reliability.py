@@ -135,7 +135,7 @@ def test_kill9_mid_series_redis(tmp_path: Path, redis_server: RedisServer, pacs:
         assert store.get(job_id).status == "running"
     finally:
         worker.stop()
-    # a new worker: Redis hands the unacknowledged task out again after the visibility timeout
+    # a new worker: the dead worker's lease is claimed (same host: its PID is gone) and the series requeued
     replacement = _worker(settings, tmp_path, "w2")
     try:
         job = _finished(store, job_id, timeout=visibility_timeout(settings) + JOB_TIMEOUT)
@@ -147,6 +147,53 @@ def test_kill9_mid_series_redis(tmp_path: Path, redis_server: RedisServer, pacs:
     # the re-runs recreated the same derived series: one output folder, same UIDs as stored in PACS
     outputs = list((settings.data_dir / "outputs" / job_id).iterdir())
     assert [p.name for p in outputs] == [job.series[0].output_series_uid]
+
+
+def test_kill9_of_the_only_worker_default_limits_redis(tmp_path: Path, redis_server: RedisServer,
+                                                      pacs: OrthancServer) -> None:
+    """Issue 14 #12: with the default time limits (visibility timeout about 2320 s) a worker started right
+    after the only worker was killed finishes the job within the series' compute + 2 minutes."""
+    import json
+    import time
+
+    import redis
+
+    settings = _settings(tmp_path, redis_server.url, pacs, task_soft_time_limit=1800.0, task_time_limit=2100.0)
+    assert visibility_timeout(settings) > 2000
+    staged = stage_series(settings.data_dir, 25, slices=2, frames=32, size=128)
+    worker = _worker(settings, tmp_path, "d1")
+    try:
+        _ready(worker)
+        store, job_id = _new_job(settings, staged)
+        enqueue_job(job_id, settings)
+        _computing(store, job_id, staged.series_uid)
+        worker.kill9()  # the node is lost: nothing acknowledges, releases or rejects anything
+    finally:
+        worker.stop()
+    client = redis.Redis.from_url(redis_server.url)
+    leases = client.hgetall("cinesr:leases")
+    key = f"{job_id} {staged.series_uid}".encode()
+    assert key in leases, "a running series holds a lease"
+    # make the dead worker a process of another node (as on a cluster), so that only the lease's age can
+    # tell it is gone: the slow path, not the same-host PID check
+    lease = json.loads(leases[key])
+    lease["owner"] = "gpu-node-7/4026531836:4242"
+    client.hset("cinesr:leases", key, json.dumps(lease))
+    started = time.monotonic()
+    replacement = _worker(settings, tmp_path, "d2")
+    try:
+        job = _finished(store, job_id, timeout=420)
+    finally:
+        replacement.stop()
+    elapsed = time.monotonic() - started
+    assert job.status == "succeeded", job.error
+    entry = job.entry(staged.series_uid)
+    work = sum(entry.timings.get(k, 0.0) for k in ("load", "compute", "write", "export"))
+    print(f"requeued and finished in {elapsed:.0f} s; series work {work:.0f} s")
+    assert elapsed <= work + 120, f"{elapsed:.0f} s > {work:.0f} s of work + 120 s"
+    assert job.attempts == 1
+    _assert_in_pacs_exactly_once(pacs, job)
+    assert client.hlen("cinesr:leases") == 0  # released once done
 
 
 def test_kill9_mid_series_embedded(tmp_path: Path, pacs: OrthancServer) -> None:

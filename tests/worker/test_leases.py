@@ -1,0 +1,70 @@
+"""Series leases (issue 14 #12) on the real stores: the embedded SQLite file and a real redis-server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cinesr.worker.leases import LeaseStore, RedisLeaseStore, SqliteLeaseStore, owner_id
+
+from tests.worker.celery_helpers import RedisServer, redis_available
+
+FOREIGN = "gpu-node-7/4026531836:4242"  # a process of another node: only its lease's age tells it is gone
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def leases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LeaseStore]:
+    if request.param == "sqlite":
+        store: LeaseStore = SqliteLeaseStore(tmp_path / "jobs.sqlite3")
+        yield store
+        store.close()
+        return
+    if not redis_available():
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        store = RedisLeaseStore(server.url)
+        yield store
+        store.close()
+    finally:
+        server.stop()
+
+
+def test_a_fresh_lease_of_a_live_owner_keeps_duplicates_out(leases: LeaseStore) -> None:
+    assert leases.take("j", "1.2", "superresolve", FOREIGN, 60) is not None
+    assert leases.take("j", "1.2", "superresolve", owner_id(), 60) is None  # a duplicate delivery
+    assert leases.claim_expired(60) == []
+    assert leases.renew("j", "1.2", FOREIGN) and not leases.renew("j", "1.2", owner_id())
+
+
+def test_an_old_lease_is_claimed_once_and_then_free(leases: LeaseStore) -> None:
+    leases.take("j", "1.2", "export", FOREIGN, 60)
+    time.sleep(1.2)
+    claimed = leases.claim_expired(1.0)
+    assert [(c.job_id, c.series_uid, c.stage, c.owner) for c in claimed] == [("j", "1.2", "export", FOREIGN)]
+    assert leases.claim_expired(1.0) == []  # a second scanner gets nothing
+    assert not leases.renew("j", "1.2", FOREIGN)  # the stalled owner learns it lost the lease
+    assert leases.take("j", "1.2", "superresolve", owner_id(), 60) is not None
+
+
+def test_a_dead_owner_on_this_host_frees_its_lease_at_once(leases: LeaseStore) -> None:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = owner_id().rsplit(":", 1)[0] + ":" + child.stdout.strip()
+    leases.take("j", "1.2", "superresolve", dead, 3600)
+    assert leases.take("j", "1.2", "superresolve", owner_id(), 3600) is not None  # taken over, not refused
+    leases.release("j", "1.2", owner_id())
+    leases.take("j", "1.3", "superresolve", dead, 3600)
+    assert [c.series_uid for c in leases.claim_expired(3600)] == ["1.3"]
+    assert leases.all() == []
+
+
+def test_release_drops_only_our_own_lease(leases: LeaseStore) -> None:
+    leases.take("j", "1.2", "superresolve", FOREIGN, 60)
+    leases.release("j", "1.2", owner_id())
+    assert [lease.owner for lease in leases.all()] == [FOREIGN]
+    leases.release("j", "1.2", FOREIGN)
+    assert leases.all() == []
