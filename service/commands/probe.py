@@ -14,8 +14,9 @@ def probe(
     what: Annotated[str, typer.Argument(help="dicom: C-ECHO to the local listener; worker: the worker's heartbeat "
                                              "file is fresh (written only once the engine is loaded).")],
     timeout: Annotated[float, typer.Option(help="dicom: seconds to wait for the C-ECHO.")] = 10.0,
-    calling_ae: Annotated[str, typer.Option(help="dicom: our calling AE title (must be allowed when "
-                                                 "ALLOWED_CALLING_AETS is set).")] = "CINESR-PROBE",
+    calling_ae: Annotated[str | None, typer.Option(help="dicom: our calling AE title (default PROBE_CALLING_AE; "
+                                                        "must be allowed when ALLOWED_CALLING_AETS is set).")]
+    = None,
     max_age: Annotated[float | None, typer.Option(help="worker: oldest acceptable heartbeat in seconds.")] = None,
 ) -> None:
     """Exit 0 when the component is healthy, 1 (with the reason) when not."""
@@ -38,13 +39,16 @@ def probe(
     elif what == "dicom":
         import logging
 
-        from cinesr.service.echo import echo
+        from cinesr.service.echo import echo, self_check_tls
 
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # the one-line reason below is enough
-
+        # the listener's own address, loopback when it listens on every interface
+        host = settings.dicom_host if settings.dicom_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         try:
-            ok = echo("127.0.0.1", settings.dicom_port, called_ae=settings.ae_title, calling_ae=calling_ae,
-                      timeout=timeout)
+            tls = self_check_tls(settings.tls_cert, settings.tls_key, bool(settings.tls_ca)) \
+                if settings.tls_cert and settings.tls_key else None
+            ok = echo(host, settings.dicom_port, called_ae=settings.ae_title,
+                      calling_ae=calling_ae or settings.probe_calling_ae, timeout=timeout, tls=tls)
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy; say why in one line
             ok, reason = False, str(exc)
         else:
