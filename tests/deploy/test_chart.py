@@ -542,7 +542,7 @@ def test_service_settings_accept_the_configmap(gpu_objects: list[Manifest], monk
     assert settings.ae_title == "CINESR"
     assert (settings.dicom_port, settings.http_port) == (11112, 8000)
     assert str(settings.data_dir) == "/data"
-    assert settings.allowed_calling_aets == ["PACS01", "MRSCANNER1"]
+    assert settings.allowed_calling_aets == ["PACS01", "MRSCANNER1", "CINESR-PROBE"]  # the probe's AE added
     assert (settings.pacs_ae_title, settings.pacs_host, settings.pacs_port) == ("PACS01", "pacs.hospital.internal", 104)
     assert settings.auto_process is True and settings.series_stable_seconds == 10
     assert str(settings.model_dir) == "/models" and settings.backend == "tensorrt"
