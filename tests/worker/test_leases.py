@@ -68,3 +68,39 @@ def test_release_drops_only_our_own_lease(leases: LeaseStore) -> None:
     assert [lease.owner for lease in leases.all()] == [FOREIGN]
     leases.release("j", "1.2", FOREIGN)
     assert leases.all() == []
+
+
+@pytest.mark.slow
+def test_a_delivery_for_a_series_held_elsewhere_is_dropped_then_requeued_when_its_lease_expires(
+        tmp_path: Path) -> None:
+    """A real embedded worker: the series is held by a live worker of another node (its lease), so the delivery
+    is a duplicate and is dropped; that worker never renews (it died), so after SERIES_LEASE_SECONDS the lease is
+    claimed and the series queued again, and done once."""
+    from cinesr.worker.dispatch import enqueue_job, start_embedded_worker
+    from cinesr.worker.jobs import open_job_store
+    from cinesr.worker.settings import Settings
+
+    from tests.worker.celery_helpers import stage_series, wait_for
+
+    settings = Settings(data_dir=tmp_path / "data", broker_url="", heartbeat_file=tmp_path / "heartbeat",
+                        default_method="baseline", series_lease_seconds=6)
+    staged = stage_series(settings.data_dir, 7, slices=1, frames=16, size=64)
+    store = open_job_store(settings)
+    job, _ = store.create_or_get(staged.study_uid, [staged.series_uid], {"method": "baseline"})
+    leases = SqliteLeaseStore(settings.data_dir / "jobs.sqlite3")
+    assert leases.take(job.job_id, staged.series_uid, "superresolve", FOREIGN, 6) is not None
+    enqueue_job(job.job_id, settings)
+    worker = start_embedded_worker(settings, loglevel="INFO")
+    try:
+        wait_for(lambda: "duplicate delivery dropped" in worker.log_file.read_text(), 60, what="duplicate dropped")
+        assert store.get(job.job_id).status == "queued"  # nothing ran while the other owner held it
+        done = wait_for(lambda: (j := store.get(job.job_id)).status in ("succeeded", "failed") and j, 60,
+                        what="job finished")
+    finally:
+        worker.stop()
+    assert done.status == "succeeded", done.error
+    log = worker.log_file.read_text()
+    assert "queued again" in log and FOREIGN in log
+    assert log.count("derived series written") == 1
+    assert leases.all() == []
+    leases.close()
