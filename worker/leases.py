@@ -312,23 +312,40 @@ class HeldLease:
             log.warning("lease of %s/%s not released: %s", self.lease.job_id, self.lease.series_uid, exc)
 
 
-def requeue_expired(settings: Settings, store: LeaseStore) -> list[Lease]:
-    """Claim the expired leases and queue their stage again; returns what was requeued."""
+def requeue_expired(settings: Settings, store: LeaseStore, jobs: Any) -> list[Lease]:
+    """Claim the expired leases and queue their stage again; returns what was requeued.
+
+    A series that has ended meanwhile (a child killed by the hard time limit is recorded as failed, and its
+    message acknowledged) is not queued again: only POST /jobs/{id}/retry runs a failed series again."""
     from cinesr.worker.celery_app import EXPORT, get_app
     from cinesr.worker.dispatch import _headers, _process_then_export
+    from cinesr.worker.jobs import TERMINAL, UnknownJob
 
-    claimed = store.claim_expired(settings.series_lease_seconds)
     app = get_app(settings)
-    for lease in claimed:
-        if lease.stage == "export":
-            app.signature(EXPORT, args=(lease.job_id, lease.series_uid), immutable=True).apply_async(
-                headers=_headers())
-        else:
-            _process_then_export(app, lease.job_id, lease.series_uid)
+    requeued = []
+    for lease in store.claim_expired(settings.series_lease_seconds):
+        try:
+            status = jobs.get(lease.job_id).entry(lease.series_uid).status
+            if status in TERMINAL:
+                log.info("series %s of job %s is %s; its stale lease is dropped", lease.series_uid, lease.job_id,
+                         status)
+                continue
+            if lease.stage == "export":
+                app.signature(EXPORT, args=(lease.job_id, lease.series_uid), immutable=True).apply_async(
+                    headers=_headers())
+            else:
+                _process_then_export(app, lease.job_id, lease.series_uid)
+        except (UnknownJob, KeyError):
+            continue
+        except Exception as exc:  # noqa: BLE001 - the store or broker failed: the others still get their turn
+            log.error("series %s of job %s not queued again (%s); the broker's visibility timeout will bring it "
+                      "back", lease.series_uid, lease.job_id, exc)
+            continue
+        requeued.append(lease)
         age = time.time() - lease.renewed_at
         log.warning("series %s of job %s: its worker %s is gone (lease %.0f s old); %s queued again",
                     lease.series_uid, lease.job_id, lease.owner, age, lease.stage)
-    return claimed
+    return requeued
 
 
 class Reaper:
@@ -345,17 +362,20 @@ class Reaper:
         return self
 
     def _run(self) -> None:
-        store = open_lease_store(self.settings)
+        from cinesr.worker.jobs import open_job_store
+
+        store, jobs = open_lease_store(self.settings), open_job_store(self.settings)
         try:
             while True:
                 try:
-                    requeue_expired(self.settings, store)
+                    requeue_expired(self.settings, store, jobs)
                 except Exception as exc:  # noqa: BLE001 - the broker is down; try again next round
                     log.warning("lease scan failed: %s", exc)
                 if self._stop.wait(self.interval):
                     return
         finally:
             store.close()
+            jobs.close()
 
     def stop(self) -> None:
         self._stop.set()

@@ -104,3 +104,30 @@ def test_a_delivery_for_a_series_held_elsewhere_is_dropped_then_requeued_when_it
     assert log.count("derived series written") == 1
     assert leases.all() == []
     leases.close()
+
+
+def test_a_stale_lease_of_an_ended_series_is_dropped_not_requeued(tmp_path: Path) -> None:
+    """A pool child killed by the hard time limit leaves its lease behind, but its series is recorded failed (and
+    its message acknowledged): it must not run again by itself. A running series is queued again."""
+    from cinesr.worker.celery_app import QUEUE, embedded_broker_path
+    from cinesr.worker.embedded_broker import Database
+    from cinesr.worker.jobs import open_job_store
+    from cinesr.worker.leases import requeue_expired
+    from cinesr.worker.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", broker_url="", series_lease_seconds=5)
+    jobs = open_job_store(settings)
+    job, _ = jobs.create_or_get("1.2.3", ["1.2.3.1", "1.2.3.2"], {"method": "baseline"})
+    jobs.update_series(job.job_id, "1.2.3.1", status="failed", error="hard time limit")
+    jobs.update_series(job.job_id, "1.2.3.2", status="running")
+    leases = SqliteLeaseStore(settings.data_dir / "jobs.sqlite3")
+    for series in ("1.2.3.1", "1.2.3.2"):
+        leases.take(job.job_id, series, "superresolve", FOREIGN, 5)
+    time.sleep(5.5)
+    requeued = requeue_expired(settings, leases, jobs)
+    assert [lease.series_uid for lease in requeued] == ["1.2.3.2"]
+    assert leases.all() == []
+    queued = Database(embedded_broker_path(settings)).size(QUEUE)
+    assert queued == 1  # one chain: super-resolve of the running series (its export follows it)
+    leases.close()
+    jobs.close()
