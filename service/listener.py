@@ -14,6 +14,7 @@ Logs carry UIDs, AE titles and addresses, never patient attributes.
 from __future__ import annotations
 
 import logging
+import mmap
 import socket
 import ssl
 import struct
@@ -162,6 +163,16 @@ class _Abort(Exception):
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
 _BASE_BUFFER = 1 << 18  # each association's dataset buffer to start with (not counted in the budget)
 _KEPT_BUFFER = 4 << 20  # a grown buffer up to this size is kept for the next message
+
+
+def _release(buffer: bytearray | mmap.mmap, budget: ReceiveBudget) -> None:
+    """Give a dataset buffer's share back to the budget, and its memory back to the system."""
+    budget.give(len(buffer) - _BASE_BUFFER)
+    if isinstance(buffer, mmap.mmap):
+        try:
+            buffer.close()
+        except BufferError:  # a view of it still exists: unmapped when that goes
+            pass
 
 
 class ReceiveBudget:
@@ -505,20 +516,26 @@ class _Association:
                         refusal, filled, command = None, 0, None
                         _set_timeout(sock, config.network_timeout)
                     if filled == 0 and len(buffer) > _KEPT_BUFFER:
-                        budget.give(len(buffer) - _BASE_BUFFER)  # don't hold a big share between messages
+                        _release(buffer, budget)  # don't hold a big share between messages
                         buffer = bytearray(_BASE_BUFFER)
         finally:
-            budget.give(len(buffer) - _BASE_BUFFER)
+            _release(buffer, budget)
 
-    def _grow(self, buffer: bytearray, filled: int, needed: int) -> bytearray | None:
-        """A larger buffer holding the first ``filled`` bytes, its growth taken from the receive budget;
-        None if the budget cannot cover it."""
+    def _grow(self, buffer: bytearray | mmap.mmap, filled: int, needed: int) -> mmap.mmap | None:
+        """A larger buffer holding the first ``filled`` bytes, taken from the receive budget; None if the
+        budget cannot cover it. The new buffer is counted in full before it exists (old and new are both
+        alive while the bytes are copied), the old one given back once it is dropped."""
         budget = self.listener.receive_budget
         for size in (max(2 * len(buffer), needed), needed):
-            if budget.take(size - len(buffer)):
-                grown = bytearray(size)
-                grown[:filled] = memoryview(buffer)[:filled]
-                return grown  # its budget share is the old one plus what was just taken
+            if budget.take(size - _BASE_BUFFER):
+                # An anonymous mapping, not a bytearray: its pages go back to the system when it is closed,
+                # where malloc would keep freed large buffers in its arenas (measured: 54 MiB resident for
+                # a 32 MiB budget with four associations).
+                grown = mmap.mmap(-1, size)
+                with memoryview(buffer) as old:
+                    grown[:filled] = old[:filled]  # a view, not a copy of what was received
+                _release(buffer, budget)
+                return grown
         return None
 
     def _begin(self, command: dict[int, bytes], context_id: int) -> tuple[bool, tuple[int, str] | None]:

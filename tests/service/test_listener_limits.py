@@ -8,9 +8,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
 from cinesr.service.echo import echo
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import MRImageStorage
@@ -24,7 +26,8 @@ import sys
 from cinesr.service.listener import ListenerConfig, start_listener
 from cinesr.service.store import InstanceStore
 store = InstanceStore(sys.argv[1], segment_size=1 << 20, spare_segments=1, min_free_bytes=0, min_free_fraction=0)
-handle = start_listener(ListenerConfig(port=0, host="127.0.0.1"), store)
+budget = int(sys.argv[2]) if len(sys.argv) > 2 else 256 << 20
+handle = start_listener(ListenerConfig(port=0, host="127.0.0.1", receive_buffer_bytes=budget), store)
 print(handle.port, flush=True)
 sys.stdin.read()
 """
@@ -62,6 +65,7 @@ def test_lying_pdu_lengths_are_aborted_before_any_allocation(tmp_path: Path) -> 
             assert pdu_type == 0x07
             assert body[2:4] == bytes([2, 6])  # source: service provider; reason: invalid PDU parameter value
         peak = _kib(child.pid, "VmHWM")
+        print(f"lying PDUs: idle {idle >> 10} MiB, peak {peak >> 10} MiB")
         assert peak - idle < 32 << 10, f"listener grew by {(peak - idle) >> 10} MiB"
         # still serving: an echo and a real instance over a fresh association
         assert echo("127.0.0.1", port, "CINESR")
@@ -96,3 +100,39 @@ def test_receive_buffer_budget_refuses_an_instance_larger_than_it(make_listener,
     assert [p.stem for p in listener.files()] == [small_ds.SOPInstanceUID]
     assert listener.handle.listener.receive_budget.in_use == 0  # every association gave its share back
     assert storescu(listener.port, tmp_path / "small.dcm").returncode == 0  # dcmtk too: a duplicate, success
+
+
+@pytest.mark.slow
+def test_honest_pdus_of_four_huge_instances_stay_within_the_receive_budget(tmp_path: Path) -> None:
+    """Four associations each stream a 64 MiB dataset in PDUs of the announced size: the listener's buffers
+    never exceed its receive budget (32 MiB here), each instance is answered 0xA700, and it keeps serving."""
+    budget = 32 << 20
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "data"), str(budget)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        assert echo("127.0.0.1", port, "CINESR")
+        time.sleep(0.2)
+        idle = _kib(child.pid, "VmRSS")
+        answers: list[tuple[int, str]] = []
+        chunk = bytes((1 << 20) - 6)  # one PDV per PDU of the announced 1 MiB
+
+        def send() -> None:
+            with RawAssociation(port, [(1, MRImageStorage, EXPLICIT_VR_LE)], timeout=120) as assoc:
+                answer = assoc.c_store(1, MRImageStorage, generate_uid(), chunk * 64, fragment=len(chunk))
+                answers.append((answer.status, answer.comment))
+
+        senders = [threading.Thread(target=send) for _ in range(4)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=180)
+        assert answers == [(0xA700, "instance larger than the receive buffer allows")] * 4
+        peak = _kib(child.pid, "VmHWM")
+        print(f"honest PDUs, {budget >> 20} MiB budget: idle {idle >> 10} MiB, peak {peak >> 10} MiB")
+        assert peak - idle < (budget >> 10) + (16 << 10), f"listener grew by {(peak - idle) >> 10} MiB"
+        assert echo("127.0.0.1", port, "CINESR")
+    finally:
+        child.stdin.close()
+        child.terminate()
+        child.wait(timeout=10)
