@@ -804,7 +804,8 @@ class InstanceStore:
         """Raise StoreFull if writing ``needed`` more bytes would cross the watermark; else count them.
 
         Dataset bytes count twice in journal mode (journal record + file until checkpoint); pass
-        ``factor=1`` for bytes written once (a journal segment). statvfs is re-read every 0.25 s or
+        ``factor=1`` for bytes written once (a journal segment). Journalled instances not yet filed
+        count with their files' size. statvfs is re-read every 0.25 s or
         64 MiB written; in between, bytes written since count against the free space, so the check
         never errs on the generous side by more than others' writes in that quarter second."""
         if factor is None:
@@ -817,7 +818,8 @@ class InstanceStore:
                 self._space_total = st.f_blocks * st.f_frsize
                 self._space_checked, self._space_used = now, 0
             free, total = self._space_free, self._space_total
-            after = free - self._space_used - factor * needed
+            # journalled instances not yet filed will take their file's space: statvfs cannot know that
+            after = free - self._space_used - factor * needed - self._pending_bytes
             if after < self.min_free_bytes or (total and after / total < self.min_free_fraction):
                 raise StoreFull(f"free disk space below watermark ({free} bytes free)")
             self._space_used += factor * needed
@@ -1221,7 +1223,7 @@ class InstanceWriter:
             journal.give_back(self._segment)
             self._segment = None
         if self._segment is None:
-            self._segment = journal.acquire(max(size + (1 << 16), 1 << 20))
+            self._segment = journal.acquire(max(size + (1 << 16), min(1 << 20, journal.segment_size // 2)))
         return self._segment
 
     def begin(self, transfer_syntax: str, sop_class_uid: str = "", sop_instance_uid: str = "") -> None:
@@ -1235,7 +1237,10 @@ class InstanceWriter:
         if journal is not None and self.sop_class_uid and self.sop_instance_uid:
             self.store.raise_if_halted()
             meta = file_meta_bytes(self.sop_class_uid, self.sop_instance_uid, transfer_syntax, self.source_ae)
-            self._record = _JournalRecord(journal, self._segment_for(1 << 20), meta)
+            # room for a typical instance (its size is not known yet); small segments are not abandoned
+            # for a guess larger than they are (a longer instance moves on as it streams in)
+            guess = min(1 << 20, journal.segment_size // 4)
+            self._record = _JournalRecord(journal, self._segment_for(guess), meta)
 
     def feed(self, received: memoryview) -> None:
         """Stream the dataset bytes received so far (all of them, from the start).

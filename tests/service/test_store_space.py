@@ -160,6 +160,47 @@ def test_disk_full_while_filing_then_space_freed(small_volume, tmp_path: Path) -
         store.close()
 
 
+@pytest.mark.slow
+def test_push_until_a_small_volume_is_full_then_free_space(small_volume, tmp_path: Path) -> None:
+    """The issue's probe, scaled down: no watermark, a 32 MiB volume, 128 KiB instances pushed until the
+    store refuses five in a row. Every refusal is 0xA7xx; once the store has stopped filing (0xA701) nothing
+    more is acknowledged; and after space is freed every acknowledged instance is filed without a restart."""
+    volume = small_volume("32m")
+    filler = volume / "filler"
+    filler.write_bytes(bytes(8 << 20))  # what the operator frees later
+    store = new_store(volume / "data", segment_size=1 << 20, spare_segments=1)
+    from cinesr.service.listener import ListenerConfig, start_listener
+    handle = start_listener(ListenerConfig(port=0, host="127.0.0.1"), store)
+    try:
+        statuses: list[tuple[str, int]] = []
+        with RawAssociation(handle.port, [(1, MRImageStorage, EXPLICIT_VR_LE)]) as assoc:
+            refused_in_a_row = 0
+            while refused_in_a_row < 5 and len(statuses) < 400:
+                ds = mr_dataset(rows=256)
+                status = assoc.c_store(1, MRImageStorage, ds.SOPInstanceUID, encoded(tmp_path, ds)).status
+                statuses.append((ds.SOPInstanceUID, status))
+                refused_in_a_row = refused_in_a_row + 1 if status else 0
+            assoc.release()
+        codes = [status for _uid, status in statuses]
+        assert codes[0] == 0 and set(codes) <= {0, 0xA700, 0xA701}
+        if 0xA701 in codes:
+            assert 0 not in codes[codes.index(0xA701):]
+        filler.unlink()
+        acknowledged = {uid for uid, status in statuses if status == 0}
+        instances = volume / "data" / "instances"
+        wait_for(lambda: {p.stem for p in instances.rglob("*.dcm")} == acknowledged, timeout=20,
+                 what="every acknowledged instance filed")
+        wait_for(lambda: store.fault is None, what="the store to accept again")
+        ds = mr_dataset(rows=256)
+        with RawAssociation(handle.port, [(1, MRImageStorage, EXPLICIT_VR_LE)]) as assoc:
+            assert assoc.c_store(1, MRImageStorage, ds.SOPInstanceUID, encoded(tmp_path, ds)).status == 0
+            assoc.release()
+        print(f"small volume: {len(acknowledged)} acknowledged, then refused {sorted(set(codes) - {0})}")
+    finally:
+        handle.stop()
+        store.close()
+
+
 # ---- #3: journal sizes are settings, and spares respect the watermark ---------------------------------------
 
 
