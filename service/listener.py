@@ -8,6 +8,8 @@ thread reads a PDU, and when a message is complete, stores it (durably) and answ
 
 The dataset is never decoded: the store walks its element structure to check it is complete
 and to read the Study/Series/SOP Instance UIDs, then writes the bytes as received.
+Memory per association is bounded before it is allocated: PDUs above the announced maximum abort the
+association, and dataset buffers come out of one receive budget shared by all associations.
 Logs carry UIDs, AE titles and addresses, never patient attributes.
 """
 
