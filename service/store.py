@@ -23,7 +23,8 @@ Durability ("success only after the bytes are on stable storage") has two strate
 Either way a visible ``.dcm`` file is complete (rename is atomic), and a crash loses only
 instances that were never acknowledged. If the applier cannot file (a full disk), it retries the same
 instance until it can, and meanwhile the store refuses new instances (StoreHalted; ``fault`` says why):
-nothing is acknowledged that cannot be filed, and nothing acknowledged is skipped. Records carry a per-segment random nonce and a CRC, so
+nothing is acknowledged that cannot be filed, and nothing acknowledged is skipped.
+Records carry a per-segment random nonce and a CRC, so
 torn writes, stale bytes of a recycled segment or crafted data never replay as instances.
 """
 
