@@ -96,7 +96,7 @@ def test_failed_filing_refuses_new_instances_reports_unready_and_recovers(tmp_pa
             refused = assoc.c_store(1, MRImageStorage, second.SOPInstanceUID, encoded(tmp_path, second))
             assert refused.status == 0xA701
             assert refused.comment.startswith("store not filing: writing an instance file failed")
-            ready = client.get("/readyz")
+            ready = client.get("/readyz", headers={"Authorization": "Bearer t"})  # the reason needs the token
             assert ready.status_code == 503
             assert "writing an instance file failed" in ready.json()["checks"]["storage"]["error"]
             blocker.unlink()  # the cause is gone
