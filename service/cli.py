@@ -83,6 +83,16 @@ def superresolve(
     floor = settings.fidelity_floor_db
     transfer_syntax = transfer_syntax or settings.output_transfer_syntax
     output_transfer_syntax(transfer_syntax)  # a mistake ends here, before any work
+    if steps is None and settings.steps is not None and method != "baseline":
+        from cinesr.worker.errors import PermanentError
+        from cinesr.worker.process import check_steps
+
+        probe = settings.model_copy(update={"model_dir": model or settings.model_dir})
+        try:  # the setting is the service's: held to the counts the bundle serves, as there
+            check_steps(settings.steps, probe, "the STEPS setting: steps")
+        except PermanentError as exc:
+            raise UsageError(str(exc)) from None
+        steps = settings.steps
     draws = settings.uncertainty_draws if uncertainty is None else uncertainty
     if draws == 1:
         raise UsageError("--uncertainty needs at least 2 draws (0: none)")

@@ -38,7 +38,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, pacs: OrthancServer) -> Iterator[Service]:
     bundle = models.micro_student_bundle(tmp_path_factory.mktemp("m") / "micro", 6,
-                                         {"steps": 1, "overlap": 4, "stride": 3})
+                                         {"steps": 1, "overlap": 0, "stride": 3})
     settings = settings_for(tmp_path_factory.mktemp("data"), pacs_ae_title=pacs.ae_title, pacs_host=pacs.host,
                             pacs_port=pacs.dicom_port, auto_process=False, default_method="model",
                             model_dir=bundle)
