@@ -321,6 +321,13 @@ def test_steps_are_checked_against_the_bundle(tmp_path: Path) -> None:
     check_steps(4, Settings(data_dir=tmp_path, model_dir=bundle))
     with pytest.raises(PermanentError, match="use one of 1, 4, 15"):
         check_steps(2, Settings(data_dir=tmp_path, model_dir=bundle))
+    # the STEPS setting is held to the same counts before any model loads
+    from cinesr.worker.process import make_method
+
+    with pytest.raises(PermanentError, match="STEPS setting: steps=2 is not supported"):
+        make_method("model", None, Settings(data_dir=tmp_path, model_dir=bundle, steps=2))
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        Settings(data_dir=tmp_path, uncertainty_draws=1)
 
 
 @pytest.mark.parametrize("body", [{"uncertainty": 1}, {"uncertainty": 33}, {"uncertainty": "yes"},
