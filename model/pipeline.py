@@ -138,7 +138,9 @@ def superresolve_slices(
     # Later draws differ in their noise alone: the data-consistency model the first draw chose is kept, so
     # the spread measures the sampler, not a switch between consistency models.
     same = options.with_(consistency=first.consistency)
-    mean = [f.astype(np.float64) for f in first.frames]
+    # float32 running sums: a clinical series' output is already hundreds of MB per copy; N <= 32 draws of
+    # values far above their spread lose nothing that matters in single precision
+    mean = [np.array(f, dtype=np.float32) for f in first.frames]
     m2 = [np.zeros_like(m) for m in mean]
     for k in range(1, draws):
         other = _one_draw(slices, runner, same.with_(seed=options.seed + k), batch_size, step)
@@ -148,7 +150,7 @@ def superresolve_slices(
             m2[i] += delta * (frames - mean[i])
         for name, seconds in other.timings.items():
             first.timings[name] = first.timings.get(name, 0.0) + seconds
-    first.uncertainty = [np.sqrt(m / (draws - 1)).astype(np.float32) for m in m2]
+    first.uncertainty = [np.sqrt(np.maximum(m, 0) / (draws - 1)) for m in m2]
     first.draws = draws
     return first
 
