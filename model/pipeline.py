@@ -7,6 +7,10 @@
     --(data consistency with the acquisition, cinesr.model.consistency)--> 8T x 4h x 4w
     --(inverse intensity map)--> series units, and a fidelity figure per series
 
+With draws=N > 1 the same path runs N times with the noise seeds seed, seed+1, ..., seed+N-1; the first draw is
+the output, and the per-pixel standard deviation over all N is the uncertainty (series units): where the model
+invents detail the acquisition does not pin down, its draws disagree.
+
 `cinesr superresolve`, the service's workers, `cinesr evaluate`, training validation and the model
 card all run `superresolve_slices`; only the runner differs (an inference engine of the worker, or
 `cinesr.model.inference.TorchRunner` for a bundle in memory).
@@ -98,12 +102,16 @@ class Result:
     fidelity_model: str = "area"
     noise_sigma: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    # per slice (temporal*T, 4h, 4w): the per-pixel standard deviation over `draws` draws (series units);
+    # None for one draw
+    uncertainty: list[np.ndarray] | None = None
+    draws: int = 1
 
 
-def units(shapes: list[tuple[int, int, int]], runner: WindowRunner, options: Options) -> int:
-    """Progress units of superresolve_slices over slices of these (T, h, w) shapes."""
+def units(shapes: list[tuple[int, int, int]], runner: WindowRunner, options: Options, draws: int = 1) -> int:
+    """Progress units of superresolve_slices over slices of these (T, h, w) shapes (and `draws` draws)."""
     stacked = [(t * options.temporal, h, w) for t, h, w in shapes]
-    return progress_units(stacked, runner, options.stride, options.overlap)
+    return progress_units(stacked, runner, options.stride, options.overlap) * max(draws, 1)
 
 
 def upsample_time(frames: np.ndarray, factor: int) -> np.ndarray:
@@ -118,8 +126,37 @@ def superresolve_slices(
     *,
     batch_size: int = 1,
     step: Callable[[int], None] | None = None,
+    draws: int = 1,
 ) -> Result:
-    """The super-resolution of one series given as its slices' (T, h, w) frames in series units."""
+    """The super-resolution of one series given as its slices' (T, h, w) frames in series units; with
+    draws > 1 also its uncertainty (see the module docstring)."""
+    if draws < 1:
+        raise ValueError("draws must be >= 1")
+    first = _one_draw(slices, runner, options, batch_size, step)
+    if draws == 1:
+        return first
+    # Later draws differ in their noise alone: the data-consistency model the first draw chose is kept, so
+    # the spread measures the sampler, not a switch between consistency models.
+    same = options.with_(consistency=first.consistency)
+    # float32 running sums: a clinical series' output is already hundreds of MB per copy; N <= 32 draws of
+    # values far above their spread lose nothing that matters in single precision
+    mean = [np.array(f, dtype=np.float32) for f in first.frames]
+    m2 = [np.zeros_like(m) for m in mean]
+    for k in range(1, draws):
+        other = _one_draw(slices, runner, same.with_(seed=options.seed + k), batch_size, step)
+        for i, frames in enumerate(other.frames):  # Welford: one pass, two arrays per slice whatever N
+            delta = frames - mean[i]
+            mean[i] += delta / (k + 1)
+            m2[i] += delta * (frames - mean[i])
+        for name, seconds in other.timings.items():
+            first.timings[name] = first.timings.get(name, 0.0) + seconds
+    first.uncertainty = [np.sqrt(np.maximum(m, 0) / (draws - 1)) for m in m2]
+    first.draws = draws
+    return first
+
+
+def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, batch_size: int,
+              step: Callable[[int], None] | None) -> Result:
     import time
 
     if not slices:

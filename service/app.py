@@ -24,7 +24,13 @@ from typing import Any, Literal, Protocol
 from cinesr.worker.errors import JobError, NotConfigured, PacsUnavailable, PermanentError, RetrieveFailed
 from cinesr.worker.jobs import Job, JobParams, JobStore, UnknownJob, open_job_store
 from cinesr.worker.pacs import destination_node, pacs_node
-from cinesr.worker.process import export_series, model_available, process_series, resolve_method_name
+from cinesr.worker.process import (
+    check_steps,
+    export_series,
+    model_available,
+    process_series,
+    resolve_method_name,
+)
 from cinesr.worker.settings import Settings
 
 from .assembly import SeriesAssembler
@@ -297,9 +303,15 @@ class Service:
         except NotConfigured as exc:
             raise InvalidRequest(str(exc)) from exc
         try:
-            resolve_method_name(params.method, self.settings)
+            method = resolve_method_name(params.method, self.settings)
+            if method == "model":  # the baseline has no sampler: steps mean nothing to it
+                check_steps(params.steps, self.settings)
+                check_steps(None if params.steps else self.settings.steps, self.settings,
+                            "the STEPS setting: steps")
         except PermanentError as exc:
             raise InvalidRequest(str(exc)) from exc
+        if method != "model" and params.uncertainty:
+            raise InvalidRequest("an uncertainty series needs the model method (the baseline is deterministic)")
         known = set(self.store.series(study_uid))
         if not known or set(series or []) - known:  # the study, or a requested series, is not here
             node = pacs_node(self.settings)

@@ -67,19 +67,39 @@ def superresolve(
     untimed_cine: Annotated[bool, typer.Option(
         "--untimed-cine", help="Read frames without cardiac timing (no TriggerTime) as one cardiac cycle in "
                                "InstanceNumber order instead of refusing them.")] = False,
+    uncertainty: Annotated[int | None, typer.Option(
+        min=0, max=32, metavar="DRAWS",
+        help="Also write an uncertainty series per input series: the per-pixel standard deviation over DRAWS "
+             "(>= 2) runs of the model with seeds seed..seed+DRAWS-1 (DRAWS times the compute). 0: none. "
+             "Default: the UNCERTAINTY_DRAWS setting (0).")] = None,
 ) -> None:
     """Super-resolve cine series offline: one derived series per input series is written to OUTPUT."""
     from cinesr.model.cine import read_series
     from cinesr.model.instance import output_transfer_syntax
     from cinesr.worker.derived import Derivation, write_derived_series
-    from cinesr.worker.pipeline import fidelity_warning, superresolve_series
+    from cinesr.worker.pipeline import fidelity_warning, superresolve_series, supports_draws
 
     settings = load_settings()
     floor = settings.fidelity_floor_db
     transfer_syntax = transfer_syntax or settings.output_transfer_syntax
     output_transfer_syntax(transfer_syntax)  # a mistake ends here, before any work
+    if steps is None and settings.steps is not None and method != "baseline":
+        from cinesr.worker.errors import PermanentError
+        from cinesr.worker.process import check_steps
+
+        probe = settings.model_copy(update={"model_dir": model or settings.model_dir})
+        try:  # the setting is the service's: held to the counts the bundle serves, as there
+            check_steps(settings.steps, probe, "the STEPS setting: steps")
+        except PermanentError as exc:
+            raise UsageError(str(exc)) from None
+        steps = settings.steps
+    draws = settings.uncertainty_draws if uncertainty is None else uncertainty
+    if draws == 1:
+        raise UsageError("--uncertainty needs at least 2 draws (0: none)")
     series_list = read_series(inputs, untimed_cine=untimed_cine)  # validates everything before anything is written
     sr_method = _method(method, backend, device, steps, seed, model, consistency)
+    if draws and not supports_draws(sr_method):
+        raise UsageError(f"--uncertainty needs the model method (the {sr_method.name} method is deterministic)")
     derivation = Derivation(sr_method.name, sr_method.version, sr_method.parameters())
     created_output = not output.exists()
     written: list[Path] = []
@@ -87,9 +107,10 @@ def superresolve(
     try:
         with progress_bar(quiet or json_summary) as bar:
             for series in series_list:
-                task = bar.add_task(f"series …{series.series_uid[-12:]}", total=sr_method.units(series))
+                total = sr_method.units(series, draws) if draws else sr_method.units(series)
+                task = bar.add_task(f"series …{series.series_uid[-12:]}", total=total)
                 result = superresolve_series(series, sr_method,
-                                             lambda done, total, task=task: bar.update(task, completed=done))
+                                             lambda done, total, task=task: bar.update(task, completed=done), draws)
                 write_task = bar.add_task("  writing", total=sum(len(f) for f in result.frames))
                 warning = fidelity_warning(result, floor)
                 if warning:
@@ -99,6 +120,12 @@ def superresolve(
                                                lambda done, total, t=write_task: bar.update(t, completed=done),
                                                transfer_syntax=transfer_syntax, image_comments=warning)
                 written.append(derived.folder)
+                spread = None
+                if result.uncertainty is not None:
+                    spread = write_derived_series(series, result.uncertainty, output,
+                                                  derivation.uncertainty_of(result.draws),
+                                                  transfer_syntax=transfer_syntax, image_comments=warning)
+                    written.append(spread.folder)
                 summary.append({
                     "input_series_uid": series.series_uid, "output_series_uid": derived.series_uid,
                     "folder": str(derived.folder), "instances": len(derived.files),
@@ -107,6 +134,8 @@ def superresolve(
                     "seconds": round(result.timings["compute"], 3),
                     **({"fidelity_db": result.fidelity_db, "consistency": result.consistency,
                         "fidelity_flagged": warning is not None} if result.fidelity_db is not None else {}),
+                    **({"uncertainty_series_uid": spread.series_uid, "uncertainty_folder": str(spread.folder),
+                        "uncertainty_draws": result.draws} if spread else {}),
                 })
     except BaseException:
         for folder in written:  # nothing partial: a failed run leaves the output folder as it was
@@ -120,6 +149,9 @@ def superresolve(
         for item in summary:
             out.print(f"{item['instances']} instances ({'x'.join(map(str, item['output_shape']))}) -> "
                       f"{item['folder']}", soft_wrap=True, highlight=False)
+            if "uncertainty_folder" in item:
+                out.print(f"  uncertainty ({item['uncertainty_draws']} draws) -> {item['uncertainty_folder']}",
+                          soft_wrap=True, highlight=False)
 
 
 @app.command()

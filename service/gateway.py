@@ -25,12 +25,12 @@ import threading
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from cinesr.worker.jobs import JOB_STATUSES, Job, JobParams, UnknownJob
+from cinesr.worker.jobs import JOB_STATUSES, MAX_DRAWS, Job, JobParams, UnknownJob
 from cinesr.worker.settings import Settings
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
 from .app import InvalidRequest, JobConflict, PacsUnreachable, Service, StudyNotFound
 from .guard import RequestGuard, bearer_problem, token_matches
@@ -42,6 +42,7 @@ LOGGER = logging.getLogger(__name__)
 # A DICOM UID: numeric components without leading zeros, dot separated, at most 64 characters.
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN, max_length=64)]
+DEFAULT_DRAWS = 4  # draws of {"uncertainty": true} when the UNCERTAINTY_DRAWS setting is 0 (off)
 
 
 class AuthError(Exception):
@@ -55,15 +56,34 @@ class SuperresolveRequest(BaseModel):
 
     series: list[Uid] | None = Field(None, description="SeriesInstanceUIDs to process (default: every eligible "
                                                        "cine series of the study)", max_length=1000)
-    steps: int | None = Field(None, ge=1, le=1000, description="Sampler steps of the model (default 15)")
+    steps: int | None = Field(None, ge=1, le=1000, description="Sampler steps of the model: 15 (the teacher, as "
+                              "trained) or a count the bundle's distilled student serves (1, 2, 4); others are "
+                              "refused with 422 and the counts this bundle supports. Default: the STEPS setting, "
+                              "else the bundle's choice")
     destination: str | None = Field(None, max_length=16, description="AE title of a configured destination "
                                                                      "(default: the configured PACS)")
     method: Literal["model", "baseline"] | None = Field(None, description="model (default) or baseline")
+    # strict: a JSON true is a draw count of its own (the setting's), never the number 1
+    uncertainty: StrictBool | Annotated[StrictInt, Field(ge=0, le=MAX_DRAWS)] | None = Field(
+        None, description="Also write an uncertainty series (per-pixel standard deviation over several draws of "
+                          "the model), exported with the result: true (UNCERTAINTY_DRAWS draws, 4 if that is 0), a "
+                          "draw count >= 2, or false/0 for none. Default: the UNCERTAINTY_DRAWS setting")
+
+    def draws(self, settings: Settings) -> int | None:
+        """The job's draw count (None: the setting decides when the job runs)."""
+        if self.uncertainty is None:
+            return None
+        if self.uncertainty is True:
+            return settings.uncertainty_draws or DEFAULT_DRAWS
+        if self.uncertainty == 1:
+            raise InvalidRequest("uncertainty: at least 2 draws (or true / false)")
+        return int(self.uncertainty)
 
 
 class SeriesView(BaseModel):
     input_series_uid: str
     output_series_uid: str | None
+    uncertainty_series_uid: str | None = None
     status: str
     progress: float
     instances_total: int
@@ -93,7 +113,8 @@ class JobView(BaseModel):
         return cls(
             job_id=job.job_id, study_uid=job.study_uid, status=job.status, progress=job.progress,
             series=[SeriesView(input_series_uid=e.input_series_uid, output_series_uid=e.output_series_uid,
-                               status=e.status, progress=e.progress, instances_total=e.instances_total,
+                               uncertainty_series_uid=e.uncertainty_series_uid, status=e.status,
+                               progress=e.progress, instances_total=e.instances_total,
                                instances_sent=e.instances_sent, instances_failed=len(e.export_failures),
                                error=e.error, timings=e.timings) for e in job.series],
             params=job.params, timings=job.timings, error=job.error, created_at=job.created_at,
@@ -192,7 +213,8 @@ def create_app(service: Service) -> FastAPI:
         """Queue super-resolution of a study (fetched from the PACS if it is not here). The same request
         (study, series, parameters) returns the same job while it has not failed."""
         body = body or SuperresolveRequest()
-        params = JobParams(method=body.method, steps=body.steps, destination=body.destination)
+        params = JobParams(method=body.method, steps=body.steps, destination=body.destination,
+                           uncertainty=body.draws(service.settings))
         job, created = service.submit(study_uid, list(body.series) if body.series else None, params)
         response.headers["Location"] = f"/jobs/{job.job_id}"
         if not created:

@@ -36,3 +36,17 @@ def moving_disc(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
         disc = ((yy - h / 2) ** 2 + (xx - cx) ** 2 < (0.25 * min(h, w)) ** 2).astype(np.float32)
         frames.append(150 + 600 * disc + 15 * rng.standard_normal((h, w)))
     return np.stack(frames).astype(np.float32)
+
+
+def micro_student_bundle(folder: Path, seed: int = 0, inference: dict[str, Any] | None = None,
+                         steps: tuple[int, ...] = (1, 2, 4)) -> Path:
+    """A micro bundle with an (untrained) distilled student serving `steps` beside its 15-step teacher."""
+    torch.manual_seed(seed)
+    cfg = {**load_config("tiny"), "name": "micro-student"}
+    cfg["unet_config"] = {**cfg["unet_config"], **MICRO_UNET}
+    unet, autoencoder = build_networks(cfg)
+    student = build_networks(cfg)[0]
+    meta: dict[str, Any] = {"distilled": {"steps": list(steps)}}
+    if inference:
+        meta["inference"] = inference
+    return save_bundle(folder, unet, autoencoder, cfg, meta, student=student)

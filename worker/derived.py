@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SOFTWARE = "CineSR"
 SERIES_SUFFIX = " CineSR"
+UNCERTAINTY_SUFFIX = " CineSR uncertainty"
 # Attributes describing the old pixels, the old instance or its own derivation, which would be wrong here.
 _STALE = (
     "LargestImagePixelValue", "SmallestImagePixelValue", "LargestPixelValueInSeries", "SmallestPixelValueInSeries",
@@ -76,22 +77,43 @@ _ENHANCED_KEPT = (
 
 @dataclass(frozen=True)
 class Derivation:
-    """What produced the output; everything here that changes pixels enters the UIDs."""
+    """What produced the output; everything here that changes pixels enters the UIDs.
+
+    uncertainty: 0 for the super-resolved series; N for its uncertainty series (the per-pixel standard deviation
+    over N draws of the method), whose UIDs come from a derivation of their own.
+    """
 
     method: str
     version: str
     parameters: dict[str, object]
     temporal: int = 8
     spatial: int = 4
+    uncertainty: int = 0
 
     @property
     def key(self) -> str:
-        return json.dumps({"method": self.method, "version": self.version, "parameters": self.parameters,
-                           "temporal": self.temporal, "spatial": self.spatial}, sort_keys=True)
+        values = {"method": self.method, "version": self.version, "parameters": self.parameters,
+                  "temporal": self.temporal, "spatial": self.spatial}
+        if self.uncertainty:  # only here, so that the SR series keeps the UIDs it always had
+            values["uncertainty_draws"] = self.uncertainty
+        return json.dumps(values, sort_keys=True)
+
+    @property
+    def role(self) -> str:
+        """The prefix of this output's UID derivation: an uncertainty UID never collides with an SR one."""
+        return "uncertainty-" if self.uncertainty else ""
+
+    def uncertainty_of(self, draws: int) -> Derivation:
+        """The derivation of this output's uncertainty series over `draws` draws."""
+        return replace(self, uncertainty=draws)
 
     @property
     def description(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in sorted(self.parameters.items()))
+        if self.uncertainty:
+            return (f"{SOFTWARE} {__version__}: uncertainty of x{self.spatial} spatial, x{self.temporal} temporal "
+                    f"super-resolution: per-pixel standard deviation over {self.uncertainty} draws (seeds "
+                    f"seed..seed+{self.uncertainty - 1}) of {self.method} {self.version} ({params})")[:1024]
         return (f"{SOFTWARE} {__version__}: x{self.spatial} spatial, x{self.temporal} temporal super-resolution "
                 f"by {self.method} {self.version} ({params})")[:1024]
 
@@ -105,7 +127,7 @@ def input_digest(series: CineSeries) -> str:
 
 def derived_series_uid(series: CineSeries, derivation: Derivation) -> str:
     """One derived series per (input series, exact input frames, derivation): more input, a new series."""
-    return uid_from("series", series.series_uid, input_digest(series), derivation.key)
+    return uid_from(derivation.role + "series", series.series_uid, input_digest(series), derivation.key)
 
 
 def derived_instance_uid(inputs: str, derivation: Derivation, sources: tuple[str, ...], phase: int,
@@ -114,7 +136,7 @@ def derived_instance_uid(inputs: str, derivation: Derivation, sources: tuple[str
     and the derivation (never from an index, which shifts when the input changes)."""
     where = ",".join(f"{v:.4f}" for v in position)
     when = f"{time:.3f}" if np.isfinite(time) else "untimed"
-    return uid_from("instance", inputs, derivation.key, *sources, phase, where, when)
+    return uid_from(derivation.role + "instance", inputs, derivation.key, *sources, phase, where, when)
 
 
 def derived_series_number(header: Dataset, series_uid: str) -> int:
@@ -205,7 +227,8 @@ def write_derived_series(series: CineSeries, frames: list[np.ndarray], out_dir: 
                          transfer_syntax: str | None = None, image_comments: str | None = None) -> DerivedSeries:
     """Write the derived series into out_dir/<new SeriesInstanceUID>/, atomically (all files or none).
 
-    frames[i] is slice i's output (temporal*T, spatial*h, spatial*w) in the series' intensity units.
+    frames[i] is slice i's output (temporal*T, spatial*h, spatial*w) in the series' intensity units (for an
+    uncertainty derivation: the per-pixel standard deviation, in the same units).
     transfer_syntax: a name of cinesr.model.instance.OUTPUT_TRANSFER_SYNTAXES (None: the default, JPEG 2000
     lossless). image_comments: ImageComments for every instance (e.g. a note on the output's fidelity).
     A re-run with the same input and derivation produces the same UIDs and replaces the earlier folder.
@@ -223,12 +246,12 @@ def write_derived_series(series: CineSeries, frames: list[np.ndarray], out_dir: 
     context = _SeriesContext(
         series_uid=new_series_uid,
         series_number=derived_series_number(header, new_series_uid),
-        description=(str(header.get("SeriesDescription", "")) + SERIES_SUFFIX).strip()[:64],
+        description=_series_description(header, derivation),
         window=window_for(f[:: max(1, len(f) // 8)] for f in frames),
         created=now_da_tm(),  # one time for the whole series: SeriesTime must not vary between its instances
         lossy=_lossy(series),
         derivation=derivation,
-        image_comments=image_comments,
+        image_comments=_uncertainty_comment(derivation, image_comments),
     )
     total = sum(len(f) for f in frames)
     files: list[Path] = []
@@ -272,6 +295,22 @@ def write_derived_series(series: CineSeries, frames: list[np.ndarray], out_dir: 
     log.info("derived series written", extra={"series_uid": new_series_uid, "source_series_uid": series.series_uid,
                                               "instances": len(files), "transfer_syntax": str(syntax)})
     return DerivedSeries(new_series_uid, final, files, uids)
+
+
+def _series_description(header: Dataset, derivation: Derivation) -> str:
+    suffix = UNCERTAINTY_SUFFIX if derivation.uncertainty else SERIES_SUFFIX
+    base = str(header.get("SeriesDescription", "")).strip()
+    # the suffix is what tells the two series apart: shorten the input's description, never the suffix
+    return (base[: 64 - len(suffix)] + suffix).strip()
+
+
+def _uncertainty_comment(derivation: Derivation, comments: str | None) -> str | None:
+    if not derivation.uncertainty:
+        return comments
+    note = (f"CineSR uncertainty: per-pixel standard deviation over {derivation.uncertainty} draws of the model, "
+            "in the intensity units of the super-resolved series. Bright areas are detail the model is unsure of: "
+            "look twice before trusting it there.")
+    return f"{note} {comments}" if comments else note
 
 
 @dataclass(frozen=True)
@@ -326,7 +365,9 @@ def _finish(ds: Dataset, frame: _Frame, context: _SeriesContext, image_type_rest
     ds.InstanceCreationDate, ds.InstanceCreationTime = da, tm
     ds.ContentDate, ds.ContentTime = da, tm
     ds.SeriesDate, ds.SeriesTime = da, tm
-    ds.ImageType = ["DERIVED", "SECONDARY", *image_type_rest]
+    # an uncertainty map is neither magnitude nor any acquired contrast: value 3 OTHER, nothing after it
+    rest = ("OTHER",) if context.derivation.uncertainty else image_type_rest
+    ds.ImageType = ["DERIVED", "SECONDARY", *rest]
     ds.DerivationDescription = context.derivation.description
     ds.ImagePositionPatient = [round(float(v), 4) for v in frame.position]
     ds.PixelSpacing = [round(float(v), 6) for v in frame.spacing]

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 if TYPE_CHECKING:
     from cinesr.worker.settings import Settings
@@ -31,6 +31,7 @@ JobStatus = Literal["queued", "retrieving", "running", "exporting", "succeeded",
 SeriesStatus = Literal["queued", "running", "processed", "exporting", "succeeded", "failed"]
 JOB_STATUSES: tuple[str, ...] = ("queued", "retrieving", "running", "exporting", "succeeded", "failed")
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed"})
+MAX_DRAWS = 32  # draws of an uncertainty series: each costs one more run of the model
 
 
 class UnknownJob(KeyError):
@@ -47,14 +48,25 @@ class JobParams(BaseModel):
     method: str | None = None  # "model" | "baseline"; None: the service default
     steps: int | None = Field(None, ge=1, le=1000)
     destination: str | None = None  # AE title of a configured destination; None: the configured PACS
+    # draws of the model for an uncertainty series: 0 none, N >= 2 that many; None: the UNCERTAINTY_DRAWS setting
+    uncertainty: int | None = Field(None, ge=0, le=MAX_DRAWS)
+
+    @field_validator("uncertainty")
+    @classmethod
+    def _draws(cls, value: int | None) -> int | None:
+        if value == 1:
+            raise ValueError("an uncertainty series needs at least 2 draws (0: none)")
+        return value
 
 
 class SeriesEntry(BaseModel):
     input_series_uid: str
     output_series_uid: str | None = None
+    # the uncertainty series written beside the output (when the job asked for one); exported with it
+    uncertainty_series_uid: str | None = None
     status: SeriesStatus = "queued"
     progress: float = Field(0.0, ge=0.0, le=1.0)
-    instances_total: int = 0
+    instances_total: int = 0  # of both derived series
     instances_sent: int = 0
     error: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)

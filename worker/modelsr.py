@@ -63,9 +63,9 @@ class ModelMethod:
         return {**o.parameters(), "steps": self.engine.plan.steps,
                 "weights": str(self.engine.model.source["sha256"])[:16]}
 
-    def units(self, series: CineSeries) -> int:
-        """Progress units: sampler steps x windows x tiles over all slices."""
-        return units([s.frames.shape for s in series.slices], self.engine, self.options)
+    def units(self, series: CineSeries, draws: int = 1) -> int:
+        """Progress units: sampler steps x windows x tiles over all slices (x draws)."""
+        return units([s.frames.shape for s in series.slices], self.engine, self.options, draws)
 
     def superresolve_slice(self, frames: np.ndarray, step: Callable[[int], None]) -> np.ndarray:
         """(T, h, w) in series units -> (8T, 4h, 4w) in series units (the slice as a series of its own)."""
@@ -73,11 +73,13 @@ class ModelMethod:
                                         batch_size=self.batch_size, step=step)
         return self.last.frames[0]
 
-    def superresolve_series(self, series: CineSeries, step: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    def superresolve_series(self, series: CineSeries, step: Callable[[int], None] | None = None,
+                            draws: int = 1) -> list[np.ndarray]:
         """All slices of a series with one intensity map and batches across slices: per slice (8T, 4h, 4w)
-        in series units; `step` counts the same units as units(). The result (with its fidelity) is `last`."""
+        in series units; `step` counts the same units as units(series, draws). The result (with its fidelity,
+        and with draws > 1 its uncertainty) is `last`."""
         self.last = superresolve_slices([s.frames for s in series.slices], self.engine, self.options,
-                                        batch_size=self.batch_size, step=step)
+                                        batch_size=self.batch_size, step=step, draws=draws)
         return self.last.frames
 
     def describe(self) -> dict[str, Any]:

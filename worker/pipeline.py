@@ -66,13 +66,25 @@ class SeriesResult:
     # the model's agreement with the acquisition (cinesr.model.pipeline.Result); None for the baseline
     fidelity_db: float | None = None
     consistency: str | None = None
+    # per slice (8T, 4h, 4w): per-pixel standard deviation over `draws` draws of the model (series units)
+    uncertainty: list[np.ndarray] | None = None
+    draws: int = 1
 
 
-def superresolve_series(series: CineSeries, method: Method, progress: Progress | None = None) -> SeriesResult:
-    """Run the method over every slice of the series, reporting progress in method units."""
+def supports_draws(method: Method) -> bool:
+    """Whether the method samples (the model), so that several draws give an uncertainty; the baseline does not."""
+    return callable(getattr(method, "superresolve_series", None))
+
+
+def superresolve_series(series: CineSeries, method: Method, progress: Progress | None = None,
+                        draws: int = 1) -> SeriesResult:
+    """Run the method over every slice of the series, reporting progress in method units. With draws > 1 (a
+    sampling method only) the result carries the uncertainty over that many draws."""
     import time
 
-    total = method.units(series)
+    if draws > 1 and not supports_draws(method):
+        raise ValueError(f"the {method.name} method is deterministic: it has no uncertainty series")
+    total = method.units(series, draws) if draws > 1 else method.units(series)
     done = 0
 
     def step(n: int) -> None:
@@ -84,7 +96,7 @@ def superresolve_series(series: CineSeries, method: Method, progress: Progress |
     start = time.perf_counter()
     whole = getattr(method, "superresolve_series", None)
     if callable(whole):  # methods that batch across slices (the model) take the whole series at once
-        frames = whole(series, step)
+        frames = whole(series, step, draws) if draws > 1 else whole(series, step)
     else:
         frames = [method.superresolve_slice(s.frames, step) for s in series.slices]
     timings = {"compute": time.perf_counter() - start}
@@ -93,7 +105,8 @@ def superresolve_series(series: CineSeries, method: Method, progress: Progress |
     if quality is None:
         return SeriesResult(frames=frames, timings=timings)
     return SeriesResult(frames=frames, timings={**timings, **{k: round(v, 3) for k, v in quality.timings.items()}},
-                        fidelity_db=quality.fidelity_db, consistency=quality.consistency)
+                        fidelity_db=quality.fidelity_db, consistency=quality.consistency,
+                        uncertainty=quality.uncertainty, draws=quality.draws)
 
 
 def fidelity_warning(result: SeriesResult, floor_db: float) -> str | None:

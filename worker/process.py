@@ -76,14 +76,48 @@ def resolve_method_name(requested: str | None, settings: Settings) -> str:
     return name
 
 
+def supported_steps(model_dir: object = None) -> tuple[int, ...]:
+    """The sampler step counts a bundle serves as trained, from its model.json (no weights loaded): the
+    teacher's full chain T and the counts its distilled student learned (model.json `distilled`)."""
+    from cinesr.model.bundle import DEFAULT_BUNDLE, read_meta
+
+    doc = read_meta(Path(str(model_dir)) if model_dir else DEFAULT_BUNDLE)
+    full = int(((doc.get("config") or {}).get("diffusion") or {}).get("steps") or 15)
+    has_student = "student" in (doc.get("weights") or {})
+    student = (doc.get("distilled") or {}).get("steps", ()) if has_student else ()
+    return tuple(sorted({full, *(int(s) for s in student)}))
+
+
+def check_steps(steps: int | None, settings: Settings, what: str = "steps") -> None:
+    """Raise PermanentError (with the reason) unless the model bundle serves `steps` (None: its default)."""
+    if steps is None:
+        return
+    try:
+        supported = supported_steps(settings.model_dir)
+    except CineSRError as exc:
+        raise PermanentError(f"the model bundle cannot be read: {exc}") from exc
+    if steps not in supported:
+        student = "" if len(supported) > 1 else " (it has no distilled few-step student)"
+        raise PermanentError(f"{what}={steps} is not supported by this model bundle{student}: "
+                             f"use one of {', '.join(map(str, supported))}")
+
+
+def uncertainty_draws(job: Job, settings: Settings) -> int:
+    """Draws of the job's uncertainty series (0: none): the request's, else the UNCERTAINTY_DRAWS setting."""
+    return job.params.uncertainty if job.params.uncertainty is not None else int(settings.uncertainty_draws)
+
+
 def make_method(name: str | None, steps: int | None, settings: Settings) -> Any:
     """The SR method object (cinesr.worker.pipeline.Method) for a job; the model engine is loaded once per
-    process and reused (keyed by bundle, backend and steps)."""
+    process and reused (keyed by bundle, backend and steps). steps None: the STEPS setting, else the bundle's."""
     from .pipeline import BaselineMethod
 
     resolved = resolve_method_name(name, settings)
     if resolved == "baseline":
         return BaselineMethod()
+    if steps is None and settings.steps is not None:
+        check_steps(settings.steps, settings, "the STEPS setting: steps")
+        steps = settings.steps
     key = ("model", str(settings.model_dir or ""), settings.backend, steps, settings.consistency)
     with _METHOD_LOCK:
         if key not in _METHOD_CACHE:
@@ -124,14 +158,15 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
     from cinesr.model.cine import read_series
 
     from .derived import Derivation, write_derived_series
-    from .pipeline import fidelity_warning, superresolve_series
+    from .pipeline import fidelity_warning, superresolve_series, supports_draws
 
     jobs = open_job_store(settings)
     try:
         job = jobs.get(job_id)
         entry = job.entry(series_uid)
+        done = [u for u in (entry.output_series_uid, entry.uncertainty_series_uid) if u]
         if entry.output_series_uid and entry.status in ("processed", "exporting", "succeeded") and \
-                (outputs_dir(settings, job_id) / entry.output_series_uid).is_dir():
+                all((outputs_dir(settings, job_id) / u).is_dir() for u in done):
             LOGGER.info("series %s of job %s already processed", series_uid, job_id)
             return
         jobs.update_series(job_id, series_uid, status="running", progress=0.0, error=None)
@@ -149,26 +184,39 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
                 raise SeriesNotEligible(f"series {series_uid} not found in its folder")
             jobs.add_timing(job_id, "load", time.perf_counter() - t0, series_uid)
             method = make_method(job.params.method, job.params.steps, settings)
-            result = superresolve_series(series, method, _progress_writer(jobs, job_id, series_uid))
+            draws = uncertainty_draws(job, settings)
+            notes = []
+            if draws and not supports_draws(method):
+                notes.append(f"no uncertainty series: the {method.name} method is deterministic")
+                draws = 0
+            result = superresolve_series(series, method, _progress_writer(jobs, job_id, series_uid), draws)
             jobs.add_timing(job_id, "compute", result.timings["compute"], series_uid)
             warning = fidelity_warning(result, settings.fidelity_floor_db)
-            if warning:
-                LOGGER.warning("job %s: series %s: %s", job_id, series_uid, warning)
+            for note in [warning, *notes]:
+                if note:
+                    LOGGER.warning("job %s: series %s: %s", job_id, series_uid, note)
             jobs.update_series(job_id, series_uid, fidelity_db=result.fidelity_db, consistency=result.consistency,
-                               warnings=[warning] if warning else [])
+                               warnings=[n for n in [warning, *notes] if n])
             t0 = time.perf_counter()
             derivation = Derivation(method.name, method.version, method.parameters())
             derived = write_derived_series(series, result.frames, outputs_dir(settings, job_id), derivation,
                                            transfer_syntax=settings.output_transfer_syntax, image_comments=warning)
+            spread = None
+            if result.uncertainty is not None:
+                spread = write_derived_series(series, result.uncertainty, outputs_dir(settings, job_id),
+                                              derivation.uncertainty_of(result.draws),
+                                              transfer_syntax=settings.output_transfer_syntax,
+                                              image_comments=warning)
             jobs.add_timing(job_id, "write", time.perf_counter() - t0, series_uid)
         except PermanentError as exc:
             jobs.update_series(job_id, series_uid, status="failed", error=str(exc))
             raise
         jobs.update_series(job_id, series_uid, status="processed", output_series_uid=derived.series_uid,
-                           instances_total=len(derived.files), instances_sent=0, acknowledged=[],
-                           export_failures={}, progress=COMPUTE_SHARE)
-        LOGGER.info("job %s: series %s -> %s (%d instances)", job_id, series_uid, derived.series_uid,
-                    len(derived.files))
+                           uncertainty_series_uid=spread.series_uid if spread else None,
+                           instances_total=len(derived.files) + (len(spread.files) if spread else 0),
+                           instances_sent=0, acknowledged=[], export_failures={}, progress=COMPUTE_SHARE)
+        LOGGER.info("job %s: series %s -> %s (%d instances)%s", job_id, series_uid, derived.series_uid,
+                    len(derived.files), f", uncertainty {spread.series_uid}" if spread else "")
     finally:
         jobs.close()
 
@@ -180,7 +228,8 @@ def _sop_uid(path: Path) -> str:
 
 
 def export_series(job_id: str, series_uid: str, settings: Settings, sleep: Any = time.sleep) -> None:
-    """C-STORE the derived series of one job series to its destination (the PACS unless the job names one).
+    """Send the derived series of one job series (and its uncertainty series, when there is one) to its
+    destination (the PACS unless the job names one), by C-STORE or STOW-RS.
 
     Instances already acknowledged are skipped. Unreachable destination or refused instances are retried
     EXPORT_RETRIES times with exponential backoff from EXPORT_BACKOFF_SECONDS; if some are still not stored
@@ -195,19 +244,24 @@ def export_series(job_id: str, series_uid: str, settings: Settings, sleep: Any =
             return  # processing failed; nothing to send
         if not entry.output_series_uid:
             raise PermanentError(f"series {series_uid} of job {job_id} has no derived series to export")
-        folder = outputs_dir(settings, job_id) / entry.output_series_uid
-        files = sorted(folder.glob("*.dcm"))
-        if not files:
-            error = f"derived series {entry.output_series_uid} is missing from {folder}"
-            jobs.update_series(job_id, series_uid, status="failed", error=error)
-            raise PermanentError(error)
+        # the uncertainty series travels with the output: one export, one acknowledgement record
+        files: list[Path] = []
+        for uid in (entry.output_series_uid, entry.uncertainty_series_uid):
+            folder = outputs_dir(settings, job_id) / uid if uid else None
+            found = sorted(folder.glob("*.dcm")) if folder else []
+            if folder and not found:
+                error = f"derived series {uid} is missing from {folder}"
+                jobs.update_series(job_id, series_uid, status="failed", error=error)
+                raise PermanentError(error)
+            files += found
         try:
             node = destination_node(settings, job.params.destination)
         except NotConfigured as exc:
             jobs.update_series(job_id, series_uid, status="failed", error=str(exc))
             raise
         if node is None:
-            LOGGER.info("job %s: no destination configured; derived series kept in %s", job_id, folder)
+            LOGGER.info("job %s: no destination configured; derived series kept in %s", job_id,
+                        outputs_dir(settings, job_id))
             jobs.update_series(job_id, series_uid, status="succeeded", progress=1.0, error=None)
             return
         _send(jobs, job, series_uid, files, node, settings, sleep)

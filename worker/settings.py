@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     # data consistency of the model's output with the acquisition (cinesr.model.consistency); off: research only
     consistency: Literal["auto", "area", "kspace", "off"] = "auto"
     fidelity_floor_db: float = Field(30.0, ge=0)  # below this the series is flagged (job warning, ImageComments)
+    # sampler steps of the model (None: the bundle's choice); one the bundle supports (its T, or a step count
+    # its distilled student serves), checked when the model loads and for every REST request
+    steps: int | None = Field(None, ge=1, le=1000)
+    # uncertainty series: 0 off; N >= 2 writes, beside every model output, the per-pixel standard deviation over
+    # N draws (N runs of the model). Also the draw count of a REST request with {"uncertainty": true}.
+    uncertainty_draws: int = Field(0, ge=0, le=32)
     # --- workers (issue 7) ---
     heartbeat_file: Path = Path("/tmp/cinesr/heartbeat")  # written once the engine is loaded; probes read it
     engine_cache: Path | None = None  # TensorRT plans (per GPU, TensorRT version, bundle); None: a temp folder
@@ -110,6 +116,13 @@ class Settings(BaseSettings):
         # Operators write lists as "A,B" in the environment; JSON lists also work.
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("uncertainty_draws")
+    @classmethod
+    def _draws(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("an uncertainty series needs at least 2 draws (0: off)")
         return value
 
     @property

@@ -130,11 +130,27 @@ def test_schema_rejects_bad_values() -> None:
             {"config": {"aeTitle": "A_TITLE_LONGER_THAN_16"}},
             {"gatway": {"replicas": 2}},  # typo in a top-level key
             {"redis": {"auth": {"password": "p@ss/word"}}},  # would break the broker URL
+            {"config": {"steps": 3}},  # not a step count a bundle serves
+            {"config": {"uncertaintyDraws": 1}},  # a standard deviation needs two draws
+            {"config": {"uncertaintyDraws": 33}},
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
     report = helm.lint(CHART, {"gateway": {"replicas": "two"}})
     assert any("replicas" in e for e in report["errors"])
+
+
+def test_steps_and_uncertainty_reach_the_settings() -> None:
+    """config.steps / config.uncertaintyDraws become CINESR_STEPS / CINESR_UNCERTAINTY_DRAWS (steps only when
+    set: unset means the bundle's choice), and Settings reads them back."""
+    from cinesr.worker.settings import Settings
+
+    default = find(render(), "ConfigMap")["data"]
+    assert "CINESR_STEPS" not in default and default["CINESR_UNCERTAINTY_DRAWS"] == "0"
+    data = find(render({"config": {"steps": 4, "uncertaintyDraws": 6}}), "ConfigMap")["data"]
+    assert data["CINESR_STEPS"] == "4" and data["CINESR_UNCERTAINTY_DRAWS"] == "6"
+    settings = Settings(steps=data["CINESR_STEPS"], uncertainty_draws=data["CINESR_UNCERTAINTY_DRAWS"])
+    assert (settings.steps, settings.uncertainty_draws) == (4, 6)
 
 
 def test_grace_period_must_exceed_task_time_limit() -> None:

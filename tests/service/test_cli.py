@@ -127,3 +127,31 @@ def test_evaluate_command_reports_per_source(tmp_path: Path) -> None:
     bad = cinesr("evaluate", "--data", "phantom:3", "--model", str(bundle), "--acquisition", "jpeg", "-o",
                  str(tmp_path / "bad"))
     assert bad.returncode == 2 and "unknown acquisition 'jpeg'" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_superresolve_with_an_uncertainty_series(tmp_path: Path) -> None:
+    """--uncertainty N: a second derived series beside the output (same frames, its own UIDs and description);
+    mistakes end in one line and exit code 2, with nothing written."""
+    from tests import models
+
+    bundle = models.micro_bundle(tmp_path / "micro", 0, {"steps": 2, "overlap": 4, "stride": 3})
+    made = cinesr("phantom", str(tmp_path / "in"), "--slices", "1", "--frames", "16", "--size", "64", "--degraded",
+                  "--no-truth", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    [patient] = list((tmp_path / "in").iterdir())
+    args = ["superresolve", str(patient / "lowres"), "--method", "model", "--model", str(bundle), "--json"]
+    run = cinesr(*args, "-o", str(tmp_path / "out"), "--uncertainty", "3")
+    assert run.returncode == 0, run.stderr
+    [item] = json.loads(run.stdout)["series"]
+    assert item["uncertainty_draws"] == 3 and item["uncertainty_series_uid"] != item["output_series_uid"]
+    [out], [spread] = read_series(item["folder"]), read_series(item["uncertainty_folder"])
+    assert out.shape == spread.shape == (1, 16, 64, 64)
+    assert spread.slices[0].frames.min() >= 0 and spread.slices[0].frames.max() > 0
+    assert pydicom.dcmread(spread.files[0]).SeriesDescription.endswith("CineSR uncertainty")
+    plain = json.loads(cinesr(*args, "-o", str(tmp_path / "plain")).stdout)["series"][0]
+    assert "uncertainty_folder" not in plain and plain["output_series_uid"] == item["output_series_uid"]
+    for bad, reason in ((["--uncertainty", "1"], "at least 2 draws"),
+                        (["--uncertainty", "2", "--method", "baseline"], "needs the model method")):
+        failed = cinesr(*args, "-o", str(tmp_path / "bad"), *bad)
+        assert failed.returncode == 2 and reason in failed.stderr and failed.stderr.count("\n") == 1, failed.stderr
+        assert not (tmp_path / "bad").exists()

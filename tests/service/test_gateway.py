@@ -47,9 +47,13 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, list[Path
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    # AUTO_PROCESS off: these tests submit over REST only
-    svc = Service(settings_for(tmp_path_factory.mktemp("data"), auto_process=False), dispatch="inline",
-                  min_free_bytes=1 << 20)
+    # AUTO_PROCESS off: these tests submit over REST only. The model is a micro bundle with a distilled student,
+    # so that a 1-step request is one the bundle serves (the shipped tiny bundle serves 15 steps only).
+    from tests import models
+
+    bundle = models.micro_student_bundle(tmp_path_factory.mktemp("m") / "micro", 1, {"overlap": 4, "stride": 3})
+    svc = Service(settings_for(tmp_path_factory.mktemp("data"), auto_process=False, model_dir=bundle),
+                  dispatch="inline", min_free_bytes=1 << 20)
     with svc:
         yield svc
 
@@ -298,6 +302,43 @@ def test_concurrent_identical_requests_share_one_job(client: TestClient, service
                                                         json=body), range(6)))
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["job_id"] for r in responses}) == 1
+
+
+def test_steps_are_checked_against_the_bundle(tmp_path: Path) -> None:
+    """The shipped tiny bundle serves its 15-step teacher only; a student bundle also its distilled counts."""
+    from cinesr.worker.errors import PermanentError
+    from cinesr.worker.process import check_steps, supported_steps
+
+    from tests import models
+
+    assert supported_steps(None) == (15,)
+    with pytest.raises(PermanentError, match=r"steps=1 is not supported .*no distilled few-step student.*: use one "
+                                             r"of 15$"):
+        check_steps(1, Settings(data_dir=tmp_path))
+    check_steps(15, Settings(data_dir=tmp_path))
+    bundle = models.micro_student_bundle(tmp_path / "b", 0, steps=(1, 4))
+    assert supported_steps(bundle) == (1, 4, 15)
+    check_steps(4, Settings(data_dir=tmp_path, model_dir=bundle))
+    with pytest.raises(PermanentError, match="use one of 1, 4, 15"):
+        check_steps(2, Settings(data_dir=tmp_path, model_dir=bundle))
+    # the STEPS setting is held to the same counts before any model loads
+    from cinesr.worker.process import make_method
+
+    with pytest.raises(PermanentError, match="STEPS setting: steps=2 is not supported"):
+        make_method("model", None, Settings(data_dir=tmp_path, model_dir=bundle, steps=2))
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        Settings(data_dir=tmp_path, uncertainty_draws=1)
+
+
+@pytest.mark.parametrize("body", [{"uncertainty": 1}, {"uncertainty": 33}, {"uncertainty": "yes"},
+                                  {"uncertainty": -2}, {"method": "baseline", "uncertainty": 4},
+                                  {"method": "model", "steps": 3}])
+def test_unservable_model_options_are_422(client: TestClient, service: Service, study: tuple[str, str, list[Path]],
+                                          body: dict) -> None:
+    store_study(service, study[2])
+    response = client.post(f"/studies/{study[0]}/superresolve", headers=AUTH, json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"]
 
 
 @pytest.mark.slow  # loads the learned model (~15-20 s on 2 busy cores)
