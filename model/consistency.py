@@ -16,9 +16,12 @@ derived series' geometry):
   ringing beyond what the acquisition itself holds.
 
 ``auto`` takes, per series, the model whose re-acquisition of the network's output is closer to the
-input: a network trained on both acquisitions reproduces the one that made the input better than the
-other. In time, frame 8i of the output is at the trigger time of acquired frame i; the temporal
-interpolation reproduces acquired frames exactly, so the same spatial step makes those frames
+input. That holds for a sharp output; a blurred one (a bicubic enlargement, an undertrained network) is
+closer to the input under ``kspace`` whatever the acquisition was, so ``auto`` then picks ``kspace`` for
+area-averaged input and rings in uniform regions. ``area`` is the measured default (its bicubic-lifted
+correction is smooth under either acquisition); see the bundled model's model.json `inference`.
+
+In time, frame 8i of the output is at the trigger time of acquired frame i; the temporal interpolation reproduces acquired frames exactly, so the same spatial step makes those frames
 consistent with the acquisition, and the interpolated frames consistent with the interpolation.
 
 Noise: an acquisition holds noise, which is no structure. Consistency is enforced up to a tolerance
