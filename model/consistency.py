@@ -21,8 +21,9 @@ closer to the input under ``kspace`` whatever the acquisition was, so ``auto`` t
 area-averaged input and rings in uniform regions. ``area`` is the measured default (its bicubic-lifted
 correction is smooth under either acquisition); see the bundled model's model.json `inference`.
 
-In time, frame 8i of the output is at the trigger time of acquired frame i; the temporal interpolation reproduces acquired frames exactly, so the same spatial step makes those frames
-consistent with the acquisition, and the interpolated frames consistent with the interpolation.
+In time, frame 8i of the output is at the trigger time of acquired frame i; the temporal interpolation
+reproduces acquired frames exactly, so the same spatial step makes those frames consistent with the
+acquisition, and the interpolated frames consistent with the interpolation.
 
 Noise: an acquisition holds noise, which is no structure. Consistency is enforced up to a tolerance
 (`tolerance`, in the acquisition's units; the pipeline sets it to a multiple of the noise level that
