@@ -31,7 +31,7 @@ from .assembly import SeriesAssembler
 from .listener import ListenerHandle, start_listener
 from .metrics import ServiceCollector, make_registry
 from .retrieve import retrieve_study, study_series_at_pacs
-from .routing import RoutingLog, check_series, sweep_ineligible
+from .routing import RoutingLimits, RoutingLog, check_series, sweep_ineligible
 from .store import InstanceStore, StoredInstance, StoreFull
 
 LOGGER = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ class Service:
         with self._lock:
             if study_uid in self._retrieving:
                 return  # pulled for a REST job, which takes care of it
-        result = check_series(self.store, study_uid, series_uid)
+        result = check_series(self.store, study_uid, series_uid, RoutingLimits.from_settings(self.settings))
         self.routing.record(result)
         if not result.eligible:
             LOGGER.info("series %s not processed: %s", series_uid, result.reason)
@@ -341,7 +341,7 @@ class Service:
             candidates = job.requested_series or self.store.series(study_uid)
             eligible, reasons = [], {}
             for series_uid in candidates:
-                result = check_series(self.store, study_uid, series_uid)
+                result = check_series(self.store, study_uid, series_uid, RoutingLimits.from_settings(self.settings))
                 self.routing.record(result)
                 if result.eligible:
                     eligible.append(series_uid)
