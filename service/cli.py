@@ -74,6 +74,7 @@ def superresolve(
     from cinesr.worker.derived import Derivation, write_derived_series
     from cinesr.worker.pipeline import fidelity_warning, superresolve_series
 
+    _check_output_folder(output)  # before any reading or computing
     settings = load_settings()
     floor = settings.fidelity_floor_db
     transfer_syntax = transfer_syntax or settings.output_transfer_syntax
@@ -156,6 +157,16 @@ def phantom(
                 out.print(f"{series.role}: {len(series.files)} instances -> {series.folder}", soft_wrap=True,
                           highlight=False)
             bar.update(task, advance=1)
+
+
+def _check_output_folder(output: Path) -> None:
+    """OUTPUT must be a folder or not exist yet (it is created), under a folder: said before minutes of work."""
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{output}: {'exists' if path == output else f'{path} is'} a file, not a folder "
+                                 f"(-o/--output names a folder for the derived series)")
+            return
 
 
 def _method(name: str, backend: str, device: str, steps: int | None, seed: int, model: str | None,

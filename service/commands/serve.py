@@ -35,6 +35,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, _terminate)
     settings = load_settings()
+    _check_ports(settings, host)
     service = Service(settings, dispatch="inline" if inline else "auto", embedded_worker=worker)
     service.start()
     try:
@@ -47,3 +48,11 @@ def serve(
                     access_log=False)
     finally:
         service.stop()
+
+
+def _check_ports(settings: object, host: str) -> None:
+    """Both ports free, before the listener, the worker or uvicorn start (else one line, exit code 2)."""
+    from cinesr.service.ports import ensure_free
+
+    ensure_free(str(getattr(settings, "dicom_host", "0.0.0.0")), int(getattr(settings, "dicom_port", 0)), "DICOM")
+    ensure_free(host, int(getattr(settings, "http_port", 0)), "HTTP")
