@@ -98,7 +98,8 @@ class StageClock:
 
 STAGE_LABELS = {"phantom": "make phantom study", "service": "start service + PACS (worker loads the model)",
                 "push": "C-STORE to service", "wait": "series completion (quiet period)",
-                "process": "super-resolve + export", "metrics": "picture + metrics (baseline, LPIPS)"}
+                "process": "super-resolve + export", "metrics": "picture + metrics (baseline, LPIPS)",
+                "stop": "stop service (rest of it, after the metrics)"}
 
 
 @dataclass
@@ -152,11 +153,14 @@ class DemoPacs:
         return 0x0000
 
     def start(self) -> DemoPacs:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
         from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = AllStoragePresentationContexts
+        # every transfer syntax, compressed ones too: the derived series is JPEG 2000 lossless, and a PACS
+        # that accepts it is sent the files as they are (no decompression, no "no presentation context" log)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.maximum_associations = 4
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -445,9 +449,14 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
         _wait(lambda: pacs.count(output_uid) >= total, 60, "waiting for the PACS", worker_log)
         stored_at = pacs.last_received[output_uid]
         report("process", 1.0, 1.0, "derived series stored in the PACS")
-    finally:
+    except BaseException:
         service.stop()
         pacs.stop()
+        raise
+    # Done with the service: its graceful stop (the worker's warm shutdown takes seconds) runs while the
+    # pictures and metrics are made here, instead of before them.
+    stopper = threading.Thread(target=lambda: (service.stop(), pacs.stop()), name="demo-stop", daemon=True)
+    stopper.start()
 
     report("metrics", 0, 3, "reading series")
     truth_cine = read_series(truth_series.folder)[0]
@@ -477,6 +486,9 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
     animation = cine_gif([("low-res", held), ("baseline", baseline[s]), ("CineSR", cinesr[s]), ("truth", truth[s])],
                          out / "cine.gif", rr / n)
     report("metrics", 3, 3, "done")
+    report("stop", 0, 1, "stopping the service")
+    stopper.join()
+    report("stop", 1, 1, "stopped")
 
     timings = _timings(job, pushed_at, stored_at)
     stages = clock.seconds()
