@@ -140,3 +140,17 @@ def test_comparison_picture_layout(tmp_path: Path) -> None:
     image = np.asarray(Image.open(path))
     assert image.shape == (18 + 2 * 130, 150 + 2 * 130)
     assert short_method("CineSR 0.1.0: x4 by model tiny-49ce093c983d (steps=15)") == "model tiny-49ce093c983d"
+
+
+def test_demo_scores_are_the_evaluation_protocols() -> None:
+    """The demo's stacked metrics equal cinesr.model.evaluate.score_frames' frame-by-frame means."""
+    from cinesr.model.evaluate import score_frames
+    from cinesr.service.demo import score
+
+    rng = np.random.default_rng(3)
+    truth = rng.random((2, 3, 48, 48)).astype(np.float32)
+    pred = np.clip(truth + rng.normal(0, 0.05 * np.arange(1, 7).reshape(2, 3, 1, 1), truth.shape), -0.1, 1.1)
+    expected = score_frames(pred.reshape(-1, 48, 48), truth.reshape(-1, 48, 48))
+    got = score(pred.astype(np.float32), truth)
+    for name in ("psnr", "ssim", "lpips"):
+        assert got[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-6), name
