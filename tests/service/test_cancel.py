@@ -109,6 +109,10 @@ def test_rest_cancel_codes_and_listing(tmp_path: Path, pacs: DemoPacs, study: tu
             assert response.status_code == 202 and response.json()["status"] == "cancelled"
         listed = c.get("/jobs", headers=AUTH, params={"status": "cancelled"}).json()["jobs"]
         assert [j["job_id"] for j in listed] == [queued.job_id]
+        assert 'cinesr_jobs{status="cancelled"} 1.0' in c.get("/metrics").text
+        paths = c.get("/openapi.json").json()["paths"]
+        assert "delete" in paths["/jobs/{job_id}"] and "/jobs/{job_id}/cancel" in paths
+        assert {"/jobs/{job_id}/series/{series_uid}", "/jobs/{job_id}/series/{series_uid}/preview.png"} <= set(paths)
 
 
 @pytest.mark.slow  # loads the learned model (~15-20 s on 2 busy cores)
