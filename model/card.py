@@ -202,12 +202,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("bundle")
     p.add_argument("--held-out", default=HELD_OUT)
     p.add_argument("--seeds", default=SEEDS, help="seeds of every content source (sequence protocol)")
+    p.add_argument("--phantom-slices", type=int, help="slices per phantom patient (default: the source's)")
+    p.add_argument("--phantom-frames", type=int, help="frames per phantom cycle")
+    p.add_argument("--phantom-size", type=int, help="phantom matrix (truth)")
     a = p.parse_args(argv)
+    phantom = {k: v for k, v in (("slices", a.phantom_slices), ("frames", a.phantom_frames),
+                                 ("size", a.phantom_size)) if v}
 
     def show(done: int, total: int, what: str) -> None:
         print(f"[card] {done}/{total} {what}", flush=True)
 
-    doc = write_card(a.bundle, a.held_out, seeds=a.seeds, progress=show)
+    doc = write_card(a.bundle, a.held_out, seeds=a.seeds, progress=show, phantom=phantom or None)
     for key, ok in doc["verdicts"]["fidelity_bar"].items():
         print(key, "meets" if all(ok.values()) else f"misses {[k for k, v in ok.items() if not v]}")
     return 0

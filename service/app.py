@@ -32,7 +32,7 @@ from .listener import ListenerHandle, start_listener
 from .metrics import ServiceCollector, make_registry
 from .retrieve import retrieve_study, study_series_at_pacs
 from .routing import RoutingLimits, RoutingLog, check_series, sweep_ineligible
-from .store import InstanceStore, StoredInstance, StoreFull
+from .store import InstanceStore, StoredInstance, StoreFull, StoreHalted
 
 LOGGER = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ class Service:
         self.store = InstanceStore(
             data, durability=self.durability,
             min_free_bytes=settings.disk_min_free_bytes if self.min_free_bytes is None else self.min_free_bytes,
-            min_free_fraction=settings.disk_min_free_fraction)
+            min_free_fraction=settings.disk_min_free_fraction,
+            segment_size=settings.journal_segment_bytes, spare_segments=settings.journal_spare_segments)
         self.jobs = open_job_store(settings)
         self.routing = RoutingLog(data / "routing.sqlite3")
         self.dispatcher = self._make_dispatcher()
@@ -416,8 +417,9 @@ class Service:
             probe.write_bytes(b"ok")
             probe.unlink()
             self.store.check_space(0)
+            self.store.raise_if_halted()
             checks["storage"] = {"ok": True}
-        except StoreFull as exc:
+        except (StoreFull, StoreHalted) as exc:  # below the watermark, or filing stopped (it retries)
             checks["storage"] = {"ok": False, "error": str(exc)}
         except OSError as exc:
             checks["storage"] = {"ok": False, "error": f"data dir not writable: {exc}"}

@@ -8,12 +8,15 @@ thread reads a PDU, and when a message is complete, stores it (durably) and answ
 
 The dataset is never decoded: the store walks its element structure to check it is complete
 and to read the Study/Series/SOP Instance UIDs, then writes the bytes as received.
+Memory per association is bounded before it is allocated: PDUs above the announced maximum abort the
+association, and dataset buffers come out of one receive budget shared by all associations.
 Logs carry UIDs, AE titles and addresses, never patient attributes.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import socket
 import ssl
 import struct
@@ -28,9 +31,9 @@ from cinesr.service.store import (
     IMPLEMENTATION_VERSION_NAME,
     InstanceStore,
     InvalidDataset,
-    MissingAttributes,
     StoredInstance,
     StoreFull,
+    StoreHalted,
 )
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -73,9 +76,11 @@ _STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1."  # every standard storage SOP class
 
 # DIMSE status codes
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
+OUT_OF_RESOURCES = 0xA700  # disk below the watermark, or an instance beyond the receive budget
+STORE_HALTED = 0xA701  # out of resources: the store's background filing is failing (it retries)
 CANNOT_UNDERSTAND = 0xC210
 DATASET_DOES_NOT_MATCH = 0xA900
+DUPLICATE_CONFLICT = 0xB006  # warning, elements discarded: a duplicate SOPInstanceUID with other content
 PROCESSING_FAILURE = 0x0110
 UNRECOGNIZED_OPERATION = 0x0211
 
@@ -100,7 +105,8 @@ class ListenerConfig:
     acse_timeout: float = 30.0  # waiting for A-ASSOCIATE-RQ / A-RELEASE
     dimse_timeout: float = 60.0  # between the PDUs of one message
     network_timeout: float = 120.0  # idle association between messages
-    max_pdu_size: int = 1 << 20  # announced maximum PDU length we receive (0 = unlimited)
+    max_pdu_size: int = 1 << 20  # announced maximum PDU length we receive (0 = unlimited); longer ones abort
+    receive_buffer_bytes: int = 256 << 20  # dataset buffers of all associations together (beyond: 0xA700)
     tls_cert: str | None = None  # PEM certificate; with tls_key turns TLS on
     tls_key: str | None = None
     tls_ca: str | None = None  # if set, clients must present a certificate signed by it
@@ -139,6 +145,7 @@ class ListenerStats:
     echoes: int = 0
     stored: int = 0
     duplicates: int = 0
+    conflicts: int = 0  # duplicates whose content differed from the copy kept
     failed: int = 0
     out_of_resources: int = 0
 
@@ -156,6 +163,39 @@ class _Abort(Exception):
 
 
 _WAITALL = getattr(socket, "MSG_WAITALL", 0)
+_BASE_BUFFER = 1 << 18  # each association's dataset buffer to start with (not counted in the budget)
+_KEPT_BUFFER = 4 << 20  # a grown buffer up to this size is kept for the next message
+
+
+def _release(buffer: bytearray | mmap.mmap, budget: ReceiveBudget) -> None:
+    """Give a dataset buffer's share back to the budget, and its memory back to the system."""
+    budget.give(len(buffer) - _BASE_BUFFER)
+    if isinstance(buffer, mmap.mmap):
+        try:
+            buffer.close()
+        except BufferError:  # a view of it still exists: unmapped when that goes
+            pass
+
+
+class ReceiveBudget:
+    """Bytes of dataset buffer the listener's associations may hold beyond their base buffers, together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.in_use + n > self.limit:
+                return False
+            self.in_use += n
+            return True
+
+    def give(self, n: int) -> None:
+        if n > 0:
+            with self._lock:
+                self.in_use -= n
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -365,97 +405,175 @@ class _Association:
 
     def serve(self) -> None:
         """Data phase. Dataset fragments are received straight into one reusable buffer per
-        association (no per-PDU allocation, no join): large fresh allocations cost page faults."""
+        association (no per-PDU allocation, no join): large fresh allocations cost page faults.
+
+        Memory is bounded before it is taken: a P-DATA PDU longer than the maximum we announced aborts
+        the association at its header, and the buffer grows only out of the listener's shared receive
+        budget; an instance beyond it (or one refused at its start) is read and discarded, then answered
+        with the failure status."""
         config, sock = self.config, self.sock
+        budget = self.listener.receive_budget
         header, pdv_header = self.header, bytearray(6)
         header_view, pdv_view = memoryview(header), memoryview(pdv_header)
-        buffer = bytearray(1 << 18)
+        buffer = bytearray(_BASE_BUFFER)
+        scratch = memoryview(bytearray(1 << 16))  # where a refused instance's bytes are discarded
         filled = 0
         command_bytes = bytearray()
         command: dict[int, bytes] | None = None
         context_id = 0
         streaming = False
+        refusal: tuple[int, str] | None = None  # the status a refused instance gets at its last fragment
         _set_timeout(sock, config.network_timeout)
-        while True:
-            _recv_exact(sock, header_view)
-            pdu_type = header[0]
-            remaining = struct.unpack_from(">I", header, 2)[0]
-            if pdu_type != 0x04:
-                if remaining > 1 << 16:
-                    raise _Abort(f"PDU type {pdu_type:#04x} of {remaining} bytes", reason=6)
-                body = bytearray(remaining)
-                _recv_exact(sock, memoryview(body))
-                if pdu_type == 0x05:  # A-RELEASE-RQ
-                    sock.sendall(_RELEASE_RP)
-                    LOGGER.info("association with %s (%s) released", self.calling_ae, self.peer)
-                    return
-                if pdu_type == 0x07:  # A-ABORT
-                    LOGGER.warning("association with %s (%s) aborted by the peer", self.calling_ae, self.peer)
-                    return
-                raise _Abort(f"unexpected PDU type {pdu_type:#04x}", reason=2)
-            while remaining > 0:  # P-DATA-TF: one or more PDV items
-                if remaining < 6:
-                    raise _Abort("truncated PDV item", reason=6)
-                _recv_exact(sock, pdv_view)
-                item_length, pc_id, control = struct.unpack_from(">IBB", pdv_header)
-                remaining -= 4 + item_length
-                size = item_length - 2
-                if size < 0 or remaining < 0:
-                    raise _Abort("invalid PDV item length", reason=6)
-                if pc_id not in self.contexts:
-                    raise _Abort(f"PDV on presentation context {pc_id} that was not accepted")
-                if control & 0x01:  # command fragment
-                    if size > 1 << 16:
-                        raise _Abort("oversized DIMSE command", reason=6)
-                    fragment = bytearray(size)
-                    _recv_exact(sock, memoryview(fragment))
-                    command_bytes += fragment
-                    context_id = pc_id
-                    if control & 0x02:
-                        command = _parse_command(bytes(command_bytes))
-                        command_bytes = bytearray()
-                        if _us(command.get(0x0800)) == _NO_DATASET:
-                            self._handle(command, context_id, None)
+        try:
+            while True:
+                _recv_exact(sock, header_view)
+                pdu_type = header[0]
+                remaining = struct.unpack_from(">I", header, 2)[0]
+                if pdu_type != 0x04:
+                    if remaining > 1 << 16:
+                        raise _Abort(f"PDU type {pdu_type:#04x} of {remaining} bytes", reason=6)
+                    body = bytearray(remaining)
+                    _recv_exact(sock, memoryview(body))
+                    if pdu_type == 0x05:  # A-RELEASE-RQ
+                        sock.sendall(_RELEASE_RP)
+                        LOGGER.info("association with %s (%s) released", self.calling_ae, self.peer)
+                        return
+                    if pdu_type == 0x07:  # A-ABORT
+                        LOGGER.warning("association with %s (%s) aborted by the peer", self.calling_ae, self.peer)
+                        return
+                    raise _Abort(f"unexpected PDU type {pdu_type:#04x}", reason=2)
+                if config.max_pdu_size and remaining > config.max_pdu_size:
+                    raise _Abort(f"P-DATA-TF PDU of {remaining} bytes, above the {config.max_pdu_size} we announced",
+                                 reason=6)
+                while remaining > 0:  # P-DATA-TF: one or more PDV items
+                    if remaining < 6:
+                        raise _Abort("truncated PDV item", reason=6)
+                    _recv_exact(sock, pdv_view)
+                    item_length, pc_id, control = struct.unpack_from(">IBB", pdv_header)
+                    remaining -= 4 + item_length
+                    size = item_length - 2
+                    if size < 0 or remaining < 0:
+                        raise _Abort("invalid PDV item length", reason=6)
+                    if pc_id not in self.contexts:
+                        raise _Abort(f"PDV on presentation context {pc_id} that was not accepted")
+                    if control & 0x01:  # command fragment
+                        if size > 1 << 16 or len(command_bytes) + size > 1 << 16:
+                            raise _Abort("oversized DIMSE command", reason=6)
+                        fragment = bytearray(size)
+                        _recv_exact(sock, memoryview(fragment))
+                        command_bytes += fragment
+                        context_id = pc_id
+                        if control & 0x02:
+                            command = _parse_command(bytes(command_bytes))
+                            command_bytes = bytearray()
+                            if _us(command.get(0x0800)) == _NO_DATASET:
+                                self._handle(command, context_id, None)
+                                command = None
+                                _set_timeout(sock, config.network_timeout)
+                            else:
+                                streaming, refusal = self._begin(command, context_id)
+                                _set_timeout(sock, config.dimse_timeout)
+                        continue
+                    if command is None or pc_id != context_id:
+                        raise _Abort("dataset fragment without its command")
+                    if refusal is None and filled + size > len(buffer):
+                        grown = self._grow(buffer, filled, filled + size)
+                        if grown is None:
+                            refusal = (OUT_OF_RESOURCES, "instance larger than the receive buffer allows")
+                            LOGGER.warning("C-STORE from %s (%s): dataset above %d bytes, beyond the receive "
+                                           "budget; discarding it", self.calling_ae, self.peer, filled + size)
+                        else:
+                            buffer = grown
+                    if refusal is not None:
+                        left = size
+                        while left > 0:  # read and drop: the peer gets its answer at the last fragment
+                            chunk = min(left, len(scratch))
+                            _recv_exact(sock, scratch[:chunk])
+                            left -= chunk
+                        if control & 0x02:
+                            self._refuse(command, context_id, *refusal)
+                            refusal, filled, command, streaming = None, 0, None, False
+                            _set_timeout(sock, config.network_timeout)
+                        continue
+                    with memoryview(buffer) as view:
+                        _recv_exact(sock, view[filled:filled + size])
+                        filled += size
+                        if streaming and not control & 0x02:
+                            try:
+                                self.writer.feed(view[:filled])
+                            except StoreFull:  # checked before these bytes went to disk
+                                refusal, streaming, filled = (OUT_OF_RESOURCES, "disk space below watermark"), False, 0
+                            except StoreHalted as exc:
+                                refusal, streaming, filled = (STORE_HALTED, str(exc)), False, 0
+                            except OSError as exc:  # e.g. disk full: answered at the last fragment
+                                LOGGER.warning("streaming to the journal failed: %s", exc)
+                                streaming = False
+                        if control & 0x02 and refusal is None:
+                            self._handle(command, context_id, view[:filled])
+                            filled = 0
                             command = None
                             _set_timeout(sock, config.network_timeout)
-                        else:
-                            streaming = self._begin(command, context_id)
-                            _set_timeout(sock, config.dimse_timeout)
-                    continue
-                if command is None or pc_id != context_id:
-                    raise _Abort("dataset fragment without its command")
-                if filled + size > len(buffer):
-                    grown = bytearray(max(2 * len(buffer), filled + size))
-                    grown[:filled] = memoryview(buffer)[:filled]
-                    buffer = grown
-                with memoryview(buffer) as view:
-                    _recv_exact(sock, view[filled:filled + size])
-                    filled += size
-                    if streaming and not control & 0x02:
-                        try:
-                            self.writer.feed(view[:filled])
-                        except OSError as exc:  # e.g. disk full: answered at the last fragment
-                            LOGGER.warning("streaming to the journal failed: %s", exc)
-                            streaming = False
-                    if control & 0x02:
-                        self._handle(command, context_id, view[:filled])
-                        filled = 0
-                        command = None
+                    if control & 0x02 and refusal is not None:  # refused at its last fragment
+                        self._refuse(command, context_id, *refusal)
+                        refusal, filled, command = None, 0, None
                         _set_timeout(sock, config.network_timeout)
-                if filled == 0 and len(buffer) > 64 << 20:
-                    buffer = bytearray(1 << 18)  # don't keep a huge buffer for the next message
+                    if filled == 0 and len(buffer) > _KEPT_BUFFER:
+                        _release(buffer, budget)  # don't hold a big share between messages
+                        buffer = bytearray(_BASE_BUFFER)
+        finally:
+            _release(buffer, budget)
 
-    def _begin(self, command: dict[int, bytes], context_id: int) -> bool:
-        """A C-STORE request arrived: start streaming its dataset into the store."""
+    def _grow(self, buffer: bytearray | mmap.mmap, filled: int, needed: int) -> mmap.mmap | None:
+        """A larger buffer holding the first ``filled`` bytes, taken from the receive budget; None if the
+        budget cannot cover it. The new buffer is counted in full before it exists (old and new are both
+        alive while the bytes are copied), the old one given back once it is dropped."""
+        budget = self.listener.receive_budget
+        for size in (max(2 * len(buffer), needed), needed):
+            if budget.take(size - _BASE_BUFFER):
+                # An anonymous mapping, not a bytearray: its pages go back to the system when it is closed,
+                # where malloc would keep freed large buffers in its arenas (measured: 54 MiB resident for
+                # a 32 MiB budget with four associations).
+                grown = mmap.mmap(-1, size)
+                with memoryview(buffer) as old:
+                    grown[:filled] = old[:filled]  # a view, not a copy of what was received
+                _release(buffer, budget)
+                return grown
+        return None
+
+    def _begin(self, command: dict[int, bytes], context_id: int) -> tuple[bool, tuple[int, str] | None]:
+        """A C-STORE request arrived: start streaming its dataset into the store.
+
+        Returns (streaming, refusal): a request that will fail whatever its dataset is refused now, and
+        its dataset discarded as it arrives."""
         if _us(command.get(0x0100)) != _C_STORE_RQ:
-            return False
+            return False, None
+        abstract, transfer_syntax = self.contexts[context_id]
+        sop_class = _uid_text(command.get(0x0002))
+        if sop_class != abstract:
+            return False, (DATASET_DOES_NOT_MATCH, "SOP Class UID is not its presentation context's")
         try:
-            self.writer.begin(self.contexts[context_id][1], _uid_text(command.get(0x0002)),
-                              _uid_text(command.get(0x1000)))
-            return True
+            self.writer.begin(transfer_syntax, sop_class, _uid_text(command.get(0x1000)))
+            return True, None
+        except StoreHalted as exc:
+            return False, (STORE_HALTED, str(exc))
+        except StoreFull:
+            return False, (OUT_OF_RESOURCES, "disk space below watermark")
         except OSError as exc:
             LOGGER.warning("cannot stream to the journal: %s", exc)
-            return False
+            return False, None
+
+    def _refuse(self, command: dict[int, bytes], context_id: int, status: int, comment: str) -> None:
+        """Answer a C-STORE whose dataset was discarded."""
+        stats = self.listener.stats
+        stats.failed += 1
+        if status in (OUT_OF_RESOURCES, STORE_HALTED):
+            stats.out_of_resources += 1
+        self.writer.abandon()  # bytes streamed before the refusal are dropped; the next request begins afresh
+        sop_class, sop_instance = _uid_text(command.get(0x0002)), _uid_text(command.get(0x1000))
+        LOGGER.warning("C-STORE of SOPInstanceUID %s from %s failed with status %#06x: %s",
+                       sop_instance, self.calling_ae, status, comment)
+        self._respond(context_id, _us(command.get(0x0100)), _us(command.get(0x0110)), status, sop_class,
+                      sop_instance, comment)
 
     def _respond(self, context_id: int, command_field: int, message_id: int, status: int,
                  sop_class: str, sop_instance: str = "", comment: str = "") -> None:
@@ -486,25 +604,30 @@ class _Association:
                 if not self.writer.transfer_syntax:  # not begun (e.g. streaming failed to start)
                     self.writer.begin(transfer_syntax, sop_class or abstract, sop_instance)
                 stored = self.writer.commit(data)
-            except MissingAttributes as exc:
-                status, comment = DATASET_DOES_NOT_MATCH, str(exc)
-            except InvalidDataset as exc:
-                status, comment = CANNOT_UNDERSTAND, str(exc)
+            except InvalidDataset as exc:  # its status says which failure (0xA900, 0xC210-0xC212)
+                status, comment = exc.status, str(exc)
             except StoreFull:
                 status, comment = OUT_OF_RESOURCES, "disk space below watermark"
+                stats.out_of_resources += 1
+            except StoreHalted as exc:
+                status, comment = STORE_HALTED, str(exc)
                 stats.out_of_resources += 1
             except OSError as exc:
                 LOGGER.exception("could not store SOPInstanceUID %s", sop_instance)
                 status, comment = (OUT_OF_RESOURCES if exc.errno in (28, 122) else PROCESSING_FAILURE,
                                    exc.strerror or "storage error")
             else:
-                if stored.duplicate:
+                if stored.duplicate and stored.conflict:  # the store logged it at WARNING
+                    stats.duplicates += 1
+                    stats.conflicts += 1
+                    status, comment = DUPLICATE_CONFLICT, "duplicate SOPInstanceUID, other content; first kept"
+                elif stored.duplicate:
                     stats.duplicates += 1
                     LOGGER.info("duplicate SOPInstanceUID %s from %s ignored", sop_instance, self.calling_ae)
                 else:
                     stats.stored += 1
                     LOGGER.debug("stored SOPInstanceUID %s (series %s)", sop_instance, stored.series_uid)
-        if status != SUCCESS:
+        if status != SUCCESS and status != DUPLICATE_CONFLICT:
             stats.failed += 1
             LOGGER.warning("C-STORE of SOPInstanceUID %s from %s failed with status %#06x: %s",
                            sop_instance, self.calling_ae, status, comment)
@@ -530,6 +653,7 @@ class DicomListener:
         self.config = config
         self.store = store
         self.stats = ListenerStats()
+        self.receive_budget = ReceiveBudget(config.receive_buffer_bytes)
         self._ssl = config.ssl_context()
         self._active = 0
         self._lock = threading.Lock()

@@ -40,6 +40,7 @@ class ServiceCollector(Collector):
         if stats is not None:
             received.add_metric(["stored"], stats.stored)
             received.add_metric(["duplicate"], stats.duplicates)
+            received.add_metric(["duplicate_conflict"], stats.conflicts)  # of those, other content (0xB006)
             received.add_metric(["failed"], stats.failed)
             received.add_metric(["out_of_resources"], stats.out_of_resources)
             associations.add_metric(["accepted"], stats.associations)

@@ -85,8 +85,9 @@ def split_part10(data: bytes | memoryview) -> Part10:
     dataset = view[start:]
     try:
         found = scan_dataset(dataset, transfer_syntax)
-    except InvalidDataset as exc:
-        raise RefusedPart(f"truncated or malformed dataset: {exc}", 0xC210, *uids) from None
+    except InvalidDataset as exc:  # e.g. 0xC212 for pixel data that cannot decode
+        reason = f"truncated or malformed dataset: {exc}" if type(exc) is InvalidDataset else str(exc)
+        raise RefusedPart(reason, exc.status, *uids) from None
     sop_class = found.get("sop_class_uid") or uids[0]
     if sop_class and not is_storage_sop_class(sop_class):
         raise RefusedPart("not a storage SOP class", 0x0122, sop_class,

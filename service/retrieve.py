@@ -21,7 +21,7 @@ from cinesr.worker.settings import Settings
 from pydicom.dataset import Dataset
 
 from .part10 import split_part10, store_part10
-from .store import InstanceStore, InvalidDataset, StoreFull
+from .store import InstanceStore, InvalidDataset, StoreFull, StoreHalted
 
 LOGGER = logging.getLogger(__name__)
 
@@ -125,11 +125,11 @@ def get_study(settings: Settings, node: DicomNode, study_uid: str, store: Instan
             data = request.DataSet.getvalue() if hasattr(request.DataSet, "getvalue") else bytes(request.DataSet)
             store.put(data, str(event.context.transfer_syntax), str(request.AffectedSOPClassUID),
                       str(request.AffectedSOPInstanceUID), node.ae_title)
-        except InvalidDataset:
-            return 0xC210
-        except StoreFull:
-            return 0xA700
-        except OSError:
+        except InvalidDataset as exc:
+            return exc.status
+        except StoreHalted:
+            return 0xA701
+        except OSError:  # StoreFull (below the watermark) among them
             return 0xA700
         return 0x0000
 

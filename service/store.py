@@ -21,7 +21,10 @@ Durability ("success only after the bytes are on stable storage") has two strate
     success. Simpler; the file is visible when ``put`` returns.
 
 Either way a visible ``.dcm`` file is complete (rename is atomic), and a crash loses only
-instances that were never acknowledged. Records carry a per-segment random nonce and a CRC, so
+instances that were never acknowledged. If the applier cannot file (a full disk), it retries the same
+instance until it can, and meanwhile the store refuses new instances (StoreHalted; ``fault`` says why):
+nothing is acknowledged that cannot be filed, and nothing acknowledged is skipped.
+Records carry a per-segment random nonce and a CRC, so
 torn writes, stale bytes of a recycled segment or crafted data never replay as instances.
 """
 
@@ -39,7 +42,9 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
+
+from cinesr.service.pixelcheck import pixel_problem
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,15 +62,43 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 class InvalidDataset(ValueError):
-    """The received dataset cannot be parsed or lacks the UIDs needed to file it."""
+    """The received dataset cannot be parsed or lacks the UIDs needed to file it.
+
+    ``status`` is the DIMSE failure status a C-STORE answers with (STOW-RS reports it as FailureReason)."""
+
+    status = 0xC210  # Cannot understand
 
 
 class MissingAttributes(InvalidDataset):
     """The dataset parses but lacks a UID needed to file it (Study/Series/SOP Instance)."""
 
+    status = 0xA900  # Data Set does not match SOP Class
+
+
+class SopClassMismatch(InvalidDataset):
+    """The request's SOP Class UID is not the dataset's (or not its presentation context's)."""
+
+    status = 0xA900
+
+
+class SopInstanceMismatch(InvalidDataset):
+    """The request's SOP Instance UID is not the dataset's: filing it would take another instance's name."""
+
+    status = 0xC211
+
+
+class UndecodablePixelData(InvalidDataset):
+    """Pixel data that cannot be decoded: too short for its description, or not in its transfer syntax."""
+
+    status = 0xC212
+
 
 class StoreFull(OSError):
     """Free disk space is below the configured watermark; nothing was written."""
+
+
+class StoreHalted(OSError):
+    """The store's background filing failed (e.g. disk full); nothing new is accepted until it recovers."""
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -75,7 +108,8 @@ def is_valid_uid(uid: str) -> bool:
 
 @dataclass(frozen=True)
 class StoredInstance:
-    """What the store knows about one instance; ``duplicate`` marks one it already had."""
+    """What the store knows about one instance; ``duplicate`` marks one it already had (``conflict``: with
+    other content; the first copy is the one kept)."""
 
     study_uid: str
     series_uid: str
@@ -85,6 +119,7 @@ class StoredInstance:
     transfer_syntax: str
     path: Path
     duplicate: bool = False
+    conflict: bool = False  # a duplicate whose content differs from the copy kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +133,10 @@ _WANTED = {
     0x0020000D: "study_uid",
     0x0020000E: "series_uid",
 }
+# Image Pixel description, kept raw (binary US values need the dataset's byte order): Samples per Pixel,
+# Photometric Interpretation, Number of Frames, Rows, Columns, Bits Allocated.
+_IMAGE_TAGS = frozenset({0x00280002, 0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280100})
+_PIXEL_DATA = 0x7FE00010
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
                        b"UT", b"UV"})
 _UNDEFINED = 0xFFFFFFFF
@@ -115,6 +154,9 @@ class _Walker:
         self.u16 = struct.Struct("<H" if little else ">H")
         self.u32 = struct.Struct("<I" if little else ">I")
         self.found: dict[str, str] = {}
+        self.image: dict[int, bytes] = {}  # _IMAGE_TAGS, raw
+        self.pixel_length = -1  # native Pixel Data: its length; -1 none, -2 encapsulated
+        self.fragments: list[tuple[int, int]] = []  # encapsulated: (offset, length) of each item, offset table first
 
     def _tag_len(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
         """(tag, vr, value length, value offset) of the element at ``pos``."""
@@ -148,7 +190,11 @@ class _Walker:
             if length == _UNDEFINED:
                 # a sequence, an encapsulated pixel data element, or UN holding implicit VR LE
                 nested_implicit = implicit or vr == b"UN"
-                pos = self.items(value, nested_implicit, encapsulated=vr in (b"OB", b"OW"))
+                pixels = top and tag == _PIXEL_DATA
+                if pixels:
+                    self.pixel_length = -2
+                pos = self.items(value, nested_implicit, encapsulated=vr in (b"OB", b"OW"),
+                                 fragments=self.fragments if pixels else None)
                 continue
             pos = value + length
             if pos > self.end:
@@ -156,11 +202,16 @@ class _Walker:
             if top and tag in _WANTED:
                 raw = bytes(self.buf[value:pos])
                 self.found[_WANTED[tag]] = raw.decode("ascii", "replace").strip("\0 ")
+            elif top and tag in _IMAGE_TAGS:
+                self.image[tag] = bytes(self.buf[value:pos])
+            elif top and tag == _PIXEL_DATA:
+                self.pixel_length = length
         if stop_at_item_end:
             raise InvalidDataset("item without delimiter at end of data")
         return pos
 
-    def items(self, pos: int, implicit: bool, encapsulated: bool) -> int:
+    def items(self, pos: int, implicit: bool, encapsulated: bool,
+              fragments: list[tuple[int, int]] | None = None) -> int:
         """Walk the items of an undefined-length element up to its sequence delimiter."""
         while True:
             tag, _vr, length, value = self._tag_len(pos, True)
@@ -176,13 +227,17 @@ class _Walker:
                 pos = value + length
                 if pos > self.end:
                     raise InvalidDataset("item runs past the end of the data")
+                if fragments is not None:
+                    fragments.append((value, length))
 
 
 def scan_dataset(data: bytes | memoryview, transfer_syntax: str) -> dict[str, str]:
     """Check an encoded dataset is structurally complete; return the attributes used for filing.
 
-    Raises InvalidDataset for truncated or malformed data.
+    Raises InvalidDataset for truncated or malformed data, UndecodablePixelData for pixel data that
+    certainly cannot be decoded (cinesr.service.pixelcheck).
     """
+    syntax = transfer_syntax
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
         try:
             data = zlib.decompress(bytes(data), -15)
@@ -196,6 +251,10 @@ def scan_dataset(data: bytes | memoryview, transfer_syntax: str) -> dict[str, st
         walker.dataset(0, walker.implicit, top=True, stop_at_item_end=False)
     except struct.error as exc:
         raise InvalidDataset(f"truncated dataset: {exc}") from None
+    problem = pixel_problem(syntax, transfer_syntax != EXPLICIT_VR_BE, walker.image, walker.pixel_length,
+                            walker.fragments, data)
+    if problem:
+        raise UndecodablePixelData(problem)
     return walker.found
 
 
@@ -277,9 +336,12 @@ def _sync_files(fds: list[int], directories: set[Path], anchor: Path) -> None:
         finally:
             os.close(dir_fd)
         return
-    for fd in fds:
-        os.fdatasync(fd)
-        os.close(fd)
+    try:
+        for fd in fds:
+            os.fdatasync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
     for directory in directories:
         _fsync_dir(directory)
 
@@ -346,11 +408,13 @@ class _Segment:
 class _Journal:
     """Segments of the write-ahead journal; each is owned by at most one writer at a time."""
 
-    def __init__(self, directory: Path, segment_size: int, spares: int) -> None:
+    def __init__(self, directory: Path, segment_size: int, spares: int,
+                 reserve: Callable[[int], None] = lambda n: None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_size = segment_size
         self.max_spares = spares
+        self.reserve = reserve  # raises StoreFull if writing that many bytes would cross the watermark
         self.lock = threading.Lock()
         existing = [int(p.stem) for p in self.dir.glob("*.wal")]
         self._seq = max(existing, default=0) + 1
@@ -359,20 +423,35 @@ class _Journal:
         for p in self.dir.glob("*.spare"):
             if p not in self._spares:
                 p.unlink()
+        for p in self._spares[spares:]:  # the spare count was lowered since
+            p.unlink()
+        del self._spares[spares:]
         self._spare_n = 0
 
     def segment_files(self) -> list[Path]:
         return sorted(self.dir.glob("*.wal"), key=lambda p: int(p.stem))
 
     def prepare_spares(self) -> None:
-        """Zero-fill spare segments (at start, or when idle; never while instances stream in)."""
+        """Zero-fill spare segments (at start, or when idle; never while instances stream in).
+
+        Spares only make flushes cheaper: on a volume near its free-space watermark none are made (a
+        spare must not take the space instances need), and a failure to make one is logged, not raised."""
         made = False
         while len(self._spares) < self.max_spares:
             path = self.dir / f"prepared-{os.getpid()}-{self._spare_n}.spare"
             self._spare_n += 1
             if path.exists():
                 continue
-            _zero_fill(path, self.segment_size)
+            try:
+                self.reserve(self.segment_size)
+                _zero_fill(path, self.segment_size)
+            except StoreFull:
+                LOGGER.debug("no spare journal segment prepared: free space is near the watermark")
+                break
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                LOGGER.warning("could not prepare a spare journal segment: %s", exc.strerror or exc)
+                break
             with self.lock:
                 self._spares.append(path)
             made = True
@@ -390,8 +469,20 @@ class _Journal:
             size = self.segment_size
         else:  # no spare ready, or a huge instance: unwritten extents, slower flushes
             size = max(self.segment_size, min_size)
+            try:  # the free-space check comes before the blocks are taken
+                self.reserve(size)
+            except StoreFull:
+                if size == min_size:
+                    raise
+                size = min_size  # near the watermark: only what this instance needs
+                self.reserve(size)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            os.posix_fallocate(fd, 0, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
         nonce = int.from_bytes(os.urandom(8), "little")
         os.pwrite(fd, _SEG_HEAD.pack(_SEG_MAGIC, seq, nonce).ljust(_SEG_DATA, b"\0"), 0)
         os.fsync(fd)
@@ -426,20 +517,23 @@ class _Journal:
             _fsync_dir(self.dir)
 
     def _maybe_retire(self, segment: _Segment, force: bool = False) -> bool:
-        """Retire an unowned segment without outstanding records once it is half used."""
-        if segment.owned or segment.outstanding > 0:
-            return False
-        if not force and segment.size - segment.tail > segment.size // 2:
-            return False
+        """Retire a segment nobody writes to and whose records are all files: it becomes a spare (up to
+        the spare count) or is deleted, so the journal holds only what is in use plus the spares.
+        (``force`` is kept for close(); retiring no longer waits for a segment to be half used.)"""
+        if segment.owned or segment.outstanding > 0 or self.active.get(segment.seq) is not segment:
+            return False  # in use, or already retired
         del self.active[segment.seq]
         os.close(segment.fd)
         path = self.dir / f"{segment.seq:012d}.wal"
-        if len(self._spares) < self.max_spares and segment.size == self.segment_size:
-            spare = self.dir / f"recycled-{segment.seq}.spare"
-            os.rename(path, spare)
-            self._spares.append(spare)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if len(self._spares) < self.max_spares and segment.size == self.segment_size:
+                spare = self.dir / f"recycled-{segment.seq}.spare"
+                os.rename(path, spare)
+                self._spares.append(spare)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:  # left for the next start, whose replay finds only records already filed
+            LOGGER.warning("could not retire journal segment %d: %s", segment.seq, exc.strerror or exc)
         return True
 
     def retire_file(self, path: Path) -> None:
@@ -492,9 +586,11 @@ class _JournalRecord:
         segment = self.segment
         assert segment is not None
         if self._data_offset() + len(received) + reserve > segment.size:
-            # Doesn't fit: move to a segment with room, rewriting what was streamed so far.
+            # Doesn't fit: move to a segment with room, rewriting what was streamed so far. The new one is
+            # taken first, so that if it cannot be (StoreFull) the writer still owns the old one.
+            bigger = self.journal.acquire(2 * (len(self.meta) + len(received) + reserve) + _REC_HEAD.size)
             self.journal.give_back(segment)
-            self._place(self.journal.acquire(2 * (len(self.meta) + len(received) + reserve) + _REC_HEAD.size))
+            self._place(bigger)
             self.crc = zlib.crc32(self.meta)
             new = received
         offset = self._data_offset() + len(received) - len(new)
@@ -543,6 +639,13 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
+class _GiveUp(Exception):
+    """The store is closing while a background stage still fails."""
+
+
 @dataclass
 class _Pending:
     """A journalled instance waiting to become a file: where its file bytes lie in the journal."""
@@ -566,6 +669,11 @@ class InstanceStore:
         ``"journal"`` (default, fastest) or ``"file"``; see the module docstring.
     min_free_fraction, min_free_bytes
         Disk watermark: ``put`` refuses (StoreFull) when, after writing, less than this would be free.
+        It is checked before any byte is written: streamed data, new journal segments, spares.
+    segment_size, spare_segments
+        Journal segment size and how many are kept zero-filled ahead (settings JOURNAL_SEGMENT_BYTES,
+        JOURNAL_SPARE_SEGMENTS). A segment is released (kept as a spare, or deleted) as soon as nobody
+        writes to it and its records are files.
     on_instance
         Called with a StoredInstance for every newly stored (not duplicate) instance, once its file
         is visible. More callbacks can be added with ``subscribe``.
@@ -573,7 +681,7 @@ class InstanceStore:
 
     def __init__(self, root: str | os.PathLike[str], *, durability: Durability = "journal",
                  min_free_fraction: float = 0.05, min_free_bytes: int = 1 << 30,
-                 segment_size: int = 32 << 20, spare_segments: int = 4,
+                 segment_size: int = 8 << 20, spare_segments: int = 2,
                  apply_idle_seconds: float = 0.05, apply_max_bytes: int | None = None,
                  on_instance: Callable[[StoredInstance], None] | None = None) -> None:
         if durability not in ("journal", "file"):
@@ -585,9 +693,9 @@ class InstanceStore:
         # The applier waits for a pause in arrivals (or a large backlog) before writing files, so
         # that while instances stream in the only work per instance is one journal append.
         self.apply_idle_seconds = apply_idle_seconds
-        # journalled bytes not yet checkpointed above which the applier works even while
-        # instances arrive (default: half of the spare journal segments)
-        self.apply_max_bytes = apply_max_bytes if apply_max_bytes is not None else spare_segments * segment_size // 2
+        # journalled bytes not yet checkpointed above which the applier works even while instances
+        # arrive (a backlog that the free-space check has counted; default 32 MiB, e.g. 250 MR images)
+        self.apply_max_bytes = apply_max_bytes if apply_max_bytes is not None else 32 << 20
         self._pending_bytes = 0
         self._last_put = 0.0
         self.min_free_fraction = min_free_fraction
@@ -601,12 +709,16 @@ class InstanceStore:
         self._dir_locks: dict[Path, threading.Lock] = {}
         self._space_checked = float("-inf")
         self._space_used = self._space_free = self._space_total = 0
+        self._fault: str | None = None  # set while a background stage fails (see _retry)
+        self._fault_stage = ""
+        self._closing = False
         self._scan_existing()
         self._journal: _Journal | None = None
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._applier: threading.Thread | None = None
         if durability == "journal":
-            self._journal = _Journal(self.root / "journal", segment_size, spare_segments)
+            self._journal = _Journal(self.root / "journal", segment_size, spare_segments,
+                                     reserve=lambda n: self.check_space(n, factor=1))
             self._recover()
             self._journal.prepare_spares()
             self._applier = threading.Thread(target=self._apply_loop, name="cinesr-store-applier",
@@ -691,13 +803,16 @@ class InstanceStore:
 
     # ---- storing ---------------------------------------------------------------------------
 
-    def check_space(self, needed: int = 0) -> None:
-        """Raise StoreFull if writing ``needed`` more bytes would cross the watermark.
+    def check_space(self, needed: int = 0, factor: int | None = None) -> None:
+        """Raise StoreFull if writing ``needed`` more bytes would cross the watermark; else count them.
 
-        statvfs is re-read every 0.25 s or 64 MiB written; in between, bytes written since count
-        against the free space, so the check never errs on the generous side by more than others'
-        writes in that quarter second."""
-        factor = 2 if self.durability == "journal" else 1  # journal + file until checkpoint
+        Dataset bytes count twice in journal mode (journal record + file until checkpoint); pass
+        ``factor=1`` for bytes written once (a journal segment). Journalled instances not yet filed
+        count with their files' size. statvfs is re-read every 0.25 s or
+        64 MiB written; in between, bytes written since count against the free space, so the check
+        never errs on the generous side by more than others' writes in that quarter second."""
+        if factor is None:
+            factor = 2 if self.durability == "journal" else 1
         now = time.monotonic()
         with self._lock:
             if now - self._space_checked > 0.25 or self._space_used > 64 << 20:
@@ -705,11 +820,28 @@ class InstanceStore:
                 self._space_free = st.f_bavail * st.f_frsize
                 self._space_total = st.f_blocks * st.f_frsize
                 self._space_checked, self._space_used = now, 0
-            self._space_used += factor * needed
             free, total = self._space_free, self._space_total
-            after = free - self._space_used
-        if after < self.min_free_bytes or (total and after / total < self.min_free_fraction):
-            raise StoreFull(f"free disk space below watermark ({free} bytes free)")
+            # journalled instances not yet filed will take their file's space: statvfs cannot know that
+            after = free - self._space_used - factor * needed - self._pending_bytes
+            if after < self.min_free_bytes or (total and after / total < self.min_free_fraction):
+                raise StoreFull(f"free disk space below watermark ({free} bytes free)")
+            self._space_used += factor * needed
+
+    def remeasure_space(self) -> None:
+        """Forget the bytes counted since the last statvfs (some were refused, not written): re-read it."""
+        with self._lock:
+            self._space_checked = float("-inf")
+
+    @property
+    def fault(self) -> str | None:
+        """Why the background filing is stopped (it retries until it works again), or None."""
+        return self._fault
+
+    def raise_if_halted(self) -> None:
+        """Refuse new instances while the background filing is failing: what is acknowledged must get filed."""
+        fault = self._fault
+        if fault is not None:
+            raise StoreHalted(f"store not filing: {fault}")
 
     def open_writer(self, source_ae: str = "") -> InstanceWriter:
         """A writer for one association's instances (streams datasets as their PDUs arrive)."""
@@ -731,26 +863,34 @@ class InstanceStore:
             writer.close()
 
     def _commit(self, writer: InstanceWriter, dataset: memoryview) -> StoredInstance:
+        self.raise_if_halted()
         transfer_syntax = writer.transfer_syntax
         found = scan_dataset(dataset, transfer_syntax)
-        sop_instance_uid = writer.sop_instance_uid or found.get("sop_instance_uid", "")
-        sop_class_uid = writer.sop_class_uid or found.get("sop_class_uid", "")
+        # The dataset's SOP Common UIDs are Type 1 and are what the file is named and filed by; a request
+        # naming other UIDs would file one instance under another's name (and drop the real one later).
+        sop_instance_uid = found.get("sop_instance_uid", "")
+        sop_class_uid = found.get("sop_class_uid", "")
         study_uid = found.get("study_uid", "")
         series_uid = found.get("series_uid", "")
         for name, uid in (("SOPInstanceUID", sop_instance_uid), ("SOPClassUID", sop_class_uid),
                           ("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid)):
             if not is_valid_uid(uid):
                 raise MissingAttributes(f"missing or invalid {name}")
+        if writer.requested_class and writer.requested_class != sop_class_uid:
+            raise SopClassMismatch("request SOP Class UID is not the dataset's")
+        if writer.requested_instance and writer.requested_instance != sop_instance_uid:
+            raise SopInstanceMismatch("request SOP Instance UID is not the dataset's")
         path = self.instances_dir / study_uid / series_uid / f"{sop_instance_uid}.dcm"
         info = StoredInstance(study_uid, series_uid, sop_instance_uid, sop_class_uid,
                               found.get("modality", ""), transfer_syntax, path)
         with self._lock:
             known = self._index.get(sop_instance_uid)
-            if known is not None:
-                return StoredInstance(**{**info.__dict__, "path": known, "duplicate": True})
-            self._index[sop_instance_uid] = path  # reserve: a concurrent duplicate is skipped
+            if known is None:
+                self._index[sop_instance_uid] = path  # reserve: a concurrent duplicate is skipped
+        if known is not None:
+            return self._duplicate(info, known, dataset)
         try:
-            self.check_space(len(dataset) + 512)
+            self.check_space(max(len(dataset) - writer._space_counted, 0) + 512)
             meta = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax, writer.source_ae)
             if self._journal is not None:
                 record = writer._record
@@ -772,6 +912,36 @@ class InstanceStore:
                 self._index.pop(sop_instance_uid, None)
             raise
         return info
+
+    def _duplicate(self, info: StoredInstance, known: Path, dataset: memoryview) -> StoredInstance:
+        """An instance we already have. Policy: the first copy is kept, whatever comes later; a copy that
+        differs is reported (``conflict``, and a WARNING line), never silently dropped."""
+        same = self._same_content(known, info.transfer_syntax, dataset)
+        if not same:
+            if known == info.path:
+                where = "same series"
+            elif known.parent.parent == info.path.parent.parent:
+                where = f"first in series {known.parent.name}, now in series {info.series_uid}"
+            else:
+                where = f"first in study {known.parent.parent.name}, now in study {info.study_uid}"
+            LOGGER.warning("SOPInstanceUID %s received again with different content (%s): the first copy is kept",
+                           info.sop_instance_uid, where)
+        return StoredInstance(**{**info.__dict__, "path": known, "duplicate": True, "conflict": not same})
+
+    def _same_content(self, known: Path, transfer_syntax: str, dataset: memoryview) -> bool:
+        """Whether the stored copy holds these dataset bytes in this transfer syntax. Compared only when a
+        duplicate arrives (rare), so storing costs no hashing."""
+        if not known.exists():
+            self.flush(timeout=10)  # still in the journal: wait for its file
+        try:
+            data = known.read_bytes()
+        except OSError:
+            return False  # cannot tell: reported as different rather than silently dropped
+        if data[128:132] != b"DICM":
+            return False
+        meta_end = 144 + struct.unpack_from("<I", data, 140)[0]
+        return (_meta_value(data[144:meta_end], 0x0010) == transfer_syntax
+                and memoryview(data)[meta_end:] == dataset)
 
     def put_file(self, path: str | os.PathLike[str], source_ae: str = "") -> StoredInstance:
         """Store a DICOM Part 10 file (its dataset bytes as they are)."""
@@ -799,6 +969,7 @@ class InstanceStore:
 
     def close(self) -> None:
         """Materialise and checkpoint everything, then stop the applier."""
+        self._closing = True
         if self._applier is not None and self._applier.is_alive():
             self._queue.put(None)
             self._applier.join()
@@ -890,6 +1061,33 @@ class InstanceStore:
         """Make materialised files and their directory entries durable."""
         _sync_files(fds, set(self._known_dirs), self.instances_dir)
 
+    def _retry(self, stage: str, action: Callable[..., _T], *args: object) -> _T:
+        """Run one stage of the background filing until it works.
+
+        While it fails (a full disk, an unwritable directory) the store refuses new instances (``fault``,
+        StoreHalted: C-STORE answers 0xA7xx, /readyz 503) and retries with a growing pause of at most a
+        second, so it recovers by itself once the cause is gone. Nothing is skipped: the item that failed
+        is the one retried. On close, a stage that still fails gives up: the journal keeps what was not
+        filed and the next start files it."""
+        delay = 0.05
+        while True:
+            try:
+                result = action(*args)
+            except Exception as exc:  # noqa: BLE001 - any failure stops the filing, none may pass silently
+                reason = f"{stage} failed: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+                if self._fault != reason:
+                    LOGGER.error("store: %s; refusing new instances until it works again", reason)
+                self._fault, self._fault_stage = reason, stage
+                if self._closing:
+                    raise _GiveUp() from exc
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                continue
+            if self._fault is not None and self._fault_stage == stage:
+                LOGGER.warning("store: %s works again; accepting instances", stage)
+                self._fault = None
+            return result
+
     def _apply_loop(self) -> None:
         """Turn journal records into files: after a pause in arrivals (or when the journal fills),
         in arrival order; fsync them in batches, then release their journal space."""
@@ -898,44 +1096,51 @@ class InstanceStore:
         waiters: list[_Pending] = []  # flush(checkpoint=True) callers
         segment_fds: dict[int, int] = {}
         stopping = False
-        while True:
-            quiet = False
-            try:
-                item = self._queue.get(timeout=0.2 if batch else None)
-            except queue.Empty:
-                item, quiet = None, True
-            if item is None and not quiet:
-                stopping = True
-            elif item is not None and item.info is None:  # a flush marker: all before it is visible
-                if item.checkpoint:
-                    waiters.append(item)
-                else:
-                    item.done.set()  # type: ignore[union-attr]
-            elif item is not None:
-                while (time.monotonic() - self._last_put < self.apply_idle_seconds
-                       and self._pending_bytes < self.apply_max_bytes and not stopping):
-                    time.sleep(self.apply_idle_seconds / 2)
+        try:
+            while True:
+                quiet = False
                 try:
-                    batch.append((self._copy_out(item, segment_fds), item))
+                    item = self._queue.get(timeout=0.2 if batch else None)
+                except queue.Empty:
+                    item, quiet = None, True
+                if item is None and not quiet:
+                    stopping = True
+                elif item is not None and item.info is None:  # a flush marker: all before it is visible
+                    if item.checkpoint:
+                        waiters.append(item)
+                    else:
+                        item.done.set()  # type: ignore[union-attr]
+                elif item is not None:
+                    while (time.monotonic() - self._last_put < self.apply_idle_seconds
+                           and self._pending_bytes < self.apply_max_bytes and not stopping):
+                        time.sleep(self.apply_idle_seconds / 2)
+                    fd = self._retry("writing an instance file", self._copy_out, item, segment_fds)
+                    batch.append((fd, item))
                     self._notify(item.info)
-                except OSError:
-                    # The journal still holds it; the next start replays it.
-                    LOGGER.exception("could not materialise %s", item.info.sop_instance_uid)
-            if batch and (quiet or waiters or stopping or len(batch) >= 512):
-                self._checkpoint_batch(batch)
-                batch = []
-                for seg in [s for s in segment_fds if s not in self._journal.active]:
-                    os.close(segment_fds.pop(seg))  # retired: its blocks may be recycled
-            if waiters and not batch:
-                for waiter in waiters:
-                    waiter.done.set()  # type: ignore[union-attr]
-                waiters = []
-            if stopping and self._queue.empty():
-                if batch:
-                    self._checkpoint_batch(batch)
-                for fd in segment_fds.values():
-                    os.close(fd)
-                return
+                if batch and (quiet or waiters or stopping or len(batch) >= 512):
+                    self._retry("syncing instance files", self._checkpoint_batch, batch)
+                    self._released(batch)
+                    batch = []
+                    for seg in [s for s in segment_fds if s not in self._journal.active]:
+                        os.close(segment_fds.pop(seg))  # retired: its blocks may be recycled
+                if waiters and not batch:
+                    for waiter in waiters:
+                        waiter.done.set()  # type: ignore[union-attr]
+                    waiters = []
+                if stopping and self._queue.empty():
+                    if batch:
+                        self._retry("syncing instance files", self._checkpoint_batch, batch)
+                        self._released(batch)
+                    for fd in segment_fds.values():
+                        os.close(fd)
+                    return
+        except _GiveUp:
+            LOGGER.error("store closed while its filing failed: the journal keeps what is not yet filed; "
+                         "the next start files it")
+            for fd in segment_fds.values():
+                os.close(fd)
+            for waiter in waiters:
+                waiter.done.set()  # type: ignore[union-attr]
 
     def _copy_out(self, item: _Pending, segment_fds: dict[int, int]) -> int:
         """Write an instance's file from its journal record; return the open file descriptor."""
@@ -963,22 +1168,35 @@ class InstanceStore:
         return fd
 
     def _checkpoint_batch(self, batch: list[tuple[int, _Pending]]) -> None:
-        assert self._journal is not None
+        """Make a batch of written files durable (their descriptors are closed, whatever happens)."""
         t0 = time.perf_counter()
+        fds = [fd for fd, _item in batch if fd >= 0]
+        if len(fds) < len(batch):  # a retry: the failed attempt closed them
+            for fd in fds:
+                os.close(fd)
+            fds = []
+            for _fd, item in batch:
+                fds.append(os.open(item.info.path, os.O_RDONLY))
+        batch[:] = [(-1, item) for _fd, item in batch]
+        _sync_files(fds, {item.info.path.parent for _fd, item in batch}, self.instances_dir)
+        LOGGER.debug("checkpointed %d instances in %.1f ms", len(batch), 1000 * (time.perf_counter() - t0))
+
+    def _released(self, batch: list[tuple[int, _Pending]]) -> None:
+        """A durable batch: its journal records are no longer needed."""
+        assert self._journal is not None
         segments: dict[int, int] = {}
         released = 0
-        dirs = set()
         for _fd, item in batch:
-            dirs.add(item.info.path.parent)
             segments[item.segment] = segments.get(item.segment, 0) + 1
             released += item.length
-        _sync_files([fd for fd, _item in batch], dirs, self.instances_dir)
-        self._journal.checkpointed(segments)
+        try:
+            self._journal.checkpointed(segments)
+        except OSError as exc:  # only the journal directory's fsync: the next retirement syncs it again
+            LOGGER.warning("journal directory sync failed: %s", exc.strerror or exc)
         with self._lock:
             self._pending_bytes -= released
         if self._queue.empty():
             self._journal.prepare_spares()  # top up while nothing streams in
-        LOGGER.debug("checkpointed %d instances in %.1f ms", len(batch), 1000 * (time.perf_counter() - t0))
 
 
 class InstanceWriter:
@@ -995,6 +1213,9 @@ class InstanceWriter:
         self.transfer_syntax = ""
         self.sop_class_uid = ""
         self.sop_instance_uid = ""
+        self.requested_class = ""  # the request's UIDs as sent: they must be the dataset's
+        self.requested_instance = ""
+        self._space_counted = 0  # dataset bytes already counted against the free-space watermark
         self._segment: _Segment | None = None
         self._record: _JournalRecord | None = None
 
@@ -1005,22 +1226,33 @@ class InstanceWriter:
             journal.give_back(self._segment)
             self._segment = None
         if self._segment is None:
-            self._segment = journal.acquire(max(size + (1 << 16), 1 << 20))
+            self._segment = journal.acquire(max(size + (1 << 16), min(1 << 20, journal.segment_size // 2)))
         return self._segment
 
     def begin(self, transfer_syntax: str, sop_class_uid: str = "", sop_instance_uid: str = "") -> None:
         self.transfer_syntax = transfer_syntax
+        self.requested_class, self.requested_instance = sop_class_uid.strip(), sop_instance_uid.strip()
         self.sop_class_uid = sop_class_uid if is_valid_uid(sop_class_uid) else ""
         self.sop_instance_uid = sop_instance_uid if is_valid_uid(sop_instance_uid) else ""
         self._record = None
+        self._space_counted = 0
         journal = self.store._journal
         if journal is not None and self.sop_class_uid and self.sop_instance_uid:
+            self.store.raise_if_halted()
             meta = file_meta_bytes(self.sop_class_uid, self.sop_instance_uid, transfer_syntax, self.source_ae)
-            self._record = _JournalRecord(journal, self._segment_for(1 << 20), meta)
+            # room for a typical instance (its size is not known yet); small segments are not abandoned
+            # for a guess larger than they are (a longer instance moves on as it streams in)
+            guess = min(1 << 20, journal.segment_size // 4)
+            self._record = _JournalRecord(journal, self._segment_for(guess), meta)
 
     def feed(self, received: memoryview) -> None:
-        """Stream the dataset bytes received so far (all of them, from the start)."""
+        """Stream the dataset bytes received so far (all of them, from the start).
+
+        Raises StoreFull before writing bytes that would cross the free-space watermark."""
         if self._record is not None:
+            self.store.raise_if_halted()
+            self.store.check_space(len(received) - self._space_counted)
+            self._space_counted = len(received)
             self._record.feed(received)
             self._segment = self._record.segment
 
@@ -1028,9 +1260,25 @@ class InstanceWriter:
         """Validate, file and make durable; raises InvalidDataset or StoreFull (nothing stored)."""
         try:
             return self.store._commit(self, dataset)
+        except BaseException:
+            self.abandon()
+            raise
         finally:
             self._record = None
             self.transfer_syntax = self.sop_class_uid = self.sop_instance_uid = ""
+            self.requested_class = self.requested_instance = ""
+            self._space_counted = 0
+
+    def abandon(self) -> None:
+        """Drop a refused instance's streamed bytes: the segment goes back (released if nothing committed
+        is in it), and the free space is measured afresh for the next check."""
+        self._record = None
+        self._space_counted = 0
+        self.transfer_syntax = ""
+        if self._segment is not None and self.store._journal is not None:
+            self.store._journal.give_back(self._segment)
+        self._segment = None
+        self.store.remeasure_space()
 
     def close(self) -> None:
         if self._segment is not None and self.store._journal is not None:

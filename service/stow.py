@@ -10,10 +10,11 @@ STOW_MAX_REQUEST_BYTES per request.
 The bearer token is checked by a dependency of the router (see gateway.create_app), before the body is read.
 
 Response (application/dicom+json): ReferencedSOPSequence for what was stored; FailedSOPSequence with a
-FailureReason (and an ErrorComment with the reason in words) for each part that was not. 200: all stored;
-202: some parts failed; 409: none stored. Request-level faults are JSON {"detail": reason}: 415 not
-multipart/related or a type other than application/dicom, 400 a body that cannot be split into parts,
-413 a body over the limit.
+FailureReason (and an ErrorComment with the reason in words) for each part that was not; a WarningReason
+0xB006 on a referenced instance whose SOPInstanceUID we already held with other content (the first copy is
+kept). 200: all stored; 202: some parts failed, or a warning; 409: none stored. Request-level faults are
+JSON {"detail": reason}: 415 not multipart/related or a type other than application/dicom, 400 a body that
+cannot be split into parts, 413 a body over the limit.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from .listener import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH, OUT_OF_RESOURCES, PROCESSING_FAILURE
+from .listener import (
+    CANNOT_UNDERSTAND,
+    DUPLICATE_CONFLICT,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    STORE_HALTED,
+)
 from .part10 import RefusedPart, split_part10, store_part10
-from .store import InstanceWriter, InvalidDataset, MissingAttributes, StoreFull
+from .store import InstanceWriter, InvalidDataset, StoreFull, StoreHalted
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ class StowOutcome:
     referenced: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, int, str]] = field(default_factory=list)
     new: int = 0  # instances not already here
+    warnings: dict[str, int] = field(default_factory=dict)  # SOP instance -> WarningReason (a duplicate that differs)
 
 
 def _refuse(outcome: StowOutcome, part: Part, code: int, reason: str, sop_class: str = "",
@@ -75,12 +83,12 @@ def store_part(writer: InstanceWriter, part: Part, study_uid: str | None, outcom
         return
     try:
         stored = store_part10(writer, instance)
-    except MissingAttributes as exc:
-        _refuse(outcome, part, DATASET_DOES_NOT_MATCH, str(exc), *uids)
-    except InvalidDataset as exc:
-        _refuse(outcome, part, CANNOT_UNDERSTAND, str(exc), *uids)
+    except InvalidDataset as exc:  # its status: 0xA900 a UID missing, 0xC212 pixel data that cannot decode, ...
+        _refuse(outcome, part, exc.status, str(exc), *uids)
     except StoreFull:
         _refuse(outcome, part, OUT_OF_RESOURCES, "disk space below watermark", *uids)
+    except StoreHalted as exc:
+        _refuse(outcome, part, STORE_HALTED, str(exc), *uids)
     except OSError as exc:
         LOGGER.exception("could not store SOPInstanceUID %s", instance.sop_instance_uid)
         _refuse(outcome, part, OUT_OF_RESOURCES if exc.errno in (28, 122) else PROCESSING_FAILURE,
@@ -88,6 +96,8 @@ def store_part(writer: InstanceWriter, part: Part, study_uid: str | None, outcom
     else:
         outcome.referenced.append((stored.sop_class_uid, stored.sop_instance_uid))
         outcome.new += not stored.duplicate
+        if stored.conflict:  # the first copy is kept; the store logged it at WARNING
+            outcome.warnings[stored.sop_instance_uid] = DUPLICATE_CONFLICT
 
 
 def _element(vr: str, value: Any) -> dict[str, Any]:
@@ -97,6 +107,9 @@ def _element(vr: str, value: Any) -> dict[str, Any]:
 def store_response(outcome: StowOutcome) -> dict[str, Any]:
     """The Store Instances Response Module (PS3.18 10.5.3) as DICOM JSON."""
     referenced = [{"00081150": _element("UI", c), "00081155": _element("UI", i)} for c, i in outcome.referenced]
+    for item, (_c, instance) in zip(referenced, outcome.referenced, strict=True):
+        if instance in outcome.warnings:
+            item["00081196"] = _element("US", outcome.warnings[instance])  # WarningReason
     failed = []
     for sop_class, sop_instance, code, reason in outcome.failed:
         # ErrorComment is an LO (64 characters at most): reasons are written short; the log has them whole
@@ -164,7 +177,7 @@ async def receive(request: Request, study_uid: str | None) -> Response:
         writer.close()
     if reader.parts_seen == 0:
         return _problem(400, "the multipart body holds no parts")
-    status = 200 if not outcome.failed else 202 if outcome.referenced else 409
+    status = 200 if not (outcome.failed or outcome.warnings) else 202 if outcome.referenced else 409
     LOGGER.info("STOW-RS: %d parts, %d stored (%d new), %d failed -> %d", reader.parts_seen,
                 len(outcome.referenced), outcome.new, len(outcome.failed), status)
     for _sop_class, sop_instance, code, reason in outcome.failed:

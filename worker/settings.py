@@ -82,9 +82,15 @@ class Settings(BaseSettings):
     tls_cert: str | None = None  # PEM certificate + key: DICOM TLS on the listener
     tls_key: str | None = None
     tls_ca: str | None = None  # clients must present a certificate signed by this CA
+    max_pdu_size: int = Field(1 << 20, ge=0)  # announced; a longer P-DATA PDU aborts the association (0 = no limit)
+    receive_buffer_bytes: int = Field(256 << 20, ge=1 << 20)  # dataset buffers of all associations (beyond: 0xA700)
     # disk watermark: C-STORE answers "out of resources" rather than fill the disk
     disk_min_free_bytes: int = Field(1 << 30, ge=0)
     disk_min_free_fraction: float = Field(0.05, ge=0, lt=1)
+    # write-ahead journal of the instance store: segment size and how many are kept zero-filled ahead
+    # (its footprint: the spares plus one segment per association writing, plus what awaits filing)
+    journal_segment_bytes: int = Field(8 << 20, ge=1 << 20)
+    journal_spare_segments: int = Field(2, ge=0)
     # --- end service ---
     # --- routing limits (issue 18): a pushed or requested series outside them is recorded ineligible ---
     # The model is trained on 64x64 acquisitions; 192 leaves room for larger fields of view while refusing

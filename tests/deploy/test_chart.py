@@ -558,6 +558,9 @@ def test_service_settings_accept_the_default_configmap(
     settings = Settings()
     assert settings.allowed_calling_aets == [] and not settings.pacs_configured
     assert settings.model_dir is None and settings.backend == "auto"
+    # issue 14: the listener's memory limits and the journal's sizes, as the chart's defaults set them
+    assert (settings.max_pdu_size, settings.receive_buffer_bytes) == (1 << 20, 256 << 20)
+    assert (settings.journal_segment_bytes, settings.journal_spare_segments) == (8 << 20, 2)
 
 
 def test_dicomweb_pacs_settings_and_credentials(monkeypatch: pytest.MonkeyPatch) -> None:

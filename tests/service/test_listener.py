@@ -71,7 +71,7 @@ def mr_dataset(study: str | None = None, series: str | None = None, rows: int = 
     ds.Rows = ds.Columns = rows
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = bytes(range(256)) * (rows * rows * 2 // 256)
+    ds.PixelData = (bytes(range(256)) * (rows * rows * 2 // 256 + 1))[:rows * rows * 2]  # complete, even small
     return ds
 
 

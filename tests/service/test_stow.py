@@ -276,3 +276,34 @@ def test_openapi_documents_stow(client: TestClient) -> None:
         assert 'multipart/related; type="application/dicom"' in operation["requestBody"]["content"]
         assert {"200", "202", "409", "400", "401", "413", "415"} <= set(operation["responses"])
         assert operation["security"] == [{"HTTPBearer": []}]
+
+
+def test_duplicate_with_other_content_is_a_warning(client: TestClient, service: Service) -> None:
+    """Issue 14 #9 over STOW-RS: the same SOPInstanceUID with other pixels is referenced with WarningReason
+    0xB006 (202); the first copy is kept. The same bytes again are a plain success."""
+    data, _study, sop = small_instance()
+    assert post(client, [data]).status_code == 200
+    assert post(client, [data]).status_code == 200
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PixelData = bytes(reversed(ds.PixelData))
+    changed = io.BytesIO()
+    ds.save_as(changed, enforce_file_format=True)
+    response = post(client, [changed.getvalue()])
+    assert response.status_code == 202
+    [item] = response.json()["00081199"]["Value"]
+    assert item["00081155"]["Value"] == [sop] and item["00081196"]["Value"] == [0xB006]
+    service.store.flush(timeout=10)
+    kept = service.store.instance_path(sop).read_bytes()
+    assert kept.endswith(bytes(pydicom.dcmread(io.BytesIO(data)).PixelData))
+
+
+def test_undecodable_pixel_data_fails_with_c212(client: TestClient) -> None:
+    data, _study, sop = small_instance()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PixelData = ds.PixelData[:100]
+    short = io.BytesIO()
+    ds.save_as(short, enforce_file_format=True)
+    response = post(client, [short.getvalue()])
+    assert response.status_code == 409
+    assert failed(response) == [{"uid": sop, "reason": 0xC212,
+                                 "comment": "part 1: Pixel Data has 100 bytes, its description needs 512"}]
