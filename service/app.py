@@ -37,7 +37,7 @@ from .assembly import SeriesAssembler
 from .listener import ListenerHandle, start_listener
 from .metrics import ServiceCollector, make_registry
 from .retrieve import retrieve_study, study_series_at_pacs
-from .routing import RoutingLog, check_series, sweep_ineligible
+from .routing import RoutingLimits, RoutingLog, check_series, sweep_ineligible
 from .store import InstanceStore, StoredInstance, StoreFull, StoreHalted
 
 LOGGER = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class InlineDispatcher:
         except UnknownJob:
             return
         for entry in job.series:
-            if entry.status == "succeeded":
+            if entry.status in ("succeeded", "cancelled"):
                 continue
             series_uid = entry.input_series_uid
             try:
@@ -261,7 +261,7 @@ class Service:
         """After a restart: jobs that were being prepared are prepared again; with the in-process dispatcher,
         unfinished series are queued again (the Celery queue keeps its own messages)."""
         for job in self.jobs.list(limit=100000):
-            if job.status in ("succeeded", "failed"):
+            if job.status in ("succeeded", "failed", "cancelled"):
                 continue
             if job.status == "retrieving" or (not job.series and job.status == "queued"):
                 self._spawn(self._prepare, f"cinesr-prepare-{job.job_id[:8]}", job.job_id)
@@ -279,7 +279,7 @@ class Service:
         with self._lock:
             if study_uid in self._retrieving:
                 return  # pulled for a REST job, which takes care of it
-        result = check_series(self.store, study_uid, series_uid)
+        result = check_series(self.store, study_uid, series_uid, RoutingLimits.from_settings(self.settings))
         self.routing.record(result)
         if not result.eligible:
             LOGGER.info("series %s not processed: %s", series_uid, result.reason)
@@ -287,7 +287,8 @@ class Service:
         if not self.settings.auto_process:
             return
         for job in self.jobs.list(study_uid=study_uid):
-            if job.status != "failed" and any(e.input_series_uid == series_uid for e in job.series):
+            if job.status not in ("failed", "cancelled") and any(e.input_series_uid == series_uid
+                                                                 for e in job.series):
                 return  # already part of a job (a REST request, or an earlier push)
         job, created = self.jobs.create_or_get(study_uid, [series_uid], JobParams(), source="push")
         if created:
@@ -351,10 +352,12 @@ class Service:
                 t0 = time.perf_counter()
                 retrieve_study(self.settings, node, study_uid, self.store)
                 self.jobs.add_timing(job_id, "retrieve", time.perf_counter() - t0)
+            if self.jobs.get(job_id).status == "cancelled":
+                return  # cancelled while the study was being retrieved
             candidates = job.requested_series or self.store.series(study_uid)
             eligible, reasons = [], {}
             for series_uid in candidates:
-                result = check_series(self.store, study_uid, series_uid)
+                result = check_series(self.store, study_uid, series_uid, RoutingLimits.from_settings(self.settings))
                 self.routing.record(result)
                 if result.eligible:
                     eligible.append(series_uid)
@@ -380,6 +383,16 @@ class Service:
         finally:
             with self._lock:
                 self._retrieving.discard(study_uid)
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: queued series are dropped when their message comes up, a running series stops at
+        its next sampler step, computed series are not sent; a series already being exported finishes."""
+        job = self.jobs.get(job_id)
+        if job.status in ("succeeded", "failed"):
+            raise JobConflict(f"job {job_id} is {job.status}; only unfinished jobs can be cancelled")
+        job = self.jobs.cancel(job_id)
+        LOGGER.info("job %s cancelled (now %s)", job_id, job.status)
+        return job
 
     def retry(self, job_id: str) -> Job:
         """A failed job again: series with a derived series are resent without recomputing; the rest (and a

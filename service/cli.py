@@ -7,7 +7,7 @@ import os
 import shutil
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
 from cinesr.model.errors import CineSRError
@@ -19,6 +19,7 @@ from .logs import configure_logging
 from .settings import load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="CineSR: 4x spatial and 8x temporal super-resolution of cardiac cine MRI, DICOM in and out.")
 err = Console(stderr=True)
 out = Console()
@@ -32,8 +33,25 @@ def progress_bar(disable: bool = False) -> Progress:
                     console=err, disable=disable, transient=False)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cinesr")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"cinesr {_version()}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit.")] = False,
     log_level: Annotated[str, typer.Option(help="Log level for the JSON logs on stderr.")] = "WARNING",
     config: Annotated[Path | None, typer.Option(help="Settings file (YAML or KEY=VALUE); the environment wins.",
                                                 envvar="CINESR_CONFIG")] = None,
@@ -47,10 +65,13 @@ def _root(
 def superresolve(
     inputs: Annotated[list[Path], typer.Argument(help="DICOM files or folders (one or more cine series).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the derived series.")],
-    method: Annotated[str, typer.Option(help="auto (the model when a trained bundle is installed, else the "
-                                             "baseline), model, or baseline (optical flow + bicubic).")] = "auto",
-    backend: Annotated[str, typer.Option(help="auto|tensorrt|onnx|torch.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
+    method: Annotated[Literal["auto", "model", "baseline"], typer.Option(
+        help="auto: the model when a trained bundle is installed, else the baseline; model: the latent "
+             "diffusion model; baseline: optical flow in time + bicubic in space.")] = "auto",
+    backend: Annotated[Literal["auto", "tensorrt", "onnx", "torch"], typer.Option(
+        help="Inference engine of the model; auto: the first that loads, fastest first.")] = "auto",
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(
+        help="Where the model runs; auto: cuda when a GPU is usable, else cpu.")] = "auto",
     steps: Annotated[int | None, typer.Option(min=1, max=15, help="Sampler steps (default: the model bundle's "
                                                                   "choice; 15 = as trained).")] = None,
     seed: Annotated[int, typer.Option(help="Sampler noise seed (same seed, same output on every backend).")] = 0,
@@ -59,8 +80,10 @@ def superresolve(
              "kspace, or off (research only). Default: the CONSISTENCY setting, else the bundle's (area).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model bundle folder (default: MODEL_DIR or the "
                                                               "bundled model).")] = None,
-    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (with the method, "
+                                                              "backend and model bundle used); the progress bar "
+                                                              "stays on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     transfer_syntax: Annotated[str | None, typer.Option(
         help="Output transfer syntax: jpeg2000-lossless, jpeg-ls-lossless, rle-lossless or explicit-little-endian "
              "(default: the OUTPUT_TRANSFER_SYNTAX setting, jpeg2000-lossless).")] = None,
@@ -79,6 +102,7 @@ def superresolve(
     from cinesr.worker.derived import Derivation, write_derived_series
     from cinesr.worker.pipeline import fidelity_warning, superresolve_series, supports_draws
 
+    _check_output_folder(output)  # before any reading or computing
     settings = load_settings()
     floor = settings.fidelity_floor_db
     transfer_syntax = transfer_syntax or settings.output_transfer_syntax
@@ -105,7 +129,7 @@ def superresolve(
     written: list[Path] = []
     summary = []
     try:
-        with progress_bar(quiet or json_summary) as bar:
+        with progress_bar(quiet) as bar:
             for series in series_list:
                 total = sr_method.units(series, draws) if draws else sr_method.units(series)
                 task = bar.add_task(f"series …{series.series_uid[-12:]}", total=total)
@@ -144,7 +168,8 @@ def superresolve(
             shutil.rmtree(output, ignore_errors=True)
         raise
     if json_summary:
-        out.print_json(json.dumps({"method": sr_method.name, "series": summary}, allow_nan=False, default=str))
+        out.print_json(json.dumps({"method": sr_method.name, **_engine_summary(sr_method), "series": summary},
+                                  allow_nan=False, default=str))
     else:
         for item in summary:
             out.print(f"{item['instances']} instances ({'x'.join(map(str, item['output_shape']))}) -> "
@@ -159,14 +184,21 @@ def phantom(
     output: Annotated[Path, typer.Argument(help="Folder to write <patient>/truth (and lowres) series into.")],
     patients: Annotated[int, typer.Option(min=1, help="Number of synthetic patients.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first patient; patient k uses seed+k.")] = 0,
-    slices: Annotated[int, typer.Option(min=1)] = 3,
+    slices: Annotated[int, typer.Option(min=1, help="Slice positions per study (a short-axis stack).")] = 3,
     frames: Annotated[int, typer.Option(min=2, help="Frames per cardiac cycle (ground truth).")] = 32,
     size: Annotated[int, typer.Option(min=32, help="Matrix size of the ground truth.")] = 256,
-    generator: Annotated[str, typer.Option(help="Phantom generator.")] = "sax",
+    generator: Annotated[Literal["sax", "sax-fourier", "lax", "deadleaves", "texture", "shepp-logan", "mrphantom",
+                                 "motioncloud"], typer.Option(
+        help="Phantom generator (cinesr.model.phantom.GENERATORS): sax (detailed short axis), sax-fourier (other "
+             "shape, motion and texture models), lax (four-chamber long axis); deadleaves, texture, shepp-logan "
+             "(content that is not a heart, moving like one); mrphantom, motioncloud (sources written by others, "
+             "for evaluation).")] = "sax",
     degraded: Annotated[bool, typer.Option("--degraded", help="Also write the low-resolution acquisition "
                                                               "(every 8th frame, 4x smaller) as <patient>/lowres.")]
     = False,
-    truth: Annotated[bool, typer.Option(" /--no-truth", help="Skip the ground-truth series.")] = True,
+    truth: Annotated[bool, typer.Option("--truth/--no-truth", help="Write the ground-truth series "
+                                                                   "(<patient>/truth); --no-truth needs "
+                                                                   "--degraded.")] = True,
 ) -> None:
     """Write synthetic short-axis cardiac cine studies as DICOM."""
     from cinesr.model.acquisition import write_phantom
@@ -188,6 +220,16 @@ def phantom(
                 out.print(f"{series.role}: {len(series.files)} instances -> {series.folder}", soft_wrap=True,
                           highlight=False)
             bar.update(task, advance=1)
+
+
+def _check_output_folder(output: Path) -> None:
+    """OUTPUT must be a folder or not exist yet (it is created), under a folder: said before minutes of work."""
+    for path in (output, *output.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{output}: {'exists' if path == output else f'{path} is'} a file, not a folder "
+                                 f"(-o/--output names a folder for the derived series)")
+            return
 
 
 def _method(name: str, backend: str, device: str, steps: int | None, seed: int, model: str | None,
@@ -223,6 +265,46 @@ def _method(name: str, backend: str, device: str, steps: int | None, seed: int, 
         raise UsageError(str(exc)) from None
 
 
+def _engine_summary(method: Any) -> dict[str, Any]:
+    """The backend, device and model bundle behind a method (None for the baseline), for --json."""
+    engine = getattr(method, "engine", None)
+    if engine is None:
+        return {"backend": None, "device": None, "model_bundle": None}
+    source = dict(engine.model.source or {})  # {"kind", "path" (a bundle) or "name" (a config), "sha256", ...}
+    return {"backend": engine.name, "device": str(engine.device),
+            "model_bundle": {"path": source.get("path"), "kind": source.get("kind"), "name": source.get("name"),
+                             "version": getattr(method, "version", None), "sha256": source.get("sha256")}}
+
+
+def command() -> Any:
+    """The click command of the app, with help that reads well: flags show no `<bool>`, arguments their
+    name in capitals instead of a Python type."""
+    import typer.core
+    import typer.main
+
+    option = typer.core.TyperOption
+    if not getattr(option, "_cinesr_tidy", False):
+        shown = option.display_type_rich
+
+        def display(self: Any, ctx: Any) -> str | None:
+            if self.is_flag:  # flags (--help included) take no value: show no type
+                return None
+            text = shown(self, ctx)
+            if text and text.startswith("<list[") and text.endswith("]>"):  # repeatable: <path>... not <list[Path]>
+                text = f"<{text[6:-2].lower()}>..."
+            return text
+
+        option.display_type_rich = display
+        option._cinesr_tidy = True
+    root = typer.main.get_command(app)
+    for cmd in [root, *getattr(root, "commands", {}).values()]:
+        for param in cmd.params:
+            if param.param_type_name == "argument":
+                param.metavar = param.metavar or (param.name or "").upper()
+                param.display_type_rich = lambda ctx=None: None  # the help text says what it is
+    return root
+
+
 def _fail(message: str, code: int) -> None:
     err.print(f"cinesr: error: {message}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
@@ -234,7 +316,7 @@ def main() -> None:
 
     load_all()
     try:
-        app(standalone_mode=False)
+        command().main(prog_name="cinesr", standalone_mode=False)
     except (CineSRError, ValidationError) as exc:
         _fail(str(exc).splitlines()[0] if isinstance(exc, CineSRError) else _settings_error(exc), 2)
     except typer.Abort:

@@ -4,6 +4,9 @@
     GET  /jobs/{job_id}                      the job
     GET  /jobs?study_uid=&status=&limit=     jobs, newest first
     POST /jobs/{job_id}/retry                202 {job}; resend without recomputing (failed jobs only, else 409)
+    DELETE /jobs/{job_id}                    202 {job}; cancel (also POST /jobs/{job_id}/cancel); 409 if finished
+    GET  /jobs/{job_id}/series/{uid}         the derived series as a streamed zip (uid: output or input UID)
+    GET  /jobs/{job_id}/series/{uid}/preview.png   a PNG strip of the derived series (middle slice, 8 times)
     GET  /healthz                            liveness, no auth
     GET  /readyz                             broker, storage, model (503 when one is not ready), no auth;
                                              which check failed; why only with a token (and in the log)
@@ -23,18 +26,20 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime
+from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
 from cinesr.worker.jobs import JOB_STATUSES, MAX_DRAWS, Job, JobParams, UnknownJob
 from cinesr.worker.settings import Settings
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
 from .app import InvalidRequest, JobConflict, PacsUnreachable, Service, StudyNotFound
 from .guard import RequestGuard, bearer_problem, token_matches
 from .metrics import CONTENT_TYPE, render
+from .results import make_preview, zip_stream
 from .stow import router as stow_router
 
 LOGGER = logging.getLogger(__name__)
@@ -43,6 +48,11 @@ LOGGER = logging.getLogger(__name__)
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 Uid = Annotated[str, StringConstraints(pattern=UID_PATTERN, max_length=64)]
 DEFAULT_DRAWS = 4  # draws of {"uncertainty": true} when the UNCERTAINTY_DRAWS setting is 0 (off)
+
+
+def outputs_dir_of(data_dir: FsPath | str, job_id: str) -> FsPath:
+    """DATA_DIR/outputs/<job_id>, where the worker writes the job's derived series (cinesr.worker.process)."""
+    return FsPath(data_dir) / "outputs" / job_id
 
 
 class AuthError(Exception):
@@ -62,7 +72,9 @@ class SuperresolveRequest(BaseModel):
                               "else the bundle's choice")
     destination: str | None = Field(None, max_length=16, description="AE title of a configured destination "
                                                                      "(default: the configured PACS)")
-    method: Literal["model", "baseline"] | None = Field(None, description="model (default) or baseline")
+    method: Literal["auto", "model", "baseline"] | None = Field(
+        None, description="auto (the model when a trained bundle is installed, else the baseline), model or "
+                          "baseline; default: the DEFAULT_METHOD setting (auto)")
     # strict: a JSON true is a draw count of its own (the setting's), never the number 1
     uncertainty: StrictBool | Annotated[StrictInt, Field(ge=0, le=MAX_DRAWS)] | None = Field(
         None, description="Also write an uncertainty series (per-pixel standard deviation over several draws of "
@@ -91,12 +103,16 @@ class SeriesView(BaseModel):
     instances_failed: int
     error: str | None
     timings: dict[str, float]
+    # where the derived series is, once computed: the folder on the service's disk and the REST downloads
+    output_path: str | None = None
+    download: str | None = None
+    preview: str | None = None
 
 
 class JobView(BaseModel):
     job_id: str
     study_uid: str
-    status: Literal["queued", "retrieving", "running", "exporting", "succeeded", "failed"]
+    status: Literal["queued", "retrieving", "running", "exporting", "succeeded", "failed", "cancelled"]
     progress: float
     series: list[SeriesView]
     params: JobParams
@@ -109,14 +125,24 @@ class JobView(BaseModel):
     location: str
 
     @classmethod
-    def of(cls, job: Job) -> JobView:
+    def of(cls, job: Job, data_dir: FsPath | None = None) -> JobView:
+        """The job as the API shows it; with data_dir, computed series also say where they are."""
+        def where(e: Any) -> dict[str, str]:
+            if data_dir is None or not e.output_series_uid or e.status == "cancelled":
+                return {}
+            folder = outputs_dir_of(data_dir, job.job_id) / e.output_series_uid
+            if not folder.is_dir():
+                return {}
+            url = f"/jobs/{job.job_id}/series/{e.output_series_uid}"
+            return {"output_path": str(folder), "download": url, "preview": f"{url}/preview.png"}
+
         return cls(
             job_id=job.job_id, study_uid=job.study_uid, status=job.status, progress=job.progress,
             series=[SeriesView(input_series_uid=e.input_series_uid, output_series_uid=e.output_series_uid,
                                uncertainty_series_uid=e.uncertainty_series_uid, status=e.status,
                                progress=e.progress, instances_total=e.instances_total,
                                instances_sent=e.instances_sent, instances_failed=len(e.export_failures),
-                               error=e.error, timings=e.timings) for e in job.series],
+                               error=e.error, timings=e.timings, **where(e)) for e in job.series],
             params=job.params, timings=job.timings, error=job.error, created_at=job.created_at,
             updated_at=job.updated_at, attempts=job.attempts, source=job.source, location=f"/jobs/{job.job_id}")
 
@@ -219,13 +245,13 @@ def create_app(service: Service) -> FastAPI:
         response.headers["Location"] = f"/jobs/{job.job_id}"
         if not created:
             response.headers["X-CineSR-Existing-Job"] = "true"
-        return JobView.of(job)
+        return JobView.of(job, service.settings.data_dir)
 
     @app.get("/jobs/{job_id}", response_model=JobView, dependencies=[Authorized], responses=_ERRORS)
     def get_job(job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
                 service: Annotated[Service, Depends(get_service)]) -> JobView:
         """Status, progress, per-series input and output SeriesInstanceUIDs, timings and error text."""
-        return JobView.of(service.jobs.get(job_id))
+        return JobView.of(service.jobs.get(job_id), service.settings.data_dir)
 
     @app.get("/jobs", response_model=JobList, dependencies=[Authorized], responses=_ERRORS)
     def list_jobs(service: Annotated[Service, Depends(get_service)],
@@ -233,8 +259,8 @@ def create_app(service: Service) -> FastAPI:
                   status: Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATUSES) + ")$")] = None,
                   limit: Annotated[int, Query(ge=1, le=10000)] = 100) -> JobList:
         """Jobs, newest first, filtered by study and/or status."""
-        return JobList(jobs=[JobView.of(j) for j in service.jobs.list(study_uid=study_uid, status=status,
-                                                                      limit=limit)])
+        jobs = service.jobs.list(study_uid=study_uid, status=status, limit=limit)
+        return JobList(jobs=[JobView.of(j, service.settings.data_dir) for j in jobs])
 
     @app.post("/jobs/{job_id}/retry", status_code=202, response_model=JobView, dependencies=[Authorized],
               responses={**_ERRORS, 409: {"model": Problem, "description": "The job has not failed"}})
@@ -243,7 +269,57 @@ def create_app(service: Service) -> FastAPI:
         """Retry a failed job: derived series already computed are resent without recomputing."""
         job = service.retry(job_id)
         response.headers["Location"] = f"/jobs/{job.job_id}"
-        return JobView.of(job)
+        return JobView.of(job, service.settings.data_dir)
+
+    @app.delete("/jobs/{job_id}", status_code=202, response_model=JobView, dependencies=[Authorized],
+                responses={**_ERRORS, 409: {"model": Problem, "description": "The job has already finished"}})
+    def cancel_job(job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
+                   service: Annotated[Service, Depends(get_service)]) -> JobView:
+        """Cancel a job: queued series are dropped, a running series stops at its next sampler step, computed
+        series are not sent. A series already being exported finishes (so no PACS holds part of one). The job
+        ends `cancelled`; cancelling a cancelled job again is harmless."""
+        return JobView.of(service.cancel(job_id), service.settings.data_dir)
+
+    @app.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobView, dependencies=[Authorized],
+              responses={**_ERRORS, 409: {"model": Problem, "description": "The job has already finished"}})
+    def cancel_job_post(job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
+                        service: Annotated[Service, Depends(get_service)]) -> JobView:
+        """The same as DELETE /jobs/{job_id}, for clients that cannot send DELETE."""
+        return JobView.of(service.cancel(job_id), service.settings.data_dir)
+
+    def _derived_folder(service: Service, job_id: str, series_uid: str) -> tuple[FsPath, str]:
+        job = service.jobs.get(job_id)
+        entry = next((e for e in job.series if series_uid in (e.output_series_uid, e.input_series_uid)), None)
+        if entry is None:
+            raise StudyNotFound(f"job {job_id} has no series {series_uid}")
+        folder = outputs_dir_of(service.settings.data_dir, job_id) / (entry.output_series_uid or "-")
+        if not entry.output_series_uid or entry.status == "cancelled" or not folder.is_dir():
+            raise JobConflict(f"series {series_uid} of job {job_id} has no derived series ({entry.status})")
+        return folder, entry.output_series_uid
+
+    @app.get("/jobs/{job_id}/series/{series_uid}", response_class=StreamingResponse, dependencies=[Authorized],
+             responses={**_ERRORS, 200: {"content": {"application/zip": {}}, "description": "The instances"},
+                        409: {"model": Problem, "description": "Not computed (yet), or cancelled"}})
+    def download_series(job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
+                        series_uid: Annotated[str, Path(pattern=UID_PATTERN, max_length=64)],
+                        service: Annotated[Service, Depends(get_service)]) -> StreamingResponse:
+        """The derived series (by its own or its input's SeriesInstanceUID) as a zip of DICOM files,
+        streamed: <derived uid>/IMsss_ffff.dcm (slice, frame in trigger-time order)."""
+        folder, uid = _derived_folder(service, job_id, series_uid)
+        return StreamingResponse(zip_stream(folder, uid), media_type="application/zip",
+                                 headers={"Content-Disposition": f'attachment; filename="{uid}.zip"'})
+
+    @app.get("/jobs/{job_id}/series/{series_uid}/preview.png", response_class=FileResponse,
+             dependencies=[Authorized],
+             responses={**_ERRORS, 200: {"content": {"image/png": {}}, "description": "The preview strip"},
+                        409: {"model": Problem, "description": "Not computed (yet), or cancelled"}})
+    def preview_series(job_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")],
+                       series_uid: Annotated[str, Path(pattern=UID_PATTERN, max_length=64)],
+                       service: Annotated[Service, Depends(get_service)]) -> FileResponse:
+        """A PNG strip of the derived series: its middle slice at 8 times across the cardiac cycle, through
+        the series' window centre/width."""
+        folder, _ = _derived_folder(service, job_id, series_uid)
+        return FileResponse(make_preview(folder), media_type="image/png")
 
     app.include_router(stow_router, dependencies=[Authorized])  # the token is checked before the body is read
 

@@ -73,7 +73,7 @@ class ServiceCollector(Collector):
             for stage, seconds in job.timings.items():
                 stage_sum[stage] = stage_sum.get(stage, 0.0) + seconds
                 stage_count[stage] = stage_count.get(stage, 0) + 1
-        for status in ("queued", "retrieving", "running", "exporting", "succeeded", "failed"):
+        for status in ("queued", "retrieving", "running", "exporting", "succeeded", "failed", "cancelled"):
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status
         depth = GaugeMetricFamily("cinesr_queue_depth", "Series waiting for a worker (to process or export)")

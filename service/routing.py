@@ -3,6 +3,9 @@
 A series is eligible when cinesr.model.cine.read_series accepts it (MR with image geometry; per slice
 position at least 2 frames with distinct cardiac trigger times; classic or enhanced MR) and it is not itself a
 CineSR output.
+Routing limits (settings ROUTING_*: largest matrix, most frames, most slices, SeriesDescription/ProtocolName
+include and exclude patterns) are checked on the headers first, so a series far outside them (an already
+high-resolution cine pushed by mistake) is refused in milliseconds, without decoding its pixels.
 Every decision is recorded (DATA_DIR/routing.sqlite3) with the reason; ineligible series (including
 non-image instances such as presentation states or reports) are deleted from the instance store once they
 are older than RETENTION_HOURS.
@@ -11,11 +14,13 @@ are older than RETENTION_HOURS.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cinesr.model.errors import CineSRError
 
@@ -33,13 +38,76 @@ class Eligibility:
     instances: int
 
 
-def check_series(store: InstanceStore, study_uid: str, series_uid: str) -> Eligibility:
-    """Decide whether a stored series can be super-resolved; the reason says why not."""
+@dataclass(frozen=True)
+class RoutingLimits:
+    """What a series may be to be processed (settings ROUTING_*); None / empty = no limit."""
+
+    max_matrix: int | None = None
+    max_frames: int | None = None
+    max_slices: int | None = None
+    include: str = ""
+    exclude: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> RoutingLimits:
+        return cls(max_matrix=getattr(settings, "routing_max_matrix", None),
+                   max_frames=getattr(settings, "routing_max_frames", None),
+                   max_slices=getattr(settings, "routing_max_slices", None),
+                   include=getattr(settings, "routing_include_pattern", "") or "",
+                   exclude=getattr(settings, "routing_exclude_pattern", "") or "")
+
+    def check_headers(self, files: list[Path]) -> str:
+        """The reason the series is outside the limits, from its headers alone ("" when within)."""
+        import pydicom
+
+        rows = cols = frames = 0
+        texts: set[str] = set()
+        for path in files:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+                    "Rows", "Columns", "NumberOfFrames", "SeriesDescription", "ProtocolName"])
+            except Exception:  # noqa: BLE001 - unreadable files are read_series' to explain
+                continue
+            rows, cols = max(rows, int(ds.get("Rows", 0) or 0)), max(cols, int(ds.get("Columns", 0) or 0))
+            frames += int(ds.get("NumberOfFrames", 1) or 1)
+            texts |= {str(ds.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName")}
+        texts.discard("")
+        if self.max_matrix and max(rows, cols) > self.max_matrix:
+            return (f"matrix {rows}x{cols} is larger than ROUTING_MAX_MATRIX {self.max_matrix} (the output would be "
+                    f"{4 * rows}x{4 * cols}; an already high-resolution series?)")
+        if self.max_frames and self.max_slices and frames > self.max_frames * self.max_slices:
+            return (f"{frames} frames exceed ROUTING_MAX_FRAMES x ROUTING_MAX_SLICES "
+                    f"({self.max_frames} x {self.max_slices})")
+        if self.include and not any(re.search(self.include, t, re.IGNORECASE) for t in texts):
+            return f"SeriesDescription/ProtocolName do not match ROUTING_INCLUDE_PATTERN {self.include!r}"
+        if self.exclude:
+            hit = next((t for t in sorted(texts) if re.search(self.exclude, t, re.IGNORECASE)), None)
+            if hit is not None:
+                return f"{hit!r} matches ROUTING_EXCLUDE_PATTERN {self.exclude!r}"
+        return ""
+
+    def check_shape(self, slices: int, frames: int) -> str:
+        """The reason a read cine (slices x frames per slice) is outside the limits ("" when within)."""
+        if self.max_slices and slices > self.max_slices:
+            return f"{slices} slices are more than ROUTING_MAX_SLICES {self.max_slices}"
+        if self.max_frames and frames > self.max_frames:
+            return f"{frames} frames per slice are more than ROUTING_MAX_FRAMES {self.max_frames}"
+        return ""
+
+
+def check_series(store: InstanceStore, study_uid: str, series_uid: str,
+                 limits: RoutingLimits | None = None) -> Eligibility:
+    """Decide whether a stored series can be super-resolved (within `limits` when given); the reason says
+    why not."""
     from cinesr.model.cine import read_series
 
     files = store.instances(study_uid, series_uid)
     if not files:
         return Eligibility(study_uid, series_uid, False, "no instances stored", 0)
+    if limits is not None:
+        reason = limits.check_headers(files)
+        if reason:
+            return Eligibility(study_uid, series_uid, False, reason, len(files))
     try:
         found = read_series(files)
     except CineSRError as exc:
@@ -52,6 +120,10 @@ def check_series(store: InstanceStore, study_uid: str, series_uid: str) -> Eligi
     for item in series.header.get("ContributingEquipmentSequence", None) or []:
         if str(item.get("Manufacturer", "")) == "CineSR":
             return Eligibility(study_uid, series_uid, False, "already a CineSR derived series", len(files))
+    if limits is not None:
+        reason = limits.check_shape(len(series.slices), int(series.shape[1]))
+        if reason:
+            return Eligibility(study_uid, series_uid, False, reason, len(files))
     return Eligibility(study_uid, series_uid, True, "", len(files))
 
 

@@ -232,3 +232,9 @@ class Transport(virtual.Transport):
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        # The queue is a file in DATA_DIR, there is no host: without a default hostname kombu no longer logs
+        # "No hostname was supplied. Reverting to default 'localhost'" on every connection.
+        return {}

@@ -38,3 +38,7 @@ class SeriesNotEligible(PermanentError):
 
 class NotConfigured(PermanentError):
     """A setting the task needs (PACS address, destination) is missing."""
+
+
+class JobCancelled(JobError):
+    """The job was cancelled (DELETE /jobs/{id}): the series stops at the next sampler step and writes nothing."""

@@ -26,11 +26,17 @@ from pydantic import BaseModel, Field, field_validator
 if TYPE_CHECKING:
     from cinesr.worker.settings import Settings
 
-JobStatus = Literal["queued", "retrieving", "running", "exporting", "succeeded", "failed"]
+JobStatus = Literal["queued", "retrieving", "running", "exporting", "succeeded", "failed", "cancelled"]
 # processed: the derived series is written, export not done yet (or nothing to export to)
-SeriesStatus = Literal["queued", "running", "processed", "exporting", "succeeded", "failed"]
-JOB_STATUSES: tuple[str, ...] = ("queued", "retrieving", "running", "exporting", "succeeded", "failed")
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed"})
+# cancelled: stopped on request; sticky (a worker finishing late cannot turn it back into processed/succeeded)
+SeriesStatus = Literal["queued", "running", "processed", "exporting", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[str, ...] = ("queued", "retrieving", "running", "exporting", "succeeded", "failed",
+                                 "cancelled")
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+# a series in one of these states can still be cancelled (nothing of it has reached a destination yet)
+CANCELLABLE: frozenset[str] = frozenset({"queued", "running", "processed"})
+# an identical request after a job ended like this starts a new job instead of returning it
+REPLACEABLE: tuple[str, ...] = ("failed", "cancelled")
 MAX_DRAWS = 32  # draws of an uncertainty series: each costs one more run of the model
 
 
@@ -116,7 +122,12 @@ def rollup(job: Job) -> None:
     job.progress = round(sum(e.progress for e in job.series) / len(job.series), 4)
     states = {e.status for e in job.series}
     if states <= TERMINAL:
-        if "failed" in states:
+        failed = [e for e in job.series if e.status == "failed"]
+        if "cancelled" in states:  # the requester's decision wins; failures of other series stay in the error
+            job.status = "cancelled"
+            job.error = "; ".join(["cancelled by request"] + [f"series {e.input_series_uid}: {e.error or 'failed'}"
+                                                               for e in failed])[:2000]
+        elif "failed" in states:
             job.status = "failed"
             failed = [e for e in job.series if e.status == "failed"]
             job.error = "; ".join(f"series {e.input_series_uid}: {e.error or 'failed'}" for e in failed)[:2000]
@@ -136,7 +147,7 @@ class JobStore(ABC):
 
     def create_or_get(self, study_uid: str, series_uids: list[str] | None, params: JobParams | dict | None = None,
                       source: str = "rest") -> tuple[Job, bool]:
-        """The existing non-failed job for this study + series + params, or a new one (created=True).
+        """The existing job (not failed, not cancelled) for this study + series + params, or a new one (created=True).
 
         With series_uids given the job's series entries exist at once; without, they are filled in when the
         study is here (set_series)."""
@@ -166,6 +177,8 @@ class JobStore(ABC):
         """Set job fields (series entries are replaced when `series` is given)."""
         def change(job: Job) -> None:
             for name, value in fields.items():
+                if name == "status" and job.status == "cancelled":
+                    continue  # cancelled is final (e.g. a preparation that ends after the cancel)
                 if name == "series":
                     value = [v if isinstance(v, SeriesEntry) else SeriesEntry(**v) for v in value]
                 elif name == "params" and isinstance(value, dict):
@@ -178,6 +191,8 @@ class JobStore(ABC):
         def change(job: Job) -> None:
             entry = job.entry(series_uid)
             for name, value in fields.items():
+                if entry.status == "cancelled" and name in ("status", "output_series_uid", "progress"):
+                    continue  # a worker that finishes after the cancel must not revive the series
                 setattr(entry, name, value)
             rollup(job)
         return self._modify(job_id, change)
@@ -185,8 +200,26 @@ class JobStore(ABC):
     def set_series(self, job_id: str, series_uids: list[str]) -> Job:
         """Add entries for series not yet in the job (after the study arrived); keeps existing ones."""
         def change(job: Job) -> None:
+            if job.status == "cancelled":
+                return
             known = {e.input_series_uid for e in job.series}
             job.series += [SeriesEntry(input_series_uid=s) for s in sorted(set(series_uids)) if s not in known]
+        return self._modify(job_id, change)
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel what has not reached a destination: queued, running and computed-but-unsent series end
+        `cancelled` (workers see it at their next progress report); a series being exported finishes."""
+        def change(job: Job) -> None:
+            if job.status in TERMINAL:
+                return
+            for entry in job.series:
+                if entry.status in CANCELLABLE:
+                    entry.status, entry.error = "cancelled", "cancelled by request"
+            if job.series:
+                rollup(job)
+            if not job.series or job.status not in ("exporting",):
+                job.status = "cancelled"
+                job.error = job.error or "cancelled by request"
         return self._modify(job_id, change)
 
     def add_timing(self, job_id: str, stage: str, seconds: float, series_uid: str | None = None) -> Job:
@@ -255,7 +288,8 @@ class SqliteJobStore(JobStore):
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute("SELECT data FROM jobs WHERE key=? AND status != 'failed' ORDER BY created DESC "
+            row = conn.execute("SELECT data FROM jobs WHERE key=? AND status NOT IN ('failed', 'cancelled') "
+                               "ORDER BY created DESC "
                                "LIMIT 1", (job.key,)).fetchone()
             if row is not None:
                 conn.execute("COMMIT")
@@ -334,7 +368,7 @@ class RedisJobStore(JobStore):
                         raw = pipe.get(self._job_key(existing_id.decode()))
                         if raw is not None:
                             existing = Job.model_validate_json(raw)
-                            if existing.status != "failed":
+                            if existing.status not in REPLACEABLE:
                                 pipe.unwatch()
                                 return existing, False
                     pipe.multi()

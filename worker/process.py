@@ -19,7 +19,7 @@ from typing import Any
 import pydicom
 from cinesr.model.errors import CineSRError
 
-from .errors import ExportFailed, NotConfigured, PacsUnavailable, PermanentError, SeriesNotEligible
+from .errors import ExportFailed, JobCancelled, NotConfigured, PacsUnavailable, PermanentError, SeriesNotEligible
 from .jobs import Job, JobStore, open_job_store
 from .pacs import StoreOutcome, destination_node, store_files
 from .settings import Settings
@@ -137,16 +137,31 @@ def make_method(name: str | None, steps: int | None, settings: Settings) -> Any:
 
 # ---- processing ---------------------------------------------------------------------------------
 
-def _progress_writer(jobs: JobStore, job_id: str, series_uid: str, interval: float = 0.5) -> Any:
-    """A pipeline progress callback writing at most every `interval` seconds to the job record."""
-    last = [0.0]
+def _progress_writer(jobs: JobStore, job_id: str, series_uid: str, interval: float = 0.5,
+                     cancel_check: float = 0.1) -> Any:
+    """A pipeline progress callback writing at most every `interval` seconds to the job record; it raises
+    JobCancelled once the series is cancelled (looked up at most every `cancel_check` seconds: the model calls
+    it after each sampler step of a batch, so a cancel stops the series within one window's time)."""
+    last = [0.0, 0.0]
 
     def report(done: int, total: int) -> None:
         now = time.monotonic()
         if now - last[0] >= interval or done >= total:
-            last[0] = now
-            jobs.update_series(job_id, series_uid, progress=round(COMPUTE_SHARE * 0.9 * done / max(total, 1), 4))
+            last[0] = last[1] = now
+            job = jobs.update_series(job_id, series_uid, progress=round(COMPUTE_SHARE * 0.9 * done / max(total, 1),
+                                                                        4))
+        elif now - last[1] >= cancel_check:
+            last[1] = now
+            job = jobs.get(job_id)
+        else:
+            return
+        if job.entry(series_uid).status == "cancelled":
+            raise JobCancelled(f"series {series_uid} of job {job_id} cancelled at {done}/{total} units")
     return report
+
+
+def _cancelled(jobs: JobStore, job_id: str, series_uid: str) -> bool:
+    return jobs.get(job_id).entry(series_uid).status == "cancelled"
 
 
 def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
@@ -164,6 +179,9 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
     try:
         job = jobs.get(job_id)
         entry = job.entry(series_uid)
+        if entry.status == "cancelled":
+            LOGGER.info("series %s of job %s was cancelled; not processed", series_uid, job_id)
+            return
         done = [u for u in (entry.output_series_uid, entry.uncertainty_series_uid) if u]
         if entry.output_series_uid and entry.status in ("processed", "exporting", "succeeded") and \
                 all((outputs_dir(settings, job_id) / u).is_dir() for u in done):
@@ -208,6 +226,14 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
                                               transfer_syntax=settings.output_transfer_syntax,
                                               image_comments=warning)
             jobs.add_timing(job_id, "write", time.perf_counter() - t0, series_uid)
+            if _cancelled(jobs, job_id, series_uid):  # cancelled while writing: keep nothing of it
+                import shutil
+
+                shutil.rmtree(derived.folder, ignore_errors=True)
+                raise JobCancelled(f"series {series_uid} of job {job_id} cancelled while being written")
+        except JobCancelled as exc:
+            LOGGER.info("job %s: %s", job_id, exc)
+            return
         except PermanentError as exc:
             jobs.update_series(job_id, series_uid, status="failed", error=str(exc))
             raise
@@ -242,6 +268,8 @@ def export_series(job_id: str, series_uid: str, settings: Settings, sleep: Any =
         entry = job.entry(series_uid)
         if entry.status == "failed" and not entry.output_series_uid:
             return  # processing failed; nothing to send
+        if entry.status == "cancelled":
+            return  # cancelled before it was sent: nothing reaches the destination
         if not entry.output_series_uid:
             raise PermanentError(f"series {series_uid} of job {job_id} has no derived series to export")
         # the uncertainty series travels with the output: one export, one acknowledgement record
@@ -275,7 +303,9 @@ def _send(jobs: JobStore, job: Job, series_uid: str, files: list[Path], node: An
     done = set(job.entry(series_uid).acknowledged)
     pending = [(p, uid) for p in files if (uid := _sop_uid(p)) not in done]
     total = len(files)
-    jobs.update_series(job_id, series_uid, status="exporting", error=None, instances_total=total)
+    if jobs.update_series(job_id, series_uid, status="exporting", error=None,
+                          instances_total=total).entry(series_uid).status == "cancelled":
+        return  # cancelled just before: (atomically) either cancelled and nothing sent, or exporting and all sent
 
     def record(outcome: StoreOutcome) -> None:
         updated = jobs.acknowledge(job_id, series_uid, outcome.acknowledged, outcome.failures)

@@ -6,6 +6,7 @@ The config file (YAML or .env style) is named by CINESR_CONFIG; the environment 
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -107,6 +108,17 @@ class Settings(BaseSettings):
     docs_enabled: bool = False  # /docs and /redoc load their page assets from a public CDN
     probe_calling_ae: str = Field("CINESR-PROBE", max_length=16)  # `cinesr probe dicom`; allowed by the listener
     # --- end hardening ---
+    # --- routing limits (issue 18): a pushed or requested series outside them is recorded ineligible ---
+    # The model is trained on 64x64 acquisitions; 192 leaves room for larger fields of view while refusing
+    # an already high-resolution series (256x256 -> 1024x1024 output, gigabytes of worker memory, hours).
+    routing_max_matrix: int = Field(192, ge=1)  # largest Rows or Columns of the input
+    routing_max_frames: int = Field(128, ge=2)  # most cardiac phases per slice (the output has 8x as many)
+    routing_max_slices: int = Field(40, ge=1)  # most slice positions in one series
+    # regular expressions searched (case-insensitive) in SeriesDescription and ProtocolName; empty = off.
+    # include: at least one of the two must match; exclude: neither may match.
+    routing_include_pattern: str = ""
+    routing_exclude_pattern: str = ""
+    # --- end routing limits ---
     # derived series: transfer syntax of the written files (lossless only; see cinesr.model.instance)
     output_transfer_syntax: Literal["jpeg2000-lossless", "jpeg-ls-lossless", "rle-lossless",
                                     "explicit-little-endian"] = "jpeg2000-lossless"
@@ -124,6 +136,14 @@ class Settings(BaseSettings):
     def _draws(cls, value: int) -> int:
         if value == 1:
             raise ValueError("an uncertainty series needs at least 2 draws (0: off)")
+    @field_validator("routing_include_pattern", "routing_exclude_pattern")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        # a typo in a pattern must stop the service at start-up, not every series later
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
         return value
 
     @property

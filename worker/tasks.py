@@ -35,7 +35,8 @@ RETRY_BACKOFF_MAX = 600  # seconds; must stay below the visibility timeout
 
 # status a series has while a stage runs, and the statuses meaning that stage is already done
 _IN_FLIGHT = {"superresolve": "running", "export": "exporting"}
-_DONE = {"superresolve": {"processed", "exporting", "succeeded"}, "export": {"succeeded"}}
+# (cancelled: nothing more to do for the series; a queued message of it is consumed and dropped)
+_DONE = {"superresolve": {"processed", "exporting", "succeeded", "cancelled"}, "export": {"succeeded", "cancelled"}}
 
 
 class JobTask(Task):
@@ -169,7 +170,7 @@ def superresolve_series(self: Task, job_id: str, series_uid: str) -> None:
         held.release()
     # a series that failed inside process_series without raising must not be exported
     entry = runtime.job_store().get(job_id).entry(series_uid)
-    if entry.status == "failed":
+    if entry.status in ("failed", "cancelled"):
         raise Ignore()
 
 

@@ -11,7 +11,8 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 STAGES = {"phantom": "make phantom study", "service": "start service + PACS", "push": "C-STORE to service",
-          "wait": "series completion", "process": "super-resolve + export", "metrics": "picture + metrics"}
+          "wait": "series completion", "process": "super-resolve + export", "metrics": "picture + metrics",
+          "stop": "stop service"}
 
 
 @app.command()
@@ -28,7 +29,11 @@ def demo(
                                                     "learned model where it loads).")] = None,
     stable_seconds: Annotated[float, typer.Option(min=0.5, help="Quiet time after which the service treats "
                                                                 "the pushed series as complete.")] = 2.0,
-    quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in the folder (only what "
+                                                                "a run writes there is removed); without it a "
+                                                                "re-run over a previous one is refused.")]
+    = False,
 ) -> None:
     """Make a synthetic low-resolution cine study, push it to a local CineSR service by C-STORE, receive the
     super-resolved series in a local PACS, then write a comparison picture, a cine GIF and the metrics."""
@@ -37,7 +42,7 @@ def demo(
     if method is not None and method not in ("model", "baseline"):
         raise DemoError(f"unknown method {method!r} (available: model, baseline)")
     options = DemoOptions(out=output, slices=slices, frames=frames, size=size, seed=seed, method=method,
-                          stable_seconds=stable_seconds)
+                          stable_seconds=stable_seconds, overwrite=overwrite)
     progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.fields[note]}"),
                         TimeElapsedColumn(), console=err, disable=quiet)
     tasks: dict[str, TaskID] = {}
@@ -71,6 +76,13 @@ def demo(
     for stage, seconds in result.timings.items():
         timing.add_row(stage, f"{seconds:.2f}")
     out.print(timing)
+    stages = Table(title="The demo command, stage by stage (wall clock; also in metrics.json)")
+    stages.add_column("stage")
+    stages.add_column("seconds", justify="right")
+    for stage, seconds in result.stages.items():
+        stages.add_row(stage, f"{seconds:.1f}")
+    stages.add_row("of which model compute (in the worker)", f"{result.model_compute:.1f}")
+    out.print(stages)
     out.print(f"comparison picture: {result.picture}", highlight=False, soft_wrap=True)
     out.print(f"animated cine:      {result.animation}", highlight=False, soft_wrap=True)
     out.print(f"metrics (JSON):     {result.metrics_file}", highlight=False, soft_wrap=True)

@@ -145,10 +145,10 @@ def selftest(backend: Backend = "auto", device: Device = "auto", model: ModelOpt
 def bench(
     model: ModelOpt = None,
     device: Device = "auto",
-    slices: Annotated[int, typer.Option(min=1)] = 2,
+    slices: Annotated[int, typer.Option(min=1, help="Slices of the synthetic series timed.")] = 2,
     frames: Annotated[int, typer.Option(min=2, help="Low-resolution frames per slice.")] = 4,
     size: Annotated[int, typer.Option(min=16, help="Low-resolution matrix size.")] = 64,
-    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per stage (the median is reported).")] = 3,
     results: Annotated[Path, typer.Option(help="Folder for the JSON record.")] = Path("bench/results"),
 ) -> None:
     """Time each stage and a whole series per backend, side by side; JSON with machine, commit and versions."""

@@ -37,7 +37,9 @@ def serve(
 
     signal.signal(signal.SIGTERM, _terminate)
     settings = load_settings()
-    # the REST port first: a port in use is found before anything (the embedded worker above all) is started
+    _check_ports(settings, host)
+    # then hold the REST port: one taken between the check and now is still found before anything (the
+    # embedded worker above all) is started
     http_socket = bind_port(host, settings.http_port, "REST (HTTP_PORT)")
     service = Service(settings, dispatch="inline" if inline else "auto", embedded_worker=worker)
     try:
@@ -77,3 +79,11 @@ def bind_port(host: str, port: int, what: str) -> socket.socket:
             raise UsageError(f"{what} port {port} on {host} is in use") from exc
         raise UsageError(f"cannot listen on {what} port {port} on {host}: {exc.strerror}") from exc
     return sock
+
+
+def _check_ports(settings: object, host: str) -> None:
+    """Both ports free, before the listener, the worker or uvicorn start (else one line, exit code 2)."""
+    from cinesr.service.ports import ensure_free
+
+    ensure_free(str(getattr(settings, "dicom_host", "0.0.0.0")), int(getattr(settings, "dicom_port", 0)), "DICOM")
+    ensure_free(host, int(getattr(settings, "http_port", 0)), "HTTP")

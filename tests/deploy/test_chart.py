@@ -628,3 +628,20 @@ def test_dicomweb_pacs_settings_and_credentials(monkeypatch: pytest.MonkeyPatch)
     assert not any(k.startswith("dicomweb") for k in find(objects, "Secret")["data"])
     with pytest.raises(Exception, match="dicomwebUrl|pattern"):
         render({"config": {"pacs": {"dicomwebUrl": "https://user:pw@pacs/dicom-web"}}})
+
+
+def test_routing_limits_reach_the_service_settings(default_objects: list[Manifest]) -> None:
+    """config.routing.* become the ROUTING_* settings, with the service's defaults; the schema checks them."""
+    from cinesr.worker.settings import Settings
+
+    data = find(default_objects, "ConfigMap")["data"]
+    settings = Settings(**{k.removeprefix("CINESR_").lower(): v for k, v in data.items()
+                           if k.startswith("CINESR_ROUTING_")})
+    defaults = Settings()
+    assert settings.routing_max_matrix == defaults.routing_max_matrix == 192
+    assert (settings.routing_max_frames, settings.routing_max_slices) == (defaults.routing_max_frames,
+                                                                          defaults.routing_max_slices)
+    assert data["CINESR_ROUTING_INCLUDE_PATTERN"] == data["CINESR_ROUTING_EXCLUDE_PATTERN"] == ""
+    custom = render({"config": {"routing": {"maxMatrix": 128, "excludePattern": "(?i)localizer"}}})
+    assert find(custom, "ConfigMap")["data"]["CINESR_ROUTING_MAX_MATRIX"] == "128"
+    assert find(custom, "ConfigMap")["data"]["CINESR_ROUTING_EXCLUDE_PATTERN"] == "(?i)localizer"

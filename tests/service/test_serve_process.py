@@ -126,7 +126,7 @@ def test_a_port_in_use_is_named_and_leaves_no_worker(tmp_path: Path, busy: str, 
     err = (tmp_path / "serve.err").read_text()
     lines = [line for line in err.splitlines() if line.startswith("cinesr: error:")]
     assert code == 2, err[-2000:]
-    what = "REST (HTTP_PORT)" if busy == "http" else "DICOM"
+    what = "HTTP" if busy == "http" else "DICOM"
     assert lines and what in lines[0] and f"port {port}" in lines[0] and "in use" in lines[0], err[-2000:]
     time.sleep(2)  # a worker that was started would still be there now
     left = [p for p in _workers_of(data) if _alive(p)]
