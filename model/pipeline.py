@@ -54,7 +54,7 @@ class Options:
     percentiles: tuple[float, float] = PERCENTILES
     channel_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
     consistency: str = "area"  # measured: see the bundled model.json (auto leans to kspace on blurred output)
-    tolerance: float = 2.0  # data consistency up to this many times the acquisition's noise level
+    tolerance: float = 0.0  # >0: residuals up to this many times the estimated noise level are left (noisy input)
     temporal: int = TEMPORAL_FACTOR
 
     def __post_init__(self) -> None:

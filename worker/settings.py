@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     def _draws(cls, value: int) -> int:
         if value == 1:
             raise ValueError("an uncertainty series needs at least 2 draws (0: off)")
+        return value
+
     @field_validator("routing_include_pattern", "routing_exclude_pattern")
     @classmethod
     def _regex(cls, value: str) -> str:
