@@ -28,6 +28,8 @@ from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
+from .leases import owner_alive
+
 SCHEME = "cinesr-sqlite"
 TRANSPORT_ALIASES[SCHEME] = "cinesr.worker.embedded_broker:Transport"
 
@@ -52,16 +54,8 @@ def _owner() -> str:
 
 
 def _owner_alive(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
-    if host != _HOST:
-        return True  # another machine's process: only the visibility timeout can free its messages
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
+    # another machine's process: only the visibility timeout can free its messages
+    return owner_alive(owner, _HOST)
 
 
 class Database:

@@ -54,10 +54,10 @@ def owner_id() -> str:
     return f"{_HOST}:{os.getpid()}"
 
 
-def owner_alive(owner: str) -> bool:
-    """False only when the owner is a process of this host that no longer exists."""
+def owner_alive(owner: str, this_host: str = _HOST) -> bool:
+    """False only when the owner (`host:pid`) is a process of this host that no longer exists."""
     host, _, pid = owner.rpartition(":")
-    if host != _HOST:
+    if host != this_host:
         return True  # another machine: only the lease's age can tell
     try:
         os.kill(int(pid), 0)

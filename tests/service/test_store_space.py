@@ -24,17 +24,8 @@ from pynetdicom.sop_class import MRImageStorage
 
 from .conftest import RunningListener, new_store
 from .rawpdu import EXPLICIT_VR_LE, RawAssociation
+from .test_gateway import wait_for
 from .test_listener import dataset_bytes, mr_dataset, write_file
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def encoded(tmp_path: Path, ds: Any) -> bytes:
