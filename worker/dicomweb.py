@@ -197,8 +197,7 @@ def stow_files(node: DicomWebNode, files: Iterable[Path], batch_size: int = 64,
     with client(node) as http:
         def flush() -> None:
             outcome = _stow_batch(http, node, items)
-            total.acknowledged += outcome.acknowledged
-            total.failures.update(outcome.failures)
+            total.add(outcome)
             if on_batch is not None:
                 on_batch(outcome)
             items.clear()

@@ -137,6 +137,11 @@ class StoreOutcome:
     acknowledged: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
 
+    def add(self, other: StoreOutcome) -> None:
+        """Fold one batch's outcome into a whole send's."""
+        self.acknowledged += other.acknowledged
+        self.failures.update(other.failures)
+
 
 def _store_batch(node: DicomNode, calling_ae: str, items: list[tuple[str, Dataset]], timeout: float) -> StoreOutcome:
     ae = make_ae(calling_ae, timeout)
@@ -202,8 +207,7 @@ def store_files(node: DicomNode | DicomWebNode, files: Iterable[Path], calling_a
             if partial is not None and on_batch is not None and (partial.acknowledged or partial.failures):
                 on_batch(partial)
             raise
-        total.acknowledged += outcome.acknowledged
-        total.failures.update(outcome.failures)
+        total.add(outcome)
         if on_batch is not None:
             on_batch(outcome)
         items.clear()
