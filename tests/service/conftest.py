@@ -13,6 +13,8 @@ import pytest
 from cinesr.service.listener import ListenerConfig, ListenerHandle, start_listener
 from cinesr.service.store import InstanceStore, StoredInstance
 
+from tests.orthanc import OrthancServer
+
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk leaves Nagle on otherwise
 
 
@@ -75,3 +77,12 @@ def make_listener(tmp_path: Path) -> Iterator[Callable[..., RunningListener]]:
 @pytest.fixture
 def listener(make_listener: Callable[..., RunningListener]) -> RunningListener:
     return make_listener()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """A real Orthanc for a test module (modules that need another kind define their own `pacs`)."""
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    yield server
+    server.stop()

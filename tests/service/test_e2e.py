@@ -26,14 +26,6 @@ pytestmark = pytest.mark.skipif(not (orthanc_available() and shutil.which("store
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, pacs: OrthancServer) -> Iterator[Service]:
     settings = settings_for(tmp_path_factory.mktemp("data"), pacs_ae_title=pacs.ae_title, pacs_host=pacs.host,
                             pacs_port=pacs.dicom_port, auto_process=True, series_stable_seconds=0.3)

@@ -28,14 +28,6 @@ pytestmark = pytest.mark.skipif(not (orthanc_available() and shutil.which("dciod
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, pacs: OrthancServer) -> Iterator[Service]:
     bundle = models.micro_student_bundle(tmp_path_factory.mktemp("m") / "micro", 6,
                                          {"steps": 1, "overlap": 0, "stride": 3})
