@@ -118,7 +118,7 @@ def test_preview_is_a_png_strip_of_the_middle_slice(finished: tuple[Service, dic
 
 
 def _chromium() -> str | None:
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+    return next((shutil.which(n) for n in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
                 None)
 
 
@@ -128,7 +128,7 @@ def test_preview_opens_in_headless_chromium(finished: tuple[Service, dict], tmp_
     The URL needs the bearer token, so the page is a tiny HTML file that fetches it with the token."""
     browser = _chromium()
     if browser is None:
-        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+        pytest.skip("headless Chromium is not installed (apt-get install chromium-headless-shell)")
     svc, job = finished
     (entry,) = job["series"]
     with live_server(svc) as url:
