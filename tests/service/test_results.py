@@ -118,8 +118,8 @@ def test_preview_is_a_png_strip_of_the_middle_slice(finished: tuple[Service, dic
 
 
 def _chromium() -> str | None:
-    return next((shutil.which(n) for n in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
-                None)
+    names = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
+    return next((shutil.which(n) for n in names if shutil.which(n)), None)
 
 
 @pytest.mark.slow
