@@ -59,6 +59,8 @@ def ssim(a: ArrayLike, b: ArrayLike, data_range: float = 1.0, sigma: float = 1.5
 
     Leading dimensions are treated as separate images and the result is their mean SSIM.
     """
+    from scipy.ndimage import correlate1d
+
     ta, tb = _as_float64(a), _as_float64(b)
     if ta.shape != tb.shape:
         raise ValueError(f"shape mismatch: {tuple(ta.shape)} vs {tuple(tb.shape)}")
@@ -68,15 +70,15 @@ def ssim(a: ArrayLike, b: ArrayLike, data_range: float = 1.0, sigma: float = 1.5
     h, w = ta.shape[-2:]
     if h <= 2 * radius or w <= 2 * radius:
         raise ValueError(f"images must be larger than {2 * radius + 1}x{2 * radius + 1}")
-    x = ta.reshape(-1, 1, h, w)
-    y = tb.reshape(-1, 1, h, w)
-    g = _gaussian_taps(sigma, radius).to(x.device)
-    gy, gx = g.view(1, 1, -1, 1), g.view(1, 1, 1, -1)
+    x = ta.detach().cpu().numpy().reshape(-1, h, w)
+    y = tb.detach().cpu().numpy().reshape(-1, h, w)
+    g = _gaussian_taps(sigma, radius).numpy()
 
-    # Only the pixels at least `radius` away from the border enter the mean (as in skimage), and their
-    # windows lie inside the image, so a 'valid' separable convolution gives exactly those values.
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(t, gy), gx)
+    # Only the pixels at least `radius` away from the border enter the mean (as in skimage); their windows lie
+    # inside the image, so the border mode never matters and cropping gives exactly those values. scipy's
+    # separable float64 filter is ~4x faster on a CPU than torch's float64 convolution.
+    def blur(t: np.ndarray) -> np.ndarray:
+        return correlate1d(correlate1d(t, g, axis=1), g, axis=2)[:, radius:-radius, radius:-radius]
 
     mu_x, mu_y = blur(x), blur(y)
     var_x = blur(x * x) - mu_x**2
@@ -85,7 +87,7 @@ def ssim(a: ArrayLike, b: ArrayLike, data_range: float = 1.0, sigma: float = 1.5
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
     s_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s_map.mean(dim=(1, 2, 3)).mean().item()
+    return float(s_map.mean(axis=(1, 2)).mean())
 
 
 # ----------------------------------------------------------------------------------------- LPIPS
@@ -159,16 +161,24 @@ class LPIPS(nn.Module):
         x = x.to(self.shift.dtype) * 2.0 - 1.0  # LPIPS works on [-1, 1]
         return (x - self.shift) / self.scale
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The unit-normalised AlexNet features of (N, C, H, W) images in [0, 1]: computed once for a reference
+        that several predictions are compared with (see `distance`)."""
+        return [_unit_normalize(f) for f in self.net(self._prepare(x))]
+
+    def distance(self, feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> torch.Tensor:
+        """LPIPS per image, shape (N,), between two images' `features`."""
+        if [f.shape for f in feats_a] != [f.shape for f in feats_b]:
+            raise ValueError("feature shapes differ (images of different shapes)")
+        total = torch.zeros(feats_a[0].shape[0], device=self.shift.device, dtype=self.shift.dtype)
+        for lin, fa, fb in zip(self.lin, feats_a, feats_b, strict=True):
+            total = total + lin((fa - fb) ** 2).mean(dim=(1, 2, 3))  # spatial average of the weighted map
+        return total
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.shape != b.shape:
             raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
-        feats_a = self.net(self._prepare(a))
-        feats_b = self.net(self._prepare(b))
-        total = torch.zeros(a.shape[0], device=self.shift.device, dtype=self.shift.dtype)
-        for lin, fa, fb in zip(self.lin, feats_a, feats_b, strict=True):
-            diff = (_unit_normalize(fa) - _unit_normalize(fb)) ** 2
-            total = total + lin(diff).mean(dim=(1, 2, 3))  # spatial average of the weighted map
-        return total
+        return self.distance(self.features(a), self.features(b))
 
 
 _CACHE: dict[tuple[str, str], LPIPS] = {}
@@ -192,3 +202,15 @@ def lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = torch.as_tensor(a)
     b = torch.as_tensor(b)
     return _shared_lpips(a.device)(a, b)
+
+
+def lpips_features(x: torch.Tensor) -> list[torch.Tensor]:
+    """The cached network's `LPIPS.features` of (N, C, H, W) images in [0, 1]."""
+    x = torch.as_tensor(x)
+    return _shared_lpips(x.device).features(x)
+
+
+def lpips_distance(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor]) -> torch.Tensor:
+    """LPIPS per image from two `lpips_features` results: equal to `lpips(a, b)`, and a reference's features
+    are computed once for every prediction scored against it."""
+    return _shared_lpips(feats_a[0].device).distance(feats_a, feats_b)

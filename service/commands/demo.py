@@ -28,7 +28,7 @@ def demo(
     method: Annotated[str | None, typer.Option(help="model or baseline (default: the service's default, the "
                                                     "learned model where it loads).")] = None,
     stable_seconds: Annotated[float, typer.Option(min=0.5, help="Quiet time after which the service treats "
-                                                                "the pushed series as complete.")] = 2.0,
+                                                                "the pushed series as complete.")] = 0.5,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in the folder (only what "
                                                                 "a run writes there is removed); without it a "

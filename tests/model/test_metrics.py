@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cinesr.model import metrics
-from cinesr.model.metrics import LPIPS, lpips, psnr, ssim
+from cinesr.model.metrics import LPIPS, lpips, lpips_distance, lpips_features, psnr, ssim
 
 skimage = pytest.importorskip("skimage")
 from skimage import data as skdata  # noqa: E402
@@ -119,6 +119,20 @@ def test_lpips_batch_gray_and_identity(camera_crop: np.ndarray) -> None:
     assert d[1].item() > 0.05
     assert d[1].item() == pytest.approx(d[2].item(), abs=1e-6)  # symmetric
     torch.testing.assert_close(d, d_rgb)  # one channel is repeated to three
+
+
+def test_lpips_from_a_reference_s_features_equals_lpips(camera_crop: np.ndarray) -> None:
+    """Scoring several predictions against one truth reuses the truth's features: same values as lpips()."""
+    truth = _t(camera_crop[:128, :128])[None, None]
+    blurred = _t(skfilters.gaussian(camera_crop[:128, :128], sigma=1))[None, None]
+    noisy = (truth + 0.05 * torch.randn_like(truth, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    with torch.no_grad():
+        reference = lpips_features(truth)
+        for pred in (blurred, noisy):
+            torch.testing.assert_close(lpips_distance(lpips_features(pred), reference), lpips(pred, truth))
+        assert lpips_distance(reference, reference).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="shapes differ"):
+        lpips_distance(lpips_features(truth[..., :64, :64]), reference)
 
 
 def test_lpips_is_differentiable_wrt_inputs(camera_crop: np.ndarray) -> None:
