@@ -250,26 +250,15 @@ class ServiceProcess:
 
 
 def push_series(files: list[Path], port: int, called_ae: str = SERVICE_AE, calling_ae: str = "DEMO-SCANNER") -> int:
-    """C-STORE the files on one association; returns how many were stored with Success."""
-    import pydicom
-    from pynetdicom import AE
+    """C-STORE the files on one association (the worker's own SCU); returns how many were stored with Success."""
+    from cinesr.worker.errors import PacsUnavailable
+    from cinesr.worker.pacs import DicomNode, store_files
 
-    datasets = [pydicom.dcmread(p) for p in files]
-    ae = AE(ae_title=calling_ae)
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop_class)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
-    if not assoc.is_established:
-        raise DemoError(f"the service did not accept an association on port {port}")
-    stored = 0
     try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            stored += int(bool(status) and status.Status == 0x0000)
-    finally:
-        assoc.release()
-        ae.shutdown()
-    return stored
+        outcome = store_files(DicomNode(called_ae, "127.0.0.1", port), files, calling_ae, batch_size=len(files))
+    except PacsUnavailable as exc:
+        raise DemoError(f"the service did not accept an association on port {port}: {exc}") from exc
+    return len(outcome.acknowledged)
 
 
 # ---- pictures and metrics ------------------------------------------------------------------------
