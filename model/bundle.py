@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import load_into
 from .diffusion import Schedule
 from .errors import InputError
+from .folders import atomic_write
 from .nets import VQGAN, SwinUNet
 
 FORMAT = "cinesr-model-bundle"
@@ -166,9 +167,8 @@ def save_bundle(
         if fp16:
             state = {k: _compact(v) for k, v in state.items()}
         file = path / WEIGHT_FILES[key]
-        tmp = file.with_suffix(".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(file)
+        with atomic_write(file) as tmp:
+            save_file(state, str(tmp))
         sha = _digest(file)
         digest.update(sha.encode())
         dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values()})
@@ -179,9 +179,8 @@ def save_bundle(
     version = meta.get("version") or f"{name}-{time.strftime('%Y%m%d')}-{digest.hexdigest()[:8]}"
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "name": name, "version": version,
            "config": dict(config), "weights": weights}
-    tmp = path / (MODEL_JSON + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(path / MODEL_JSON)
+    with atomic_write(path / MODEL_JSON) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n", encoding="utf-8")
     return path
 
 
@@ -217,9 +216,8 @@ def write_meta(path: str | Path, updates: Mapping[str, Any]) -> dict[str, Any]:
     doc = read_meta(path)
     doc.update(updates)
     file = Path(path) / MODEL_JSON
-    tmp = file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(file)
+    with atomic_write(file) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n", encoding="utf-8")
     return doc
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,14 +40,33 @@ def staged_folder(final: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_write(final: Path) -> Iterator[Path]:
+def atomic_write(final: Path, *, sync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `final` to write; on success it replaces `final` (one rename, so a
-    reader sees the old file or the new one, never half of one), on error it is removed."""
+    reader sees the old file or the new one, never half of one), on error it is removed.
+
+    With ``sync`` the data is flushed to stable storage (fdatasync) before the rename; the caller makes the
+    directory entry durable (fsync_dir) when and how often it needs to. The temporary name is hidden and
+    unique per process and thread, so concurrent writers of one file never share it."""
     final = Path(final)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         yield tmp
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

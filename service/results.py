@@ -9,13 +9,13 @@ PNG (people look before they download). It is made on first request and kept nex
 
 from __future__ import annotations
 
-import os
 import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from cinesr.model.folders import atomic_write
 
 PREVIEW_FRAMES = 8
 PREVIEW_MAX_PANEL = 256  # pixels per panel side (a 1024 px output is shown downsampled)
@@ -115,7 +115,6 @@ def make_preview(folder: Path) -> Path:
     for panel in panels:
         strip.paste(panel, (x, 0))
         x += panel.size[0] + gap
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    strip.save(tmp, format="PNG")
-    os.replace(tmp, target)  # concurrent first requests both write; either result is the same picture
+    with atomic_write(target) as tmp:  # concurrent first requests both write; either result is the same picture
+        strip.save(tmp, format="PNG")
     return target

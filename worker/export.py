@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cinesr.model.folders import atomic_write
 from cinesr.worker.engines.base import Engine, LoadedModel, draw_noise, load_model
 
 OPSET = 17
@@ -100,8 +101,8 @@ def export_graph(model: LoadedModel, graph: str, path: Path, opset: int = OPSET)
     dynamic = {n: {0: "batch"} for n in names_in + names_out}
     # trace at batch 2 so no batch-1 specialisation gets baked in
     args = _example(model, graph, 2)
-    tmp = path.with_suffix(".onnx.tmp")
-    with warnings.catch_warnings(), torch.no_grad():
+    # a reader never sees a half-written graph
+    with atomic_write(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             _module(model, graph),
@@ -114,7 +115,6 @@ def export_graph(model: LoadedModel, graph: str, path: Path, opset: int = OPSET)
             dynamic_axes=dynamic,
             do_constant_folding=True,
         )
-    os.replace(tmp, path)  # a reader never sees a half-written graph
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -122,9 +122,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def onnx_record(directory: str | Path) -> dict[str, Any] | None:

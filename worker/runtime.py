@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cinesr.model.folders import atomic_write
 from cinesr.worker.settings import Settings, load_settings
 
 log = logging.getLogger("cinesr.worker.runtime")
@@ -93,9 +94,8 @@ def get_method(name: str | None = None, steps: int | None = None) -> Any:
 def write_heartbeat(path: Path, info: dict[str, Any]) -> None:
     """Atomically replace the heartbeat file (a probe never reads half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**info, "time": time.time()}))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps({**info, "time": time.time()}))
 
 
 def heartbeat_age(path: Path) -> float | None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cinesr.model.folders import atomic_write
 
 from .base import Engine, EngineUnavailable, LoadedModel, StepCallback
 
@@ -147,9 +148,8 @@ class TensorRTEngine(Engine):
             else:
                 log.info("tensorrt: building %s (batch %d, %s) -> %s", name, batch, "fp16" if fp16 else "fp32", path)
                 plan = self._build_plan(name, batch, fp16)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_bytes(plan)
-                os.replace(tmp, path)
+                with atomic_write(path) as tmp:
+                    tmp.write_bytes(plan)
             g = _Graph(self.trt, self.runtime, plan)
             for n in g.inputs:
                 shape = (batch, *tuple(g.engine.get_tensor_shape(n))[1:])
