@@ -38,7 +38,8 @@ from .listener import ListenerHandle, start_listener
 from .metrics import ServiceCollector, make_registry
 from .retrieve import retrieve_study, study_series_at_pacs
 from .routing import RoutingLimits, RoutingLog, check_series, sweep_ineligible
-from .store import InstanceStore, StoredInstance, StoreFull, StoreHalted
+from .store import InstanceStore, StoredInstance
+from .store_errors import StoreFull, StoreHalted
 
 LOGGER = logging.getLogger(__name__)
 

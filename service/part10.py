@@ -10,11 +10,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .listener import TRANSFER_SYNTAXES, is_storage_sop_class
-from .store import InstanceWriter, InvalidDataset, StoredInstance, scan_dataset
-
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_ACCEPTED_SYNTAXES = frozenset(TRANSFER_SYNTAXES)
+from .dimse import ACCEPTED_SYNTAXES, is_storage_sop_class
+from .store import InstanceWriter, StoredInstance
+from .store_errors import InvalidDataset
+from .wire import LONG_VRS, scan_dataset
 
 
 class RefusedPart(InvalidDataset):
@@ -51,7 +50,7 @@ def _meta(data: bytes | memoryview) -> tuple[dict[int, str], int]:
         group, elem, vr = struct.unpack_from("<HH2s", data, pos)
         if group != 0x0002:
             break
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             if pos + 12 > len(data):
                 break
             length = struct.unpack_from("<I", data, pos + 8)[0]
@@ -80,7 +79,7 @@ def split_part10(data: bytes | memoryview) -> Part10:
     transfer_syntax = meta.get(0x0010, "")
     if not transfer_syntax:
         raise RefusedPart("no TransferSyntaxUID in the file meta", 0xC210, *uids)
-    if transfer_syntax not in _ACCEPTED_SYNTAXES:
+    if transfer_syntax not in ACCEPTED_SYNTAXES:
         raise RefusedPart(f"transfer syntax {transfer_syntax} not supported", 0xC122, *uids)
     dataset = view[start:]
     try:

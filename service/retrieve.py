@@ -21,7 +21,8 @@ from cinesr.worker.settings import Settings
 from pydicom.dataset import Dataset
 
 from .part10 import split_part10, store_part10
-from .store import InstanceStore, InvalidDataset, StoreFull, StoreHalted
+from .store import InstanceStore
+from .store_errors import SUCCESS, InvalidDataset, StoreFull, refusal_status
 
 LOGGER = logging.getLogger(__name__)
 
@@ -125,13 +126,9 @@ def get_study(settings: Settings, node: DicomNode, study_uid: str, store: Instan
             data = request.DataSet.getvalue() if hasattr(request.DataSet, "getvalue") else bytes(request.DataSet)
             store.put(data, str(event.context.transfer_syntax), str(request.AffectedSOPClassUID),
                       str(request.AffectedSOPInstanceUID), node.ae_title)
-        except InvalidDataset as exc:
-            return exc.status
-        except StoreHalted:
-            return 0xA701
-        except OSError:  # StoreFull (below the watermark) among them
-            return 0xA700
-        return 0x0000
+        except (InvalidDataset, OSError) as exc:  # answered as a C-STORE to our listener would be
+            return refusal_status(exc)[0]
+        return SUCCESS
 
     try:
         assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, ext_neg=roles,

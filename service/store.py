@@ -26,6 +26,9 @@ instance until it can, and meanwhile the store refuses new instances (StoreHalte
 nothing is acknowledged that cannot be filed, and nothing acknowledged is skipped.
 Records carry a per-segment random nonce and a CRC, so
 torn writes, stale bytes of a recycled segment or crafted data never replay as instances.
+
+The journal's format is cinesr.service.journal; the dataset walk and file meta, cinesr.service.wire; the
+errors and the DIMSE status each one answers with, cinesr.service.store_errors.
 """
 
 from __future__ import annotations
@@ -33,77 +36,36 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import shutil
 import struct
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from cinesr.service.pixelcheck import pixel_problem
+from cinesr.model.folders import atomic_write, fsync_dir
+from cinesr.service.journal import Journal, JournalRecord, Segment, decode_segment
+from cinesr.service.store_errors import (
+    InvalidDataset,
+    MissingAttributes,
+    SopClassMismatch,
+    SopInstanceMismatch,
+    StoreFull,
+    StoreHalted,
+    UndecodablePixelData,
+)
+from cinesr.service.wire import file_meta_bytes, is_valid_uid, meta_value, scan_dataset
+
+# Names that were defined here before the store was split along its seams, still importable from here.
+__all__ = ["Durability", "InstanceStore", "InstanceWriter", "InvalidDataset", "MissingAttributes",
+           "SopClassMismatch", "SopInstanceMismatch", "StoreFull", "StoreHalted", "StoredInstance",
+           "UndecodablePixelData", "file_meta_bytes", "is_valid_uid", "scan_dataset"]
 
 LOGGER = logging.getLogger(__name__)
 
 Durability = Literal["journal", "file"]
-
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1435.1"  # CineSR implementation class
-IMPLEMENTATION_VERSION_NAME = "CINESR_010"
-
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
-EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-class InvalidDataset(ValueError):
-    """The received dataset cannot be parsed or lacks the UIDs needed to file it.
-
-    ``status`` is the DIMSE failure status a C-STORE answers with (STOW-RS reports it as FailureReason)."""
-
-    status = 0xC210  # Cannot understand
-
-
-class MissingAttributes(InvalidDataset):
-    """The dataset parses but lacks a UID needed to file it (Study/Series/SOP Instance)."""
-
-    status = 0xA900  # Data Set does not match SOP Class
-
-
-class SopClassMismatch(InvalidDataset):
-    """The request's SOP Class UID is not the dataset's (or not its presentation context's)."""
-
-    status = 0xA900
-
-
-class SopInstanceMismatch(InvalidDataset):
-    """The request's SOP Instance UID is not the dataset's: filing it would take another instance's name."""
-
-    status = 0xC211
-
-
-class UndecodablePixelData(InvalidDataset):
-    """Pixel data that cannot be decoded: too short for its description, or not in its transfer syntax."""
-
-    status = 0xC212
-
-
-class StoreFull(OSError):
-    """Free disk space is below the configured watermark; nothing was written."""
-
-
-class StoreHalted(OSError):
-    """The store's background filing failed (e.g. disk full); nothing new is accepted until it recovers."""
-
-
-def is_valid_uid(uid: str) -> bool:
-    """A DICOM UID usable as a path component: digits and dots, at most 64 characters."""
-    return 0 < len(uid) <= 64 and _UID_RE.match(uid) is not None
 
 
 @dataclass(frozen=True)
@@ -122,204 +84,13 @@ class StoredInstance:
     conflict: bool = False  # a duplicate whose content differs from the copy kept
 
 
-# --------------------------------------------------------------------------------------------
-# Minimal parse of an encoded dataset: walk the element structure (without decoding values) to
-# check it is complete, and pick out the handful of attributes needed to file it.
-
-_WANTED = {
-    0x00080016: "sop_class_uid",
-    0x00080018: "sop_instance_uid",
-    0x00080060: "modality",
-    0x0020000D: "study_uid",
-    0x0020000E: "series_uid",
-}
-# Image Pixel description, kept raw (binary US values need the dataset's byte order): Samples per Pixel,
-# Photometric Interpretation, Number of Frames, Rows, Columns, Bits Allocated.
-_IMAGE_TAGS = frozenset({0x00280002, 0x00280004, 0x00280008, 0x00280010, 0x00280011, 0x00280100})
-_PIXEL_DATA = 0x7FE00010
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-                       b"UT", b"UV"})
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-class _Walker:
-    """Structural walk of an encoded dataset in one transfer syntax; values are not decoded."""
-
-    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool) -> None:
-        self.buf = buf
-        self.end = len(buf)
-        self.implicit = implicit
-        self.hdr = struct.Struct("<HH" if little else ">HH")
-        self.u16 = struct.Struct("<H" if little else ">H")
-        self.u32 = struct.Struct("<I" if little else ">I")
-        self.found: dict[str, str] = {}
-        self.image: dict[int, bytes] = {}  # _IMAGE_TAGS, raw
-        self.pixel_length = -1  # native Pixel Data: its length; -1 none, -2 encapsulated
-        self.fragments: list[tuple[int, int]] = []  # encapsulated: (offset, length) of each item, offset table first
-
-    def _tag_len(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
-        """(tag, vr, value length, value offset) of the element at ``pos``."""
-        if pos + 8 > self.end:
-            raise InvalidDataset(f"truncated element header at byte {pos}")
-        group, elem = self.hdr.unpack_from(self.buf, pos)
-        tag = group << 16 | elem
-        if group == 0xFFFE or implicit:  # item tags never carry a VR
-            return tag, None, self.u32.unpack_from(self.buf, pos + 4)[0], pos + 8
-        vr = bytes(self.buf[pos + 4:pos + 6])
-        if vr in _LONG_VRS:
-            if pos + 12 > self.end:
-                raise InvalidDataset(f"truncated element header at byte {pos}")
-            return tag, vr, self.u32.unpack_from(self.buf, pos + 8)[0], pos + 12
-        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-            raise InvalidDataset(f"invalid VR at byte {pos}")
-        return tag, vr, self.u16.unpack_from(self.buf, pos + 6)[0], pos + 8
-
-    def dataset(self, pos: int, implicit: bool, top: bool, stop_at_item_end: bool) -> int:
-        """Walk elements from ``pos``; return the offset after the dataset (or item delimiter)."""
-        last_tag = -1
-        while pos < self.end:
-            tag, vr, length, value = self._tag_len(pos, implicit)
-            if tag == _ITEM_END:
-                if not stop_at_item_end:
-                    raise InvalidDataset(f"unexpected item delimiter at byte {pos}")
-                return value
-            if tag <= last_tag and top:
-                raise InvalidDataset(f"elements out of order at byte {pos}")
-            last_tag = tag
-            if length == _UNDEFINED:
-                # a sequence, an encapsulated pixel data element, or UN holding implicit VR LE
-                nested_implicit = implicit or vr == b"UN"
-                pixels = top and tag == _PIXEL_DATA
-                if pixels:
-                    self.pixel_length = -2
-                pos = self.items(value, nested_implicit, encapsulated=vr in (b"OB", b"OW"),
-                                 fragments=self.fragments if pixels else None)
-                continue
-            pos = value + length
-            if pos > self.end:
-                raise InvalidDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end")
-            if top and tag in _WANTED:
-                raw = bytes(self.buf[value:pos])
-                self.found[_WANTED[tag]] = raw.decode("ascii", "replace").strip("\0 ")
-            elif top and tag in _IMAGE_TAGS:
-                self.image[tag] = bytes(self.buf[value:pos])
-            elif top and tag == _PIXEL_DATA:
-                self.pixel_length = length
-        if stop_at_item_end:
-            raise InvalidDataset("item without delimiter at end of data")
-        return pos
-
-    def items(self, pos: int, implicit: bool, encapsulated: bool,
-              fragments: list[tuple[int, int]] | None = None) -> int:
-        """Walk the items of an undefined-length element up to its sequence delimiter."""
-        while True:
-            tag, _vr, length, value = self._tag_len(pos, True)
-            if tag == _SEQ_END:
-                return value
-            if tag != _ITEM:
-                raise InvalidDataset(f"expected an item at byte {pos}")
-            if length == _UNDEFINED and not encapsulated:
-                pos = self.dataset(value, implicit, top=False, stop_at_item_end=True)
-            elif length == _UNDEFINED:
-                raise InvalidDataset("undefined-length fragment in encapsulated pixel data")
-            else:
-                pos = value + length
-                if pos > self.end:
-                    raise InvalidDataset("item runs past the end of the data")
-                if fragments is not None:
-                    fragments.append((value, length))
-
-
-def scan_dataset(data: bytes | memoryview, transfer_syntax: str) -> dict[str, str]:
-    """Check an encoded dataset is structurally complete; return the attributes used for filing.
-
-    Raises InvalidDataset for truncated or malformed data, UndecodablePixelData for pixel data that
-    certainly cannot be decoded (cinesr.service.pixelcheck).
-    """
-    syntax = transfer_syntax
-    if transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
-        try:
-            data = zlib.decompress(bytes(data), -15)
-        except zlib.error as exc:
-            raise InvalidDataset(f"cannot inflate deflated dataset: {exc}") from None
-        transfer_syntax = EXPLICIT_VR_LE
-    if len(data) < 8:
-        raise InvalidDataset("empty dataset")
-    walker = _Walker(data, transfer_syntax == IMPLICIT_VR_LE, transfer_syntax != EXPLICIT_VR_BE)
-    try:
-        walker.dataset(0, walker.implicit, top=True, stop_at_item_end=False)
-    except struct.error as exc:
-        raise InvalidDataset(f"truncated dataset: {exc}") from None
-    problem = pixel_problem(syntax, transfer_syntax != EXPLICIT_VR_BE, walker.image, walker.pixel_length,
-                            walker.fragments, data)
-    if problem:
-        raise UndecodablePixelData(problem)
-    return walker.found
-
-
-# --------------------------------------------------------------------------------------------
-# File meta information, built directly as bytes (explicit VR little endian, group 0002).
-
-
-def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0" if vr in (b"UI", b"OB") else b" "
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", 2, elem, vr, len(value)) + value
-    return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
-
-
-def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-                    source_ae: str = "") -> bytes:
-    """Preamble + ``DICM`` + file meta group (PS3.10) for an instance."""
-    body = b"".join([
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", sop_class_uid.encode()),
-        _meta_element(0x0003, b"UI", sop_instance_uid.encode()),
-        _meta_element(0x0010, b"UI", transfer_syntax.encode()),
-        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()),
-        _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode()),
-    ] + ([_meta_element(0x0016, b"AE", source_ae.strip().encode("ascii", "replace")[:16])]
-         if source_ae.strip() else []))
-    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
-
-
-# --------------------------------------------------------------------------------------------
-# Write-ahead journal.
-#
-# A segment file: a 4 KiB header block (magic, sequence number, random nonce), then records.
-# A record: header, then the payload = the instance's file bytes followed by a text block (the UIDs
-# used to file it). An association owns one segment at a time and streams each dataset into it as
-# the PDUs arrive (with early writeback), so at the end of a C-STORE only the tail, the record
-# header and one flush remain. The nonce in every record keeps stale or crafted bytes (an older
-# use of a recycled segment, an aborted record's data) from ever parsing as a record.
-
-_SEG_MAGIC = b"CSRS"
-_SEG_HEAD = struct.Struct("<4sQQ")  # magic, sequence number, nonce
-_SEG_DATA = 4096  # records start after the header block
-_REC_MAGIC = b"CSRJ"
-_REC_HEAD = struct.Struct("<4sQQII")  # magic, sequence, nonce, payload length, crc32(payload)
-_STR_HEAD = struct.Struct("<IHHHHHH")  # file-bytes length, then the lengths of the six text fields
-_ZEROS = bytes(1 << 20)
-
-try:  # start writeback of streamed data at once, so the final flush has little left to write
-    import ctypes
-
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-
-    def _start_writeback(fd: int, offset: int, length: int) -> None:
-        _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE: asynchronous
-except (OSError, AttributeError):  # not Linux: fdatasync alone still makes it durable
-    def _start_writeback(fd: int, offset: int, length: int) -> None:
-        return None
 
 try:  # one call makes a whole checkpoint batch durable (~0.1 s against ~1.6 s for 300 fdatasyncs)
+    import ctypes
+
     _syncfs_call = ctypes.CDLL(None, use_errno=True).syncfs
     _syncfs_call.argtypes = [ctypes.c_int]
-except (OSError, AttributeError, NameError):
+except (OSError, AttributeError):
     _syncfs_call = None
 
 
@@ -343,300 +114,8 @@ def _sync_files(fds: list[int], directories: set[Path], anchor: Path) -> None:
         for fd in fds:
             os.close(fd)
     for directory in directories:
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
-
-def _text_block(file_length: int, info: StoredInstance) -> bytes:
-    texts = [s.encode() for s in (info.study_uid, info.series_uid, info.sop_instance_uid,
-                                  info.sop_class_uid, info.modality, info.transfer_syntax)]
-    return _STR_HEAD.pack(file_length, *(len(t) for t in texts)) + b"".join(texts)
-
-
-def _decode_segment(buf: bytes, expected_seq: int) -> Iterator[tuple[list[str], bytes]]:
-    """Committed records of the segment file named ``<expected_seq>.wal``."""
-    if len(buf) < _SEG_DATA:
-        return
-    magic, seq, nonce = _SEG_HEAD.unpack_from(buf, 0)
-    if magic != _SEG_MAGIC or seq != expected_seq:
-        return  # e.g. a recycled spare renamed, but its new header not yet on disk at a crash
-    pos = _SEG_DATA
-    while pos + _REC_HEAD.size <= len(buf):
-        magic, rec_seq, rec_nonce, length, crc = _REC_HEAD.unpack_from(buf, pos)
-        start = pos + _REC_HEAD.size
-        payload = buf[start:start + length]
-        # End of the committed part: zeros, a stale record, or a torn one (never acknowledged).
-        if (magic != _REC_MAGIC or rec_seq != seq or rec_nonce != nonce or len(payload) != length
-                or zlib.crc32(payload) != crc):
-            return
-        text_start = len(payload) - struct.unpack_from("<I", payload, len(payload) - 4)[0]
-        file_length, *lens = _STR_HEAD.unpack_from(payload, text_start)
-        if file_length != text_start:
-            return
-        off = text_start + _STR_HEAD.size
-        texts = []
-        for n in lens:
-            texts.append(payload[off:off + n].decode())
-            off += n
-        yield texts, payload[:file_length]
-        pos = start + length
-
-
-def _zero_fill(path: Path, size: int) -> None:
-    """Create a segment whose blocks are written (zeros): later overwrites change no metadata, so
-    fdatasync is one data write + flush instead of an ext4 journal commit (~0.2 vs ~0.4 ms)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        left = size
-        while left > 0:
-            left -= os.write(fd, _ZEROS[:min(left, len(_ZEROS))])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclass
-class _Segment:
-    seq: int
-    fd: int
-    size: int
-    nonce: int
-    tail: int = _SEG_DATA
-    outstanding: int = 0  # committed records not yet checkpointed as files
-    owned: bool = False
-
-
-class _Journal:
-    """Segments of the write-ahead journal; each is owned by at most one writer at a time."""
-
-    def __init__(self, directory: Path, segment_size: int, spares: int,
-                 reserve: Callable[[int], None] = lambda n: None) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.segment_size = segment_size
-        self.max_spares = spares
-        self.reserve = reserve  # raises StoreFull if writing that many bytes would cross the watermark
-        self.lock = threading.Lock()
-        existing = [int(p.stem) for p in self.dir.glob("*.wal")]
-        self._seq = max(existing, default=0) + 1
-        self.active: dict[int, _Segment] = {}
-        self._spares = [p for p in self.dir.glob("*.spare") if p.stat().st_size == segment_size]
-        for p in self.dir.glob("*.spare"):
-            if p not in self._spares:
-                p.unlink()
-        for p in self._spares[spares:]:  # the spare count was lowered since
-            p.unlink()
-        del self._spares[spares:]
-        self._spare_n = 0
-
-    def segment_files(self) -> list[Path]:
-        return sorted(self.dir.glob("*.wal"), key=lambda p: int(p.stem))
-
-    def prepare_spares(self) -> None:
-        """Zero-fill spare segments (at start, or when idle; never while instances stream in).
-
-        Spares only make flushes cheaper: on a volume near its free-space watermark none are made (a
-        spare must not take the space instances need), and a failure to make one is logged, not raised."""
-        made = False
-        while len(self._spares) < self.max_spares:
-            path = self.dir / f"prepared-{os.getpid()}-{self._spare_n}.spare"
-            self._spare_n += 1
-            if path.exists():
-                continue
-            try:
-                self.reserve(self.segment_size)
-                _zero_fill(path, self.segment_size)
-            except StoreFull:
-                LOGGER.debug("no spare journal segment prepared: free space is near the watermark")
-                break
-            except OSError as exc:
-                path.unlink(missing_ok=True)
-                LOGGER.warning("could not prepare a spare journal segment: %s", exc.strerror or exc)
-                break
-            with self.lock:
-                self._spares.append(path)
-            made = True
-        if made:
-            _fsync_dir(self.dir)
-
-    def _activate(self, min_size: int) -> _Segment:
-        """A new segment (caller holds the lock): a spare if one is ready, else fallocate."""
-        seq = self._seq
-        self._seq += 1
-        path = self.dir / f"{seq:012d}.wal"
-        if min_size <= self.segment_size and self._spares:
-            os.rename(self._spares.pop(), path)
-            fd = os.open(path, os.O_RDWR)
-            size = self.segment_size
-        else:  # no spare ready, or a huge instance: unwritten extents, slower flushes
-            size = max(self.segment_size, min_size)
-            try:  # the free-space check comes before the blocks are taken
-                self.reserve(size)
-            except StoreFull:
-                if size == min_size:
-                    raise
-                size = min_size  # near the watermark: only what this instance needs
-                self.reserve(size)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError:
-                os.close(fd)
-                path.unlink(missing_ok=True)
-                raise
-        nonce = int.from_bytes(os.urandom(8), "little")
-        os.pwrite(fd, _SEG_HEAD.pack(_SEG_MAGIC, seq, nonce).ljust(_SEG_DATA, b"\0"), 0)
-        os.fsync(fd)
-        _fsync_dir(self.dir)
-        segment = _Segment(seq, fd, size, nonce)
-        self.active[seq] = segment
-        return segment
-
-    def acquire(self, min_free: int) -> _Segment:
-        """An active segment with at least ``min_free`` bytes left, owned by the caller."""
-        with self.lock:
-            free = [s for s in self.active.values() if not s.owned and s.size - s.tail >= min_free]
-            segment = max(free, key=lambda s: s.size - s.tail) if free else self._activate(min_free + _SEG_DATA)
-            segment.owned = True
-            return segment
-
-    def give_back(self, segment: _Segment) -> None:
-        with self.lock:
-            segment.owned = False
-            self._maybe_retire(segment)
-
-    def checkpointed(self, counts: dict[int, int]) -> None:
-        """Records now safe as files: segments left with none (and no owner) can be recycled."""
-        retired = False
-        with self.lock:
-            for seq, n in counts.items():
-                segment = self.active.get(seq)
-                if segment is not None:
-                    segment.outstanding -= n
-                    retired = self._maybe_retire(segment) or retired
-        if retired:
-            _fsync_dir(self.dir)
-
-    def _maybe_retire(self, segment: _Segment, force: bool = False) -> bool:
-        """Retire a segment nobody writes to and whose records are all files: it becomes a spare (up to
-        the spare count) or is deleted, so the journal holds only what is in use plus the spares.
-        (``force`` is kept for close(); retiring no longer waits for a segment to be half used.)"""
-        if segment.owned or segment.outstanding > 0 or self.active.get(segment.seq) is not segment:
-            return False  # in use, or already retired
-        del self.active[segment.seq]
-        os.close(segment.fd)
-        path = self.dir / f"{segment.seq:012d}.wal"
-        try:
-            if len(self._spares) < self.max_spares and segment.size == self.segment_size:
-                spare = self.dir / f"recycled-{segment.seq}.spare"
-                os.rename(path, spare)
-                self._spares.append(spare)
-            else:
-                path.unlink(missing_ok=True)
-        except OSError as exc:  # left for the next start, whose replay finds only records already filed
-            LOGGER.warning("could not retire journal segment %d: %s", segment.seq, exc.strerror or exc)
-        return True
-
-    def retire_file(self, path: Path) -> None:
-        """A segment left over from before a restart, its records replayed."""
-        with self.lock:
-            if len(self._spares) < self.max_spares and path.stat().st_size == self.segment_size:
-                spare = self.dir / f"recycled-{path.stem}.spare"
-                os.rename(path, spare)
-                self._spares.append(spare)
-            else:
-                path.unlink()
-
-    def close(self) -> None:
-        with self.lock:
-            for segment in list(self.active.values()):
-                segment.owned = False
-                if not self._maybe_retire(segment, force=True):
-                    os.close(segment.fd)
-                    del self.active[segment.seq]
-        _fsync_dir(self.dir)
-
-
-class _JournalRecord:
-    """One instance being streamed into a segment owned by an InstanceWriter."""
-
-    def __init__(self, journal: _Journal, segment: _Segment | None, meta: bytes) -> None:
-        self.journal = journal
-        self.segment = segment
-        self.meta = meta
-        self.fed = 0  # dataset bytes written so far
-        self.crc = zlib.crc32(meta)
-        self.start = 0
-        self.meta_written = False
-        if segment is not None:
-            self._place(segment)
-
-    def _place(self, segment: _Segment) -> None:
-        self.segment = segment
-        self.start = segment.tail
-        self.meta_written = False  # written together with the first dataset bytes
-
-    def _data_offset(self) -> int:
-        return self.start + _REC_HEAD.size + len(self.meta)
-
-    def feed(self, received: memoryview, reserve: int = 0, trailer: bytes = b"") -> None:
-        """Write the dataset bytes received since the last call (``received`` holds them all).
-
-        ``trailer`` (the record's text block, at commit) is written right after them."""
-        new = received[self.fed:]
-        segment = self.segment
-        assert segment is not None
-        if self._data_offset() + len(received) + reserve > segment.size:
-            # Doesn't fit: move to a segment with room, rewriting what was streamed so far. The new one is
-            # taken first, so that if it cannot be (StoreFull) the writer still owns the old one.
-            bigger = self.journal.acquire(2 * (len(self.meta) + len(received) + reserve) + _REC_HEAD.size)
-            self.journal.give_back(segment)
-            self._place(bigger)
-            self.crc = zlib.crc32(self.meta)
-            new = received
-        offset = self._data_offset() + len(received) - len(new)
-        parts = [new] if new else []
-        if not self.meta_written:
-            offset -= len(self.meta)
-            parts.insert(0, self.meta)
-            self.meta_written = True
-        if trailer:
-            parts.append(trailer)
-        if parts:
-            os.pwritev(self.segment.fd, parts, offset)
-            if not trailer:  # mid-stream: get the bytes moving to the disk now
-                _start_writeback(self.segment.fd, offset, self._data_offset() + len(received) - offset)
-        if new:
-            self.crc = zlib.crc32(new, self.crc)
-        self.fed = len(received)
-
-    def commit(self, dataset: memoryview, info: StoredInstance) -> tuple[int, int, int]:
-        """Write the rest, the text block and the header, flush; return (seq, file offset, length)."""
-        text = _text_block(len(self.meta) + len(dataset), info)
-        text += struct.pack("<I", len(text) + 4)
-        self.feed(dataset, reserve=len(text), trailer=text)
-        segment = self.segment
-        assert segment is not None
-        payload_length = len(self.meta) + len(dataset) + len(text)
-        crc = zlib.crc32(text, self.crc)
-        head = _REC_HEAD.pack(_REC_MAGIC, segment.seq, segment.nonce, payload_length, crc)
-        end = self.start + _REC_HEAD.size + payload_length
-        os.pwrite(segment.fd, head, self.start)
-        os.fdatasync(segment.fd)
-        with self.journal.lock:
-            segment.tail = end
-            segment.outstanding += 1
-        return segment.seq, self.start + _REC_HEAD.size, len(self.meta) + len(dataset)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------------------------
 
 
 _T = TypeVar("_T")
@@ -713,11 +192,11 @@ class InstanceStore:
         self._fault_stage = ""
         self._closing = False
         self._scan_existing()
-        self._journal: _Journal | None = None
+        self._journal: Journal | None = None
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._applier: threading.Thread | None = None
         if durability == "journal":
-            self._journal = _Journal(self.root / "journal", segment_size, spare_segments,
+            self._journal = Journal(self.root / "journal", segment_size, spare_segments,
                                      reserve=lambda n: self.check_space(n, factor=1))
             self._recover()
             self._journal.prepare_spares()
@@ -895,8 +374,9 @@ class InstanceStore:
             if self._journal is not None:
                 record = writer._record
                 if record is None or record.meta != meta:
-                    record = _JournalRecord(self._journal, writer._segment_for(len(dataset)), meta)
-                seq, offset, length = record.commit(dataset, info)
+                    record = JournalRecord(self._journal, writer._segment_for(len(dataset)), meta)
+                seq, offset, length = record.commit(dataset, (study_uid, series_uid, sop_instance_uid, sop_class_uid,
+                                                               info.modality, transfer_syntax))
                 writer._segment = record.segment
                 self._last_put = time.monotonic()
                 with self._lock:
@@ -940,7 +420,7 @@ class InstanceStore:
         if data[128:132] != b"DICM":
             return False
         meta_end = 144 + struct.unpack_from("<I", data, 140)[0]
-        return (_meta_value(data[144:meta_end], 0x0010) == transfer_syntax
+        return (meta_value(data[144:meta_end], 0x0010) == transfer_syntax
                 and memoryview(data)[meta_end:] == dataset)
 
     def put_file(self, path: str | os.PathLike[str], source_ae: str = "") -> StoredInstance:
@@ -952,11 +432,11 @@ class InstanceStore:
         meta_end = 144 + group_len
         meta = data[144:meta_end]
         dataset = memoryview(data)[meta_end:]
-        ts = _meta_value(meta, 0x0010)
+        ts = meta_value(meta, 0x0010)
         # the dataset's own UIDs win over the file meta's (they can disagree in the wild)
         found = scan_dataset(dataset, ts)
-        return self.put(dataset, ts, found.get("sop_class_uid") or _meta_value(meta, 0x0002),
-                        found.get("sop_instance_uid") or _meta_value(meta, 0x0003), source_ae)
+        return self.put(dataset, ts, found.get("sop_class_uid") or meta_value(meta, 0x0002),
+                        found.get("sop_instance_uid") or meta_value(meta, 0x0003), source_ae)
 
     def flush(self, timeout: float | None = None, checkpoint: bool = False) -> bool:
         """Wait until every acknowledged instance is visible as a file (with ``checkpoint``, also
@@ -990,28 +470,27 @@ class InstanceStore:
         created = not directory.is_dir()
         directory.mkdir(parents=True, exist_ok=True)
         if created:  # make the new directory entries themselves durable
-            _fsync_dir(directory.parent)
-            _fsync_dir(directory.parent.parent)
+            fsync_dir(directory.parent)
+            fsync_dir(directory.parent.parent)
         self._known_dirs.add(directory)
 
-    def _write_tmp_and_rename(self, path: Path, parts: list[bytes | memoryview], sync: bool) -> int:
-        """Write to a hidden temp name, optionally fdatasync, rename into place; return the fd."""
+    def _write_file(self, path: Path, write: Callable[[int], object], sync: bool) -> int:
+        """Write a file whole (``write`` gets the open descriptor) under a temporary name, optionally
+        fdatasync it, rename it into place; return the descriptor, still open for a batched sync."""
         self._ensure_dir(path.parent)
-        tmp = path.parent / f".{path.name}.tmp{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = -1
         try:
-            os.writev(fd, parts)
-            if sync:
-                os.fdatasync(fd)
-            os.rename(tmp, path)
+            with atomic_write(path, sync=sync) as tmp:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                write(fd)
         except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
+            if fd >= 0:
+                os.close(fd)
             raise
         return fd
 
     def _write_file_durably(self, path: Path, parts: list[bytes | memoryview]) -> None:
-        os.close(self._write_tmp_and_rename(path, parts, sync=True))
+        os.close(self._write_file(path, lambda fd: os.writev(fd, parts), sync=True))
         directory = path.parent
         # Group commit of the directory fsync: one fsync covers every rename done before it.
         with self._dir_sync_lock:
@@ -1023,7 +502,7 @@ class InstanceStore:
             if counts[1] < mine:
                 with self._dir_sync_lock:
                     target = counts[0]
-                _fsync_dir(directory)
+                fsync_dir(directory)
                 counts[1] = max(counts[1], target)
 
     def _notify(self, info: StoredInstance) -> None:
@@ -1042,19 +521,19 @@ class InstanceStore:
         replayed = 0
         fds: list[int] = []
         for seg in segments:
-            for texts, file_bytes in _decode_segment(seg.read_bytes(), int(seg.stem)):
+            for texts, file_bytes in decode_segment(seg.read_bytes(), int(seg.stem)):
                 study, series, sop = texts[:3]
                 if not (is_valid_uid(study) and is_valid_uid(series) and is_valid_uid(sop)):
                     continue
                 path = self.instances_dir / study / series / f"{sop}.dcm"
-                fds.append(self._write_tmp_and_rename(path, [file_bytes], sync=False))
+                fds.append(self._write_file(path, lambda fd, data=file_bytes: os.write(fd, data), sync=False))
                 self._index[sop] = path
                 replayed += 1
         self._checkpoint(fds)
         for seg in segments:
             self._journal.retire_file(seg)
         if segments:
-            _fsync_dir(self._journal.dir)
+            fsync_dir(self._journal.dir)
             LOGGER.info("replayed %d journalled instances from %d segments", replayed, len(segments))
 
     def _checkpoint(self, fds: list[int]) -> None:
@@ -1121,7 +600,7 @@ class InstanceStore:
                     self._retry("syncing instance files", self._checkpoint_batch, batch)
                     self._released(batch)
                     batch = []
-                    for seg in [s for s in segment_fds if s not in self._journal.active]:
+                    for seg in [s for s in segment_fds if not self._journal.is_active(s)]:
                         os.close(segment_fds.pop(seg))  # retired: its blocks may be recycled
                 if waiters and not batch:
                     for waiter in waiters:
@@ -1147,12 +626,9 @@ class InstanceStore:
         assert self._journal is not None
         src = segment_fds.get(item.segment)
         if src is None:
-            src = segment_fds[item.segment] = os.open(self._journal.dir / f"{item.segment:012d}.wal", os.O_RDONLY)
-        path = item.info.path
-        self._ensure_dir(path.parent)
-        tmp = path.parent / f".{path.name}.tmp{threading.get_ident()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
+            src = segment_fds[item.segment] = os.open(self._journal.segment_path(item.segment), os.O_RDONLY)
+
+        def copy(fd: int) -> None:
             offset, left = item.offset, item.length
             while left > 0:  # in-kernel copy from the page cache; no bytes through Python
                 n = os.copy_file_range(src, fd, left, offset)
@@ -1160,12 +636,8 @@ class InstanceStore:
                     raise OSError(f"journal record of {item.info.sop_instance_uid} is short")
                 offset += n
                 left -= n
-            os.rename(tmp, path)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        return fd
+
+        return self._write_file(item.info.path, copy, sync=False)
 
     def _checkpoint_batch(self, batch: list[tuple[int, _Pending]]) -> None:
         """Make a batch of written files durable (their descriptors are closed, whatever happens)."""
@@ -1216,10 +688,10 @@ class InstanceWriter:
         self.requested_class = ""  # the request's UIDs as sent: they must be the dataset's
         self.requested_instance = ""
         self._space_counted = 0  # dataset bytes already counted against the free-space watermark
-        self._segment: _Segment | None = None
-        self._record: _JournalRecord | None = None
+        self._segment: Segment | None = None
+        self._record: JournalRecord | None = None
 
-    def _segment_for(self, size: int) -> _Segment:
+    def _segment_for(self, size: int) -> Segment:
         journal = self.store._journal
         assert journal is not None
         if self._segment is not None and self._segment.size - self._segment.tail < size + (1 << 16):
@@ -1243,7 +715,7 @@ class InstanceWriter:
             # room for a typical instance (its size is not known yet); small segments are not abandoned
             # for a guess larger than they are (a longer instance moves on as it streams in)
             guess = min(1 << 20, journal.segment_size // 4)
-            self._record = _JournalRecord(journal, self._segment_for(guess), meta)
+            self._record = JournalRecord(journal, self._segment_for(guess), meta)
 
     def feed(self, received: memoryview) -> None:
         """Stream the dataset bytes received so far (all of them, from the start).
@@ -1284,20 +756,3 @@ class InstanceWriter:
         if self._segment is not None and self.store._journal is not None:
             self.store._journal.give_back(self._segment)
         self._segment = None
-
-
-def _meta_value(meta: bytes, elem: int) -> str:
-    """A text value from an explicit-VR-LE file meta group (after the group length)."""
-    pos = 0
-    while pos + 8 <= len(meta):
-        _group, e, vr = struct.unpack_from("<HH2s", meta, pos)
-        if vr in _LONG_VRS:
-            length = struct.unpack_from("<I", meta, pos + 8)[0]
-            value = pos + 12
-        else:
-            length = struct.unpack_from("<H", meta, pos + 6)[0]
-            value = pos + 8
-        if e == elem:
-            return meta[value:value + length].decode("ascii", "replace").strip("\0 ")
-        pos = value + length
-    return ""

@@ -29,15 +29,17 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from .listener import (
+from .part10 import RefusedPart, split_part10, store_part10
+from .store import InstanceWriter
+from .store_errors import (
     CANNOT_UNDERSTAND,
     DUPLICATE_CONFLICT,
     OUT_OF_RESOURCES,
-    PROCESSING_FAILURE,
-    STORE_HALTED,
+    InvalidDataset,
+    StoreFull,
+    StoreHalted,
+    refusal_status,
 )
-from .part10 import RefusedPart, split_part10, store_part10
-from .store import InstanceWriter, InvalidDataset, StoreFull, StoreHalted
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,16 +85,10 @@ def store_part(writer: InstanceWriter, part: Part, study_uid: str | None, outcom
         return
     try:
         stored = store_part10(writer, instance)
-    except InvalidDataset as exc:  # its status: 0xA900 a UID missing, 0xC212 pixel data that cannot decode, ...
-        _refuse(outcome, part, exc.status, str(exc), *uids)
-    except StoreFull:
-        _refuse(outcome, part, OUT_OF_RESOURCES, "disk space below watermark", *uids)
-    except StoreHalted as exc:
-        _refuse(outcome, part, STORE_HALTED, str(exc), *uids)
-    except OSError as exc:
-        LOGGER.exception("could not store SOPInstanceUID %s", instance.sop_instance_uid)
-        _refuse(outcome, part, OUT_OF_RESOURCES if exc.errno in (28, 122) else PROCESSING_FAILURE,
-                exc.strerror or "storage error", *uids)
+    except (InvalidDataset, OSError) as exc:  # InvalidDataset: 0xA900 a UID missing, 0xC212 pixel data, ...
+        if isinstance(exc, OSError) and not isinstance(exc, (StoreFull, StoreHalted)):
+            LOGGER.exception("could not store SOPInstanceUID %s", instance.sop_instance_uid)
+        _refuse(outcome, part, *refusal_status(exc), *uids)
     else:
         outcome.referenced.append((stored.sop_class_uid, stored.sop_instance_uid))
         outcome.new += not stored.duplicate
