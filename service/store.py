@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import shutil
 import struct
 import threading
@@ -43,11 +42,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-from cinesr.model.folders import fsync_dir
+from cinesr.service.applier import JournalApplier
 from cinesr.service.filing import InstanceFiles
-from cinesr.service.journal import Journal, decode_segment
+from cinesr.service.journal import Journal
 from cinesr.service.store_errors import (
     InvalidDataset,
     MissingAttributes,
@@ -87,25 +86,6 @@ class StoredInstance:
 
 
 
-_T = TypeVar("_T")
-
-
-class _GiveUp(Exception):
-    """The store is closing while a background stage still fails."""
-
-
-@dataclass
-class _Pending:
-    """A journalled instance waiting to become a file: where its file bytes lie in the journal."""
-
-    info: StoredInstance
-    segment: int
-    offset: int
-    length: int
-    done: threading.Event | None = None  # only flush markers carry one
-    checkpoint: bool = False  # a marker that also waits for the files to be fsynced
-
-
 class InstanceStore:
     """Received instances on disk, durable before ``put`` returns.
 
@@ -138,14 +118,6 @@ class InstanceStore:
         self.instances_dir = self.root / "instances"
         self.instances_dir.mkdir(parents=True, exist_ok=True)
         self.durability = durability
-        # The applier waits for a pause in arrivals (or a large backlog) before writing files, so
-        # that while instances stream in the only work per instance is one journal append.
-        self.apply_idle_seconds = apply_idle_seconds
-        # journalled bytes not yet checkpointed above which the applier works even while instances
-        # arrive (a backlog that the free-space check has counted; default 32 MiB, e.g. 250 MR images)
-        self.apply_max_bytes = apply_max_bytes if apply_max_bytes is not None else 32 << 20
-        self._pending_bytes = 0
-        self._last_put = 0.0
         self.min_free_fraction = min_free_fraction
         self.min_free_bytes = min_free_bytes
         self._callbacks: list[Callable[[StoredInstance], None]] = [on_instance] if on_instance else []
@@ -154,21 +126,21 @@ class InstanceStore:
         self._files = InstanceFiles(self.instances_dir)
         self._space_checked = float("-inf")
         self._space_used = self._space_free = self._space_total = 0
-        self._fault: str | None = None  # set while a background stage fails (see _retry)
-        self._fault_stage = ""
-        self._closing = False
         self._scan_existing()
         self._journal: Journal | None = None
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._filing: JournalApplier | None = None
         self._applier: threading.Thread | None = None
         if durability == "journal":
             self._journal = Journal(self.root / "journal", segment_size, spare_segments,
-                                     reserve=lambda n: self.check_space(n, factor=1))
-            self._recover()
+                                    reserve=lambda n: self.check_space(n, factor=1))
+            # journalled bytes not yet checkpointed above which the applier works even while instances
+            # arrive (a backlog that the free-space check has counted; default 32 MiB, e.g. 250 MR images)
+            self._filing = JournalApplier(self._journal, self._files, self._notify, apply_idle_seconds,
+                                          apply_max_bytes if apply_max_bytes is not None else 32 << 20)
+            self._index.update(self._filing.recover(self.instances_dir))
             self._journal.prepare_spares()
-            self._applier = threading.Thread(target=self._apply_loop, name="cinesr-store-applier",
-                                             daemon=True)
-            self._applier.start()
+            self._filing.start()
+            self._applier = self._filing.thread
 
     # ---- lookups ---------------------------------------------------------------------------
 
@@ -267,7 +239,8 @@ class InstanceStore:
                 self._space_checked, self._space_used = now, 0
             free, total = self._space_free, self._space_total
             # journalled instances not yet filed will take their file's space: statvfs cannot know that
-            after = free - self._space_used - factor * needed - self._pending_bytes
+            pending = self._filing.pending_bytes if self._filing is not None else 0
+            after = free - self._space_used - factor * needed - pending
             if after < self.min_free_bytes or (total and after / total < self.min_free_fraction):
                 raise StoreFull(f"free disk space below watermark ({free} bytes free)")
             self._space_used += factor * needed
@@ -280,11 +253,11 @@ class InstanceStore:
     @property
     def fault(self) -> str | None:
         """Why the background filing is stopped (it retries until it works again), or None."""
-        return self._fault
+        return self._filing.fault if self._filing is not None else None
 
     def raise_if_halted(self) -> None:
         """Refuse new instances while the background filing is failing: what is acknowledged must get filed."""
-        fault = self._fault
+        fault = self.fault
         if fault is not None:
             raise StoreHalted(f"store not filing: {fault}")
 
@@ -346,12 +319,8 @@ class InstanceStore:
             if self._journal is not None:
                 seq, offset, length = writer.journal_commit(dataset, meta, (
                     study_uid, series_uid, sop_instance_uid, sop_class_uid, info.modality, transfer_syntax))
-                self._last_put = time.monotonic()
-                with self._lock:
-                    self._pending_bytes += length
-                # The applier copies the file bytes out of the journal (page cache), so the caller's
-                # buffer is free for reuse as soon as this returns.
-                self._queue.put(_Pending(info, seq, offset, length))
+                assert self._filing is not None
+                self._filing.add(info, seq, offset, length)
             else:
                 self._files.write_durably(path, [meta, dataset])
                 self._notify(info)
@@ -409,18 +378,14 @@ class InstanceStore:
     def flush(self, timeout: float | None = None, checkpoint: bool = False) -> bool:
         """Wait until every acknowledged instance is visible as a file (with ``checkpoint``, also
         fsynced and out of the journal); False on timeout."""
-        if self._journal is None:
+        if self._filing is None:
             return True
-        marker = _Pending(None, -1, 0, 0, threading.Event(), checkpoint)  # type: ignore[arg-type]
-        self._queue.put(marker)
-        return marker.done.wait(timeout)  # type: ignore[union-attr]
+        return self._filing.flush(timeout, checkpoint)
 
     def close(self) -> None:
         """Materialise and checkpoint everything, then stop the applier."""
-        self._closing = True
-        if self._applier is not None and self._applier.is_alive():
-            self._queue.put(None)
-            self._applier.join()
+        if self._filing is not None:
+            self._filing.close()
         if self._journal is not None:
             self._journal.close()
 
@@ -438,161 +403,3 @@ class InstanceStore:
                 callback(info)
             except Exception:  # a consumer's bug must not fail the C-STORE
                 LOGGER.exception("instance callback failed for SOPInstanceUID %s", info.sop_instance_uid)
-
-    # ---- journal applier -------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Replay journal records that were acknowledged but not yet checkpointed."""
-        assert self._journal is not None
-        segments = self._journal.segment_files()
-        replayed = 0
-        fds: list[int] = []
-        for seg in segments:
-            for texts, file_bytes in decode_segment(seg.read_bytes(), int(seg.stem)):
-                study, series, sop = texts[:3]
-                if not (is_valid_uid(study) and is_valid_uid(series) and is_valid_uid(sop)):
-                    continue
-                path = self.instances_dir / study / series / f"{sop}.dcm"
-                fds.append(self._files.write(path, lambda fd, data=file_bytes: os.write(fd, data), sync=False))
-                self._index[sop] = path
-                replayed += 1
-        self._checkpoint(fds)
-        for seg in segments:
-            self._journal.retire_file(seg)
-        if segments:
-            fsync_dir(self._journal.dir)
-            LOGGER.info("replayed %d journalled instances from %d segments", replayed, len(segments))
-
-    def _checkpoint(self, fds: list[int]) -> None:
-        """Make materialised files and their directory entries durable."""
-        self._files.sync(fds)
-
-    def _retry(self, stage: str, action: Callable[..., _T], *args: object) -> _T:
-        """Run one stage of the background filing until it works.
-
-        While it fails (a full disk, an unwritable directory) the store refuses new instances (``fault``,
-        StoreHalted: C-STORE answers 0xA7xx, /readyz 503) and retries with a growing pause of at most a
-        second, so it recovers by itself once the cause is gone. Nothing is skipped: the item that failed
-        is the one retried. On close, a stage that still fails gives up: the journal keeps what was not
-        filed and the next start files it."""
-        delay = 0.05
-        while True:
-            try:
-                result = action(*args)
-            except Exception as exc:  # noqa: BLE001 - any failure stops the filing, none may pass silently
-                reason = f"{stage} failed: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
-                if self._fault != reason:
-                    LOGGER.error("store: %s; refusing new instances until it works again", reason)
-                self._fault, self._fault_stage = reason, stage
-                if self._closing:
-                    raise _GiveUp() from exc
-                time.sleep(delay)
-                delay = min(2 * delay, 1.0)
-                continue
-            if self._fault is not None and self._fault_stage == stage:
-                LOGGER.warning("store: %s works again; accepting instances", stage)
-                self._fault = None
-            return result
-
-    def _apply_loop(self) -> None:
-        """Turn journal records into files: after a pause in arrivals (or when the journal fills),
-        in arrival order; fsync them in batches, then release their journal space."""
-        assert self._journal is not None
-        batch: list[tuple[int, _Pending]] = []  # (open fd, item) written but not yet fsynced
-        waiters: list[_Pending] = []  # flush(checkpoint=True) callers
-        segment_fds: dict[int, int] = {}
-        stopping = False
-        try:
-            while True:
-                quiet = False
-                try:
-                    item = self._queue.get(timeout=0.2 if batch else None)
-                except queue.Empty:
-                    item, quiet = None, True
-                if item is None and not quiet:
-                    stopping = True
-                elif item is not None and item.info is None:  # a flush marker: all before it is visible
-                    if item.checkpoint:
-                        waiters.append(item)
-                    else:
-                        item.done.set()  # type: ignore[union-attr]
-                elif item is not None:
-                    while (time.monotonic() - self._last_put < self.apply_idle_seconds
-                           and self._pending_bytes < self.apply_max_bytes and not stopping):
-                        time.sleep(self.apply_idle_seconds / 2)
-                    fd = self._retry("writing an instance file", self._copy_out, item, segment_fds)
-                    batch.append((fd, item))
-                    self._notify(item.info)
-                if batch and (quiet or waiters or stopping or len(batch) >= 512):
-                    self._retry("syncing instance files", self._checkpoint_batch, batch)
-                    self._released(batch)
-                    batch = []
-                    for seg in [s for s in segment_fds if not self._journal.is_active(s)]:
-                        os.close(segment_fds.pop(seg))  # retired: its blocks may be recycled
-                if waiters and not batch:
-                    for waiter in waiters:
-                        waiter.done.set()  # type: ignore[union-attr]
-                    waiters = []
-                if stopping and self._queue.empty():
-                    if batch:
-                        self._retry("syncing instance files", self._checkpoint_batch, batch)
-                        self._released(batch)
-                    for fd in segment_fds.values():
-                        os.close(fd)
-                    return
-        except _GiveUp:
-            LOGGER.error("store closed while its filing failed: the journal keeps what is not yet filed; "
-                         "the next start files it")
-            for fd in segment_fds.values():
-                os.close(fd)
-            for waiter in waiters:
-                waiter.done.set()  # type: ignore[union-attr]
-
-    def _copy_out(self, item: _Pending, segment_fds: dict[int, int]) -> int:
-        """Write an instance's file from its journal record; return the open file descriptor."""
-        assert self._journal is not None
-        src = segment_fds.get(item.segment)
-        if src is None:
-            src = segment_fds[item.segment] = os.open(self._journal.segment_path(item.segment), os.O_RDONLY)
-
-        def copy(fd: int) -> None:
-            offset, left = item.offset, item.length
-            while left > 0:  # in-kernel copy from the page cache; no bytes through Python
-                n = os.copy_file_range(src, fd, left, offset)
-                if n <= 0:
-                    raise OSError(f"journal record of {item.info.sop_instance_uid} is short")
-                offset += n
-                left -= n
-
-        return self._files.write(item.info.path, copy, sync=False)
-
-    def _checkpoint_batch(self, batch: list[tuple[int, _Pending]]) -> None:
-        """Make a batch of written files durable (their descriptors are closed, whatever happens)."""
-        t0 = time.perf_counter()
-        fds = [fd for fd, _item in batch if fd >= 0]
-        if len(fds) < len(batch):  # a retry: the failed attempt closed them
-            for fd in fds:
-                os.close(fd)
-            fds = []
-            for _fd, item in batch:
-                fds.append(os.open(item.info.path, os.O_RDONLY))
-        batch[:] = [(-1, item) for _fd, item in batch]
-        self._files.sync(fds, {item.info.path.parent for _fd, item in batch})
-        LOGGER.debug("checkpointed %d instances in %.1f ms", len(batch), 1000 * (time.perf_counter() - t0))
-
-    def _released(self, batch: list[tuple[int, _Pending]]) -> None:
-        """A durable batch: its journal records are no longer needed."""
-        assert self._journal is not None
-        segments: dict[int, int] = {}
-        released = 0
-        for _fd, item in batch:
-            segments[item.segment] = segments.get(item.segment, 0) + 1
-            released += item.length
-        try:
-            self._journal.checkpointed(segments)
-        except OSError as exc:  # only the journal directory's fsync: the next retirement syncs it again
-            LOGGER.warning("journal directory sync failed: %s", exc.strerror or exc)
-        with self._lock:
-            self._pending_bytes -= released
-        if self._queue.empty():
-            self._journal.prepare_spares()  # top up while nothing streams in
