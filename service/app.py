@@ -446,8 +446,7 @@ class Service:
         except PermanentError as exc:
             checks["model"] = {"ok": False, "error": str(exc)}
         if self.listener is not None:
-            checks["listener"] = {"ok": self.listener.listener._thread is not None
-                                  and self.listener.listener._thread.is_alive(), "port": self.listener.port}
+            checks["listener"] = {"ok": self.listener.listener.accepting, "port": self.listener.port}
         if self.worker is not None:
             alive = getattr(self.worker, "alive", lambda: True)()
             checks["worker"] = {"ok": bool(alive)}

@@ -97,7 +97,6 @@ class ReceiveBudget:
                 self.in_use -= n
 
 
-
 class Association:
     """One accepted connection: negotiation, then C-ECHO/C-STORE until release or abort."""
 

@@ -44,6 +44,7 @@ NO_DATASET = 0x0101  # Command Data Set Type: no dataset follows
 
 
 def is_storage_sop_class(uid: str) -> bool:
+    """Whether we accept instances of this SOP class (any standard storage class, present or future)."""
     return uid in STORAGE_SOP_CLASSES or uid.startswith(_STORAGE_PREFIX)
 
 
@@ -63,6 +64,7 @@ WAITALL = getattr(socket, "MSG_WAITALL", 0)
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the socket; Closed if the peer closes first, TimeoutError if it stalls."""
     # MSG_WAITALL: the kernel gathers the whole fragment before returning (one trip through
     # Python per PDV, not one per TCP segment). TLS sockets take no flags.
     flags = 0 if isinstance(sock, ssl.SSLSocket) else WAITALL
@@ -91,6 +93,7 @@ def set_timeout(sock: socket.socket, seconds: float) -> None:
 
 
 def read_pdu(sock: socket.socket, header: bytearray) -> tuple[int, bytearray]:
+    """An association-phase PDU: (type, body); ``header`` is the 6-byte buffer its header is read into."""
     recv_exact(sock, memoryview(header))
     pdu_type = header[0]
     length = struct.unpack_from(">I", header, 2)[0]
@@ -115,10 +118,12 @@ def parse_command(data: bytes) -> dict[int, bytes]:
 
 
 def uid_text(value: bytes | None) -> str:
+    """A UI (or other text) value of a command element, without its padding."""
     return value.decode("ascii", "replace").rstrip("\0 ") if value else ""
 
 
 def us(value: bytes | None) -> int:
+    """A US value of a command element; -1 if absent."""
     if not value or len(value) < 2:
         return -1
     return struct.unpack_from("<H", value)[0]
@@ -151,6 +156,7 @@ def encode_response(command_field: int, message_id: int, status: int, sop_class_
 
 
 def p_data(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF PDU carrying one whole command set on a presentation context."""
     pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
     return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
 
@@ -159,4 +165,5 @@ RELEASE_RP = struct.pack(">BBI", 0x06, 0, 4) + b"\0\0\0\0"
 
 
 def abort_pdu(source: int = 2, reason: int = 0) -> bytes:
+    """An A-ABORT PDU (source 2: the service provider)."""
     return struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, source, reason)

@@ -123,6 +123,11 @@ class DicomListener:
     def active_associations(self) -> int:
         return self._active
 
+    @property
+    def accepting(self) -> bool:
+        """Whether the accept thread runs (readiness)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def admit(self) -> bool:
         """Take an association slot (released when the connection ends); False when all are taken."""
         with self._lock:

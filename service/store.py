@@ -85,7 +85,6 @@ class StoredInstance:
     conflict: bool = False  # a duplicate whose content differs from the copy kept
 
 
-
 class InstanceStore:
     """Received instances on disk, durable before ``put`` returns.
 
