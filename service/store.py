@@ -27,8 +27,9 @@ nothing is acknowledged that cannot be filed, and nothing acknowledged is skippe
 Records carry a per-segment random nonce and a CRC, so
 torn writes, stale bytes of a recycled segment or crafted data never replay as instances.
 
-The journal's format is cinesr.service.journal; the dataset walk and file meta, cinesr.service.wire; the
-errors and the DIMSE status each one answers with, cinesr.service.store_errors.
+Its parts: cinesr.service.writer (one association's instances, streamed), .journal (segments and records),
+.applier (journal -> files, in the background), .filing (durable file writes), .wire (the dataset walk and
+the file meta), .store_errors (why an instance is refused, and the DIMSE status each reason answers with).
 """
 
 from __future__ import annotations
