@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from cinesr.model.errors import CineSRError
+from cinesr.model.folders import atomic_write
 
 PACS_AE = "DEMOPACS"
 SERVICE_AE = "CINESR"
@@ -144,9 +145,8 @@ class DemoPacs:
         series = str(ds.SeriesInstanceUID)
         folder = self.folder / series
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{ds.SOPInstanceUID}.tmp"
-        tmp.write_bytes(event.encoded_dataset())
-        os.replace(tmp, folder / f"{ds.SOPInstanceUID}.dcm")
+        with atomic_write(folder / f"{ds.SOPInstanceUID}.dcm") as tmp:
+            tmp.write_bytes(event.encoded_dataset())
         with self._lock:
             self.received[series] = len(list(folder.glob("*.dcm")))
             self.last_received[series] = time.time()
