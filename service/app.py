@@ -17,23 +17,19 @@ import os
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from cinesr.worker.errors import JobError, NotConfigured, PacsUnavailable, PermanentError, RetrieveFailed
-from cinesr.worker.jobs import Job, JobParams, JobStore, UnknownJob, open_job_store
+from cinesr.worker import lifecycle
+from cinesr.worker.errors import NotConfigured, PacsUnavailable, PermanentError, RetrieveFailed
+from cinesr.worker.jobs import Job, JobParams, JobStore, open_job_store
+from cinesr.worker.lifecycle import JobStatus, SeriesStatus
 from cinesr.worker.pacs import destination_node, pacs_node
-from cinesr.worker.process import (
-    check_steps,
-    export_series,
-    model_available,
-    process_series,
-    resolve_method_name,
-)
+from cinesr.worker.process import check_steps, model_available, resolve_method_name
 from cinesr.worker.settings import Settings
 
 from .assembly import SeriesAssembler
+from .dispatchers import Dispatcher, InlineDispatcher, make_dispatcher
 from .listener import ListenerHandle, start_listener
 from .metrics import ServiceCollector, make_registry
 from .retrieve import retrieve_study, study_series_at_pacs
@@ -60,70 +56,6 @@ class InvalidRequest(ValueError):
 
 class JobConflict(RuntimeError):
     """The job is not in a state that allows the operation."""
-
-
-class Dispatcher(Protocol):
-    def enqueue_job(self, job_id: str) -> None: ...
-
-    def enqueue_export(self, job_id: str) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-class CeleryDispatcher:
-    """Tasks on the broker (Redis, or the embedded transport in DATA_DIR)."""
-
-    def __init__(self, settings: Settings) -> None:
-        from cinesr.worker import dispatch
-
-        self.settings = settings
-        self._dispatch = dispatch
-
-    def enqueue_job(self, job_id: str) -> None:
-        self._dispatch.enqueue_job(job_id, self.settings)
-
-    def enqueue_export(self, job_id: str) -> None:
-        self._dispatch.enqueue_export(job_id, self.settings)
-
-    def stop(self) -> None:
-        return None
-
-
-class InlineDispatcher:
-    """Runs the task bodies in one background thread of this process (one series at a time)."""
-
-    def __init__(self, settings: Settings, jobs: JobStore) -> None:
-        self.settings = settings
-        self.jobs = jobs
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cinesr-inline-worker")
-
-    def _run(self, job_id: str, export_only: bool) -> None:
-        try:
-            job = self.jobs.get(job_id)
-        except UnknownJob:
-            return
-        for entry in job.series:
-            if entry.status in ("succeeded", "cancelled"):
-                continue
-            series_uid = entry.input_series_uid
-            try:
-                if not (export_only and entry.output_series_uid):
-                    process_series(job_id, series_uid, self.settings)
-                export_series(job_id, series_uid, self.settings)
-            except JobError as exc:  # recorded in the job by the task body
-                LOGGER.warning("job %s series %s: %s", job_id, series_uid, exc)
-            except Exception as exc:  # a bug or an unexpected failure: record it, keep the worker alive
-                LOGGER.exception("job %s series %s failed", job_id, series_uid)
-                self.jobs.update_series(job_id, series_uid, status="failed", error=f"{type(exc).__name__}: {exc}")
-
-    def enqueue_job(self, job_id: str) -> None:
-        self._pool.submit(self._run, job_id, False)
-
-    def enqueue_export(self, job_id: str) -> None:
-        self._pool.submit(self._run, job_id, True)
-
-    def stop(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def ensure_api_tokens(settings: Settings) -> tuple[list[str], Path | None]:
@@ -184,7 +116,8 @@ class Service:
             segment_size=settings.journal_segment_bytes, spare_segments=settings.journal_spare_segments)
         self.jobs = open_job_store(settings)
         self.routing = RoutingLog(data / "routing.sqlite3")
-        self.dispatcher = self._make_dispatcher()
+        self.dispatcher, self.worker = make_dispatcher(settings, self.jobs, self.dispatch_mode,
+                                                       self.embedded_worker_wanted)
         self.assembler = SeriesAssembler(settings.series_stable_seconds, self.on_series_complete)
         self.assembler.start()
         if listen:
@@ -196,27 +129,6 @@ class Service:
         self._resume()
         self.started = True
         return self
-
-    def _make_dispatcher(self) -> Dispatcher:
-        mode = self.dispatch_mode
-        if mode == "auto":
-            try:
-                import cinesr.worker.dispatch  # noqa: F401
-                mode = "celery"
-            except ImportError:
-                LOGGER.warning("cinesr.worker.dispatch is not available: jobs run in this process")
-                mode = "inline"
-        if mode == "inline":
-            return InlineDispatcher(self.settings, self.jobs)
-        dispatcher = CeleryDispatcher(self.settings)
-        wanted = self.embedded_worker_wanted
-        if wanted is None:
-            wanted = not self.settings.broker_url
-        if wanted:
-            from cinesr.worker.dispatch import start_embedded_worker
-
-            self.worker = start_embedded_worker(self.settings)
-        return dispatcher
 
     def stop(self) -> None:
         self._stop.set()
@@ -262,9 +174,9 @@ class Service:
         """After a restart: jobs that were being prepared are prepared again; with the in-process dispatcher,
         unfinished series are queued again (the Celery queue keeps its own messages)."""
         for job in self.jobs.list(limit=100000):
-            if job.status in ("succeeded", "failed", "cancelled"):
+            if job.status in lifecycle.TERMINAL:
                 continue
-            if job.status == "retrieving" or (not job.series and job.status == "queued"):
+            if lifecycle.needs_preparation(job):
                 self._spawn(self._prepare, f"cinesr-prepare-{job.job_id[:8]}", job.job_id)
             elif isinstance(self.dispatcher, InlineDispatcher):
                 self.dispatcher.enqueue_job(job.job_id)
@@ -287,10 +199,8 @@ class Service:
             return
         if not self.settings.auto_process:
             return
-        for job in self.jobs.list(study_uid=study_uid):
-            if job.status not in ("failed", "cancelled") and any(e.input_series_uid == series_uid
-                                                                 for e in job.series):
-                return  # already part of a job (a REST request, or an earlier push)
+        if any(lifecycle.covers(job, series_uid) for job in self.jobs.list(study_uid=study_uid)):
+            return  # already part of a job (a REST request, or an earlier push)
         job, created = self.jobs.create_or_get(study_uid, [series_uid], JobParams(), source="push")
         if created:
             LOGGER.info("series %s queued automatically as job %s", series_uid, job.job_id)
@@ -349,11 +259,11 @@ class Service:
                     raise RetrieveFailed("the study is not here and no PACS is configured")
                 with self._lock:
                     self._retrieving.add(study_uid)
-                self.jobs.update(job_id, status="retrieving")
+                self.jobs.update(job_id, status=JobStatus.RETRIEVING)
                 t0 = time.perf_counter()
                 retrieve_study(self.settings, node, study_uid, self.store)
                 self.jobs.add_timing(job_id, "retrieve", time.perf_counter() - t0)
-            if self.jobs.get(job_id).status == "cancelled":
+            if self.jobs.get(job_id).status == JobStatus.CANCELLED:
                 return  # cancelled while the study was being retrieved
             candidates = job.requested_series or self.store.series(study_uid)
             eligible, reasons = [], {}
@@ -366,21 +276,23 @@ class Service:
                     reasons[series_uid] = result.reason
             if not eligible:
                 text = "; ".join(f"{uid}: {why}" for uid, why in reasons.items())
-                self.jobs.update(job_id, status="failed", error=f"no eligible cine series in the study ({text})")
+                self.jobs.update(job_id, status=JobStatus.FAILED,
+                                 error=f"no eligible cine series in the study ({text})")
                 return
             if job.requested_series:
                 for series_uid, reason in reasons.items():
-                    self.jobs.update_series(job_id, series_uid, status="failed", error=f"not eligible: {reason}")
+                    self.jobs.update_series(job_id, series_uid, status=SeriesStatus.FAILED,
+                                            error=f"not eligible: {reason}")
             else:
                 self.jobs.set_series(job_id, eligible)
-            self.jobs.update(job_id, status="queued", error=None)
+            self.jobs.update(job_id, status=JobStatus.QUEUED, error=None)
             self.dispatcher.enqueue_job(job_id)
         except (PacsUnavailable, RetrieveFailed) as exc:
             LOGGER.warning("job %s: retrieval failed: %s", job_id, exc)
-            self.jobs.update(job_id, status="failed", error=f"retrieve: {exc}")
+            self.jobs.update(job_id, status=JobStatus.FAILED, error=f"retrieve: {exc}")
         except Exception as exc:  # noqa: BLE001 - the job records it; the service keeps serving
             LOGGER.exception("job %s: preparation failed", job_id)
-            self.jobs.update(job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            self.jobs.update(job_id, status=JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self._retrieving.discard(study_uid)
@@ -389,7 +301,7 @@ class Service:
         """Cancel a job: queued series are dropped when their message comes up, a running series stops at
         its next sampler step, computed series are not sent; a series already being exported finishes."""
         job = self.jobs.get(job_id)
-        if job.status in ("succeeded", "failed"):
+        if not lifecycle.can_cancel(job):
             raise JobConflict(f"job {job_id} is {job.status}; only unfinished jobs can be cancelled")
         job = self.jobs.cancel(job_id)
         LOGGER.info("job %s cancelled (now %s)", job_id, job.status)
@@ -399,19 +311,17 @@ class Service:
         """A failed job again: series with a derived series are resent without recomputing; the rest (and a
         job that failed before its series were known) are processed again."""
         job = self.jobs.get(job_id)
-        if job.status != "failed":
+        if not lifecycle.can_retry(job):
             raise JobConflict(f"job {job_id} is {job.status}; only failed jobs can be retried")
         self.jobs.update(job_id, attempts=job.attempts + 1, error=None)
         if not job.series:  # failed while retrieving or choosing series: prepare again
-            job = self.jobs.update(job_id, status="queued")
+            job = self.jobs.update(job_id, status=JobStatus.QUEUED)
             self._spawn(self._prepare, f"cinesr-prepare-{job_id[:8]}", job_id)
             return job
-        for entry in job.series:
-            if entry.status == "failed":
-                status = "processed" if entry.output_series_uid else "queued"
-                self.jobs.update_series(job_id, entry.input_series_uid, status=status, error=None)
-        job = self.jobs.update(job_id, status="exporting" if any(e.output_series_uid for e in job.series)
-                               else "queued", error=None)
+        series, status = lifecycle.retry_statuses(job)
+        for series_uid, series_status in series.items():
+            self.jobs.update_series(job_id, series_uid, status=series_status, error=None)
+        job = self.jobs.update(job_id, status=status, error=None)
         self.dispatcher.enqueue_export(job_id)
         return job
 

@@ -1,4 +1,4 @@
-"""REST gateway (FastAPI): submit studies, follow jobs, health, metrics. ARCHITECTURE section 6.
+"""REST gateway (FastAPI): submit studies, follow jobs, health, metrics.
 
     POST /studies/{study_uid}/superresolve   202 {job} + Location: /jobs/{job_id}   (idempotent)
     GET  /jobs/{job_id}                      the job
@@ -29,7 +29,8 @@ from datetime import datetime
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
-from cinesr.worker.jobs import JOB_STATUSES, MAX_DRAWS, Job, JobParams, UnknownJob
+from cinesr.worker.jobs import MAX_DRAWS, Job, JobParams, UnknownJob
+from cinesr.worker.lifecycle import JobStatus, SeriesStatus
 from cinesr.worker.settings import Settings
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -112,7 +113,8 @@ class SeriesView(BaseModel):
 class JobView(BaseModel):
     job_id: str
     study_uid: str
-    status: Literal["queued", "retrieving", "running", "exporting", "succeeded", "failed", "cancelled"]
+    # a Literal of the values, not the enum: the OpenAPI schema lists them inline (an enum would be a $ref)
+    status: Literal[tuple(JobStatus)]  # type: ignore[valid-type]
     progress: float
     series: list[SeriesView]
     params: JobParams
@@ -128,7 +130,7 @@ class JobView(BaseModel):
     def of(cls, job: Job, data_dir: FsPath | None = None) -> JobView:
         """The job as the API shows it; with data_dir, computed series also say where they are."""
         def where(e: Any) -> dict[str, str]:
-            if data_dir is None or not e.output_series_uid or e.status == "cancelled":
+            if data_dir is None or not e.output_series_uid or e.status == SeriesStatus.CANCELLED:
                 return {}
             folder = outputs_dir_of(data_dir, job.job_id) / e.output_series_uid
             if not folder.is_dir():
@@ -256,7 +258,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/jobs", response_model=JobList, dependencies=[Authorized], responses=_ERRORS)
     def list_jobs(service: Annotated[Service, Depends(get_service)],
                   study_uid: Annotated[str | None, Query(pattern=UID_PATTERN, max_length=64)] = None,
-                  status: Annotated[str | None, Query(pattern="^(" + "|".join(JOB_STATUSES) + ")$")] = None,
+                  status: Annotated[str | None, Query(pattern="^(" + "|".join(JobStatus) + ")$")] = None,
                   limit: Annotated[int, Query(ge=1, le=10000)] = 100) -> JobList:
         """Jobs, newest first, filtered by study and/or status."""
         jobs = service.jobs.list(study_uid=study_uid, status=status, limit=limit)
@@ -293,7 +295,7 @@ def create_app(service: Service) -> FastAPI:
         if entry is None:
             raise StudyNotFound(f"job {job_id} has no series {series_uid}")
         folder = outputs_dir_of(service.settings.data_dir, job_id) / (entry.output_series_uid or "-")
-        if not entry.output_series_uid or entry.status == "cancelled" or not folder.is_dir():
+        if not entry.output_series_uid or entry.status == SeriesStatus.CANCELLED or not folder.is_dir():
             raise JobConflict(f"series {series_uid} of job {job_id} has no derived series ({entry.status})")
         return folder, entry.output_series_uid
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from cinesr.worker.lifecycle import JobStatus, SeriesStatus
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
@@ -60,12 +61,13 @@ class ServiceCollector(Collector):
         flagged = 0
         for job in jobs:
             counts[job.status] = counts.get(job.status, 0) + 1
-            if job.status == "failed" and not job.series:
+            if job.status == JobStatus.FAILED and not job.series:
                 failed_by_stage["retrieve"] += 1
             for entry in job.series:
-                if entry.status == "queued" or (entry.status == "processed" and job.status not in ("failed",)):
+                if entry.status == SeriesStatus.QUEUED or (entry.status == SeriesStatus.PROCESSED
+                                                           and job.status != JobStatus.FAILED):
                     queued_series += 1
-                if entry.status == "failed":
+                if entry.status == SeriesStatus.FAILED:
                     failed_by_stage["export" if entry.output_series_uid else "process"] += 1
                 if entry.fidelity_db is not None:
                     fidelity.append(entry.fidelity_db)
@@ -73,8 +75,8 @@ class ServiceCollector(Collector):
             for stage, seconds in job.timings.items():
                 stage_sum[stage] = stage_sum.get(stage, 0.0) + seconds
                 stage_count[stage] = stage_count.get(stage, 0) + 1
-        for status in ("queued", "retrieving", "running", "exporting", "succeeded", "failed", "cancelled"):
-            by_status.add_metric([status], counts.get(status, 0))
+        for status in JobStatus:
+            by_status.add_metric([status.value], counts.get(status, 0))
         yield by_status
         depth = GaugeMetricFamily("cinesr_queue_depth", "Series waiting for a worker (to process or export)")
         depth.add_metric([], queued_series)

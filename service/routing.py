@@ -1,6 +1,6 @@
 """Routing: which received series are processed, and clean-up of the ones that are not.
 
-A series is eligible when cinesr.model.cine.read_series accepts it (MR with image geometry; per slice
+A series is eligible when it reads as a cine (cinesr.worker.eligibility: MR with image geometry; per slice
 position at least 2 frames with distinct cardiac trigger times; classic or enhanced MR) and it is not itself a
 CineSR output.
 Routing limits (settings ROUTING_*: largest matrix, most frames, most slices, SeriesDescription/ProtocolName
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cinesr.model.errors import CineSRError
+from cinesr.worker.eligibility import read_cine
+from cinesr.worker.errors import SeriesNotEligible
 
 from .store import InstanceStore
 
@@ -99,24 +100,17 @@ def check_series(store: InstanceStore, study_uid: str, series_uid: str,
                  limits: RoutingLimits | None = None) -> Eligibility:
     """Decide whether a stored series can be super-resolved (within `limits` when given); the reason says
     why not."""
-    from cinesr.model.cine import read_series
-
     files = store.instances(study_uid, series_uid)
-    if not files:
-        return Eligibility(study_uid, series_uid, False, "no instances stored", 0)
-    if limits is not None:
+    if limits is not None and files:
         reason = limits.check_headers(files)
         if reason:
             return Eligibility(study_uid, series_uid, False, reason, len(files))
     try:
-        found = read_series(files)
-    except CineSRError as exc:
-        return Eligibility(study_uid, series_uid, False, str(getattr(exc, "reason", exc)), len(files))
+        series = read_cine(files, series_uid)
+    except SeriesNotEligible as exc:
+        return Eligibility(study_uid, series_uid, False, str(exc), len(files))
     except Exception as exc:  # noqa: BLE001 - an undecodable file is a reason, not a crash of the service
         return Eligibility(study_uid, series_uid, False, f"unreadable: {type(exc).__name__}: {exc}", len(files))
-    series = next((s for s in found if s.series_uid == series_uid), None)
-    if series is None:
-        return Eligibility(study_uid, series_uid, False, "files do not belong to the series", len(files))
     for item in series.header.get("ContributingEquipmentSequence", None) or []:
         if str(item.get("Manufacturer", "")) == "CineSR":
             return Eligibility(study_uid, series_uid, False, "already a CineSR derived series", len(files))

@@ -1,6 +1,6 @@
 """The derived series writer: super-resolved frames -> a new DICOM series in the same study.
 
-Rules (ARCHITECTURE section 7): Rows/Columns x4, PixelSpacing /4, ImagePositionPatient moved to the new first
+Rules (README "Output"): Rows/Columns x4, PixelSpacing /4, ImagePositionPatient moved to the new first
 pixel centre, frames x8 over the cardiac cycle with TriggerTime interpolated, CardiacNumberOfImages updated,
 UIDs derived deterministically from what each image is, DERIVED\\SECONDARY image type, DerivationDescription,
 SourceImageSequence, ContributingEquipmentSequence, a SeriesDescription suffix and a window. Classic MR input is

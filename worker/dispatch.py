@@ -22,14 +22,29 @@ from typing import Any
 
 from celery import chain
 from cinesr.worker.celery_app import EXPORT, SUPERRESOLVE, get_app, is_embedded
+from cinesr.worker.lifecycle import Step, plan
 from cinesr.worker.lifeline import PARENT_ENV
 from cinesr.worker.settings import Settings
 
 log = logging.getLogger("cinesr.worker.dispatch")
 
 
-def _pending_series(job_id: str, settings: Settings) -> list[Any]:
-    """The job's series that have not succeeded yet (read from the job store, which is closed again)."""
+def queue_steps(app: Any, job_id: str, series_uid: str, steps: tuple[Step, ...]) -> None:
+    """Queue the steps of one series (lifecycle.plan): the chain superresolve -> export, or the export alone."""
+    export = app.signature(EXPORT, args=(job_id, series_uid), immutable=True)
+    if steps == (Step.EXPORT,):
+        export.apply_async(headers=_headers())
+    else:
+        chain(app.signature(SUPERRESOLVE, args=(job_id, series_uid), immutable=True), export,
+              app=app).apply_async(headers=_headers())
+
+
+def _headers() -> dict[str, Any]:
+    return {"cinesr_enqueued_at": time.time()}
+
+
+def _queue(job_id: str, settings: Settings, export_only: bool) -> None:
+    """Queue the series of the job that have work left, as lifecycle.plan says (the job store is closed again)."""
     from cinesr.worker.jobs import open_job_store
 
     store = open_job_store(settings)
@@ -37,36 +52,20 @@ def _pending_series(job_id: str, settings: Settings) -> list[Any]:
         job = store.get(job_id)
     finally:
         store.close()
-    return [entry for entry in job.series if entry.status != "succeeded"]
-
-
-def _process_then_export(app: Any, job_id: str, series_uid: str) -> None:
-    chain(app.signature(SUPERRESOLVE, args=(job_id, series_uid), immutable=True),
-          app.signature(EXPORT, args=(job_id, series_uid), immutable=True),
-          app=app).apply_async(headers=_headers())
-
-
-def _headers() -> dict[str, Any]:
-    return {"cinesr_enqueued_at": time.time()}
+    app = get_app(settings)
+    for series_uid, steps in plan(job, export_only):
+        queue_steps(app, job_id, series_uid, steps)
 
 
 def enqueue_job(job_id: str, settings: Settings) -> None:
-    """Queue every series of the job that has not succeeded yet: super-resolve, then export."""
-    app = get_app(settings)
-    for entry in _pending_series(job_id, settings):
-        _process_then_export(app, job_id, entry.input_series_uid)
+    """Queue every series of the job that has work left: super-resolve, then export."""
+    _queue(job_id, settings, export_only=False)
 
 
 def enqueue_export(job_id: str, settings: Settings) -> None:
     """Resend the derived series of the job without recomputing them; series that have no derived
     series yet (they failed before it was written) are queued for processing again."""
-    app = get_app(settings)
-    for entry in _pending_series(job_id, settings):
-        if entry.output_series_uid:
-            app.signature(EXPORT, args=(job_id, entry.input_series_uid), immutable=True).apply_async(
-                headers=_headers())
-        else:
-            _process_then_export(app, job_id, entry.input_series_uid)
+    _queue(job_id, settings, export_only=True)
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

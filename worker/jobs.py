@@ -5,6 +5,7 @@ outcome) and read by the REST API. Two stores share one interface: Redis (when t
 gateway and any number of workers see the same records) and an embedded SQLite file in DATA_DIR (WAL mode,
 safe for several processes on one machine). Every read-modify-write is atomic (Redis WATCH/MULTI, SQLite
 BEGIN IMMEDIATE), because the series of one job may be processed by different workers at the same time.
+What the statuses mean and how they follow each other is cinesr.worker.lifecycle's.
 """
 
 from __future__ import annotations
@@ -19,24 +20,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, field_validator
+
+from .lifecycle import REPLACEABLE, JobStatus, SeriesStatus, cancel, rollup
 
 if TYPE_CHECKING:
     from cinesr.worker.settings import Settings
 
-JobStatus = Literal["queued", "retrieving", "running", "exporting", "succeeded", "failed", "cancelled"]
-# processed: the derived series is written, export not done yet (or nothing to export to)
-# cancelled: stopped on request; sticky (a worker finishing late cannot turn it back into processed/succeeded)
-SeriesStatus = Literal["queued", "running", "processed", "exporting", "succeeded", "failed", "cancelled"]
-JOB_STATUSES: tuple[str, ...] = ("queued", "retrieving", "running", "exporting", "succeeded", "failed",
-                                 "cancelled")
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-# a series in one of these states can still be cancelled (nothing of it has reached a destination yet)
-CANCELLABLE: frozenset[str] = frozenset({"queued", "running", "processed"})
-# an identical request after a job ended like this starts a new job instead of returning it
-REPLACEABLE: tuple[str, ...] = ("failed", "cancelled")
 MAX_DRAWS = 32  # draws of an uncertainty series: each costs one more run of the model
 
 
@@ -70,7 +62,7 @@ class SeriesEntry(BaseModel):
     output_series_uid: str | None = None
     # the uncertainty series written beside the output (when the job asked for one); exported with it
     uncertainty_series_uid: str | None = None
-    status: SeriesStatus = "queued"
+    status: SeriesStatus = SeriesStatus.QUEUED
     progress: float = Field(0.0, ge=0.0, le=1.0)
     instances_total: int = 0  # of both derived series
     instances_sent: int = 0
@@ -89,7 +81,7 @@ class SeriesEntry(BaseModel):
 class Job(BaseModel):
     job_id: str
     study_uid: str
-    status: JobStatus = "queued"
+    status: JobStatus = JobStatus.QUEUED
     progress: float = Field(0.0, ge=0.0, le=1.0)
     series: list[SeriesEntry] = Field(default_factory=list)
     requested_series: list[str] = Field(default_factory=list)  # empty: every eligible series
@@ -113,33 +105,6 @@ def idempotency_key(study_uid: str, series_uids: list[str] | None, params: JobPa
     data = json.dumps({"study": study_uid, "series": sorted(set(series_uids or [])),
                        "params": params.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:32]
-
-
-def rollup(job: Job) -> None:
-    """Derive the job's progress and status from its series (once series exist and work has started)."""
-    if not job.series:
-        return
-    job.progress = round(sum(e.progress for e in job.series) / len(job.series), 4)
-    states = {e.status for e in job.series}
-    if states <= TERMINAL:
-        failed = [e for e in job.series if e.status == "failed"]
-        if "cancelled" in states:  # the requester's decision wins; failures of other series stay in the error
-            job.status = "cancelled"
-            job.error = "; ".join(["cancelled by request"] + [f"series {e.input_series_uid}: {e.error or 'failed'}"
-                                                               for e in failed])[:2000]
-        elif "failed" in states:
-            job.status = "failed"
-            failed = [e for e in job.series if e.status == "failed"]
-            job.error = "; ".join(f"series {e.input_series_uid}: {e.error or 'failed'}" for e in failed)[:2000]
-        else:
-            job.status, job.error, job.progress = "succeeded", None, 1.0
-    elif job.status != "retrieving":
-        if "exporting" in states:
-            job.status = "exporting"
-        elif states & {"running", "processed"} or "succeeded" in states or "failed" in states:
-            job.status = "running"
-        else:
-            job.status = "queued"
 
 
 class JobStore(ABC):
@@ -177,9 +142,11 @@ class JobStore(ABC):
         """Set job fields (series entries are replaced when `series` is given)."""
         def change(job: Job) -> None:
             for name, value in fields.items():
-                if name == "status" and job.status == "cancelled":
+                if name == "status" and job.status == JobStatus.CANCELLED:
                     continue  # cancelled is final (e.g. a preparation that ends after the cancel)
-                if name == "series":
+                if name == "status":
+                    value = JobStatus(value)  # a plain string too (the records serialize the enum)
+                elif name == "series":
                     value = [v if isinstance(v, SeriesEntry) else SeriesEntry(**v) for v in value]
                 elif name == "params" and isinstance(value, dict):
                     value = JobParams(**value)
@@ -191,36 +158,24 @@ class JobStore(ABC):
         def change(job: Job) -> None:
             entry = job.entry(series_uid)
             for name, value in fields.items():
-                if entry.status == "cancelled" and name in ("status", "output_series_uid", "progress"):
+                if entry.status == SeriesStatus.CANCELLED and name in ("status", "output_series_uid", "progress"):
                     continue  # a worker that finishes after the cancel must not revive the series
-                setattr(entry, name, value)
+                setattr(entry, name, SeriesStatus(value) if name == "status" else value)
             rollup(job)
         return self._modify(job_id, change)
 
     def set_series(self, job_id: str, series_uids: list[str]) -> Job:
         """Add entries for series not yet in the job (after the study arrived); keeps existing ones."""
         def change(job: Job) -> None:
-            if job.status == "cancelled":
+            if job.status == JobStatus.CANCELLED:
                 return
             known = {e.input_series_uid for e in job.series}
             job.series += [SeriesEntry(input_series_uid=s) for s in sorted(set(series_uids)) if s not in known]
         return self._modify(job_id, change)
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel what has not reached a destination: queued, running and computed-but-unsent series end
-        `cancelled` (workers see it at their next progress report); a series being exported finishes."""
-        def change(job: Job) -> None:
-            if job.status in TERMINAL:
-                return
-            for entry in job.series:
-                if entry.status in CANCELLABLE:
-                    entry.status, entry.error = "cancelled", "cancelled by request"
-            if job.series:
-                rollup(job)
-            if not job.series or job.status not in ("exporting",):
-                job.status = "cancelled"
-                job.error = job.error or "cancelled by request"
-        return self._modify(job_id, change)
+        """Cancel what has not reached a destination (cinesr.worker.lifecycle.cancel)."""
+        return self._modify(job_id, cancel)
 
     def add_timing(self, job_id: str, stage: str, seconds: float, series_uid: str | None = None) -> Job:
         """Add seconds to a stage's total (job level, and the series' own when given)."""
@@ -288,9 +243,8 @@ class SqliteJobStore(JobStore):
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute("SELECT data FROM jobs WHERE key=? AND status NOT IN ('failed', 'cancelled') "
-                               "ORDER BY created DESC "
-                               "LIMIT 1", (job.key,)).fetchone()
+            row = conn.execute("SELECT data FROM jobs WHERE key=? AND status NOT IN (?, ?) ORDER BY created DESC "
+                               "LIMIT 1", (job.key, *REPLACEABLE)).fetchone()
             if row is not None:
                 conn.execute("COMMIT")
                 return Job.model_validate_json(row[0]), False

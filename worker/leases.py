@@ -317,9 +317,10 @@ def requeue_expired(settings: Settings, store: LeaseStore, jobs: Any) -> list[Le
 
     A series that has ended meanwhile (a child killed by the hard time limit is recorded as failed, and its
     message acknowledged) is not queued again: only POST /jobs/{id}/retry runs a failed series again."""
-    from cinesr.worker.celery_app import EXPORT, get_app
-    from cinesr.worker.dispatch import _headers, _process_then_export
-    from cinesr.worker.jobs import TERMINAL, UnknownJob
+    from cinesr.worker.celery_app import get_app
+    from cinesr.worker.dispatch import queue_steps
+    from cinesr.worker.jobs import UnknownJob
+    from cinesr.worker.lifecycle import TERMINAL, Step, steps_from
 
     app = get_app(settings)
     requeued = []
@@ -330,11 +331,7 @@ def requeue_expired(settings: Settings, store: LeaseStore, jobs: Any) -> list[Le
                 log.info("series %s of job %s is %s; its stale lease is dropped", lease.series_uid, lease.job_id,
                          status)
                 continue
-            if lease.stage == "export":
-                app.signature(EXPORT, args=(lease.job_id, lease.series_uid), immutable=True).apply_async(
-                    headers=_headers())
-            else:
-                _process_then_export(app, lease.job_id, lease.series_uid)
+            queue_steps(app, lease.job_id, lease.series_uid, steps_from(Step(lease.stage)))
         except (UnknownJob, KeyError):
             continue
         except Exception as exc:  # noqa: BLE001 - the store or broker failed: the others still get their turn

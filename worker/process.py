@@ -4,7 +4,7 @@ Both are idempotent. process_series writes the derived series with UIDs derived 
 method and its parameters, so a re-run after a crash replaces the same folder with the same UIDs.
 export_series skips instances the destination already acknowledged, so a retry resends only the rest.
 
-Where things are (ARCHITECTURE section 2): inputs DATA_DIR/instances/<study>/<series>/, outputs
+Where things are: inputs DATA_DIR/instances/<study>/<series>/, outputs
 DATA_DIR/outputs/<job_id>/<derived SeriesInstanceUID>/.
 """
 
@@ -19,8 +19,10 @@ from typing import Any
 import pydicom
 from cinesr.model.errors import CineSRError
 
-from .errors import ExportFailed, JobCancelled, NotConfigured, PacsUnavailable, PermanentError, SeriesNotEligible
+from .eligibility import read_cine
+from .errors import ExportFailed, JobCancelled, NotConfigured, PacsUnavailable, PermanentError
 from .jobs import Job, JobStore, open_job_store
+from .lifecycle import SeriesStatus, Step, is_done
 from .pacs import StoreOutcome, destination_node, store_files
 from .settings import Settings
 
@@ -155,13 +157,13 @@ def _progress_writer(jobs: JobStore, job_id: str, series_uid: str, interval: flo
             job = jobs.get(job_id)
         else:
             return
-        if job.entry(series_uid).status == "cancelled":
+        if job.entry(series_uid).status == SeriesStatus.CANCELLED:
             raise JobCancelled(f"series {series_uid} of job {job_id} cancelled at {done}/{total} units")
     return report
 
 
 def _cancelled(jobs: JobStore, job_id: str, series_uid: str) -> bool:
-    return jobs.get(job_id).entry(series_uid).status == "cancelled"
+    return jobs.get(job_id).entry(series_uid).status == SeriesStatus.CANCELLED
 
 
 def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
@@ -170,8 +172,6 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
     Raises SeriesNotEligible / PermanentError for inputs that cannot work (recorded in the job first);
     anything else propagates for the task runner (the job keeps the series `running` until retried).
     """
-    from cinesr.model.cine import read_series
-
     from .derived import Derivation, write_derived_series
     from .pipeline import fidelity_warning, superresolve_series, supports_draws
 
@@ -179,27 +179,19 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
     try:
         job = jobs.get(job_id)
         entry = job.entry(series_uid)
-        if entry.status == "cancelled":
+        if entry.status == SeriesStatus.CANCELLED:
             LOGGER.info("series %s of job %s was cancelled; not processed", series_uid, job_id)
             return
         done = [u for u in (entry.output_series_uid, entry.uncertainty_series_uid) if u]
-        if entry.output_series_uid and entry.status in ("processed", "exporting", "succeeded") and \
+        if entry.output_series_uid and is_done(Step.SUPERRESOLVE, entry) and \
                 all((outputs_dir(settings, job_id) / u).is_dir() for u in done):
             LOGGER.info("series %s of job %s already processed", series_uid, job_id)
             return
-        jobs.update_series(job_id, series_uid, status="running", progress=0.0, error=None)
+        jobs.update_series(job_id, series_uid, status=SeriesStatus.RUNNING, progress=0.0, error=None)
         try:
             folder = instances_dir(settings, job.study_uid, series_uid)
-            if not folder.is_dir() or not any(folder.glob("*.dcm")):
-                raise SeriesNotEligible(f"no instances of series {series_uid} in the instance store")
             t0 = time.perf_counter()
-            try:
-                found = read_series(folder)
-            except CineSRError as exc:
-                raise SeriesNotEligible(str(getattr(exc, "reason", exc))) from exc
-            series = next((s for s in found if s.series_uid == series_uid), None)
-            if series is None:
-                raise SeriesNotEligible(f"series {series_uid} not found in its folder")
+            series = read_cine(sorted(folder.glob("*.dcm")) if folder.is_dir() else [], series_uid)
             jobs.add_timing(job_id, "load", time.perf_counter() - t0, series_uid)
             method = make_method(job.params.method, job.params.steps, settings)
             draws = uncertainty_draws(job, settings)
@@ -235,9 +227,9 @@ def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
             LOGGER.info("job %s: %s", job_id, exc)
             return
         except PermanentError as exc:
-            jobs.update_series(job_id, series_uid, status="failed", error=str(exc))
+            jobs.update_series(job_id, series_uid, status=SeriesStatus.FAILED, error=str(exc))
             raise
-        jobs.update_series(job_id, series_uid, status="processed", output_series_uid=derived.series_uid,
+        jobs.update_series(job_id, series_uid, status=SeriesStatus.PROCESSED, output_series_uid=derived.series_uid,
                            uncertainty_series_uid=spread.series_uid if spread else None,
                            instances_total=len(derived.files) + (len(spread.files) if spread else 0),
                            instances_sent=0, acknowledged=[], export_failures={}, progress=COMPUTE_SHARE)
@@ -266,9 +258,9 @@ def export_series(job_id: str, series_uid: str, settings: Settings, sleep: Any =
     try:
         job = jobs.get(job_id)
         entry = job.entry(series_uid)
-        if entry.status == "failed" and not entry.output_series_uid:
+        if entry.status == SeriesStatus.FAILED and not entry.output_series_uid:
             return  # processing failed; nothing to send
-        if entry.status == "cancelled":
+        if entry.status == SeriesStatus.CANCELLED:
             return  # cancelled before it was sent: nothing reaches the destination
         if not entry.output_series_uid:
             raise PermanentError(f"series {series_uid} of job {job_id} has no derived series to export")
@@ -279,18 +271,18 @@ def export_series(job_id: str, series_uid: str, settings: Settings, sleep: Any =
             found = sorted(folder.glob("*.dcm")) if folder else []
             if folder and not found:
                 error = f"derived series {uid} is missing from {folder}"
-                jobs.update_series(job_id, series_uid, status="failed", error=error)
+                jobs.update_series(job_id, series_uid, status=SeriesStatus.FAILED, error=error)
                 raise PermanentError(error)
             files += found
         try:
             node = destination_node(settings, job.params.destination)
         except NotConfigured as exc:
-            jobs.update_series(job_id, series_uid, status="failed", error=str(exc))
+            jobs.update_series(job_id, series_uid, status=SeriesStatus.FAILED, error=str(exc))
             raise
         if node is None:
             LOGGER.info("job %s: no destination configured; derived series kept in %s", job_id,
                         outputs_dir(settings, job_id))
-            jobs.update_series(job_id, series_uid, status="succeeded", progress=1.0, error=None)
+            jobs.update_series(job_id, series_uid, status=SeriesStatus.SUCCEEDED, progress=1.0, error=None)
             return
         _send(jobs, job, series_uid, files, node, settings, sleep)
     finally:
@@ -303,8 +295,8 @@ def _send(jobs: JobStore, job: Job, series_uid: str, files: list[Path], node: An
     done = set(job.entry(series_uid).acknowledged)
     pending = [(p, uid) for p in files if (uid := _sop_uid(p)) not in done]
     total = len(files)
-    if jobs.update_series(job_id, series_uid, status="exporting", error=None,
-                          instances_total=total).entry(series_uid).status == "cancelled":
+    if jobs.update_series(job_id, series_uid, status=SeriesStatus.EXPORTING, error=None,
+                          instances_total=total).entry(series_uid).status == SeriesStatus.CANCELLED:
         return  # cancelled just before: (atomically) either cancelled and nothing sent, or exporting and all sent
 
     def record(outcome: StoreOutcome) -> None:
@@ -338,7 +330,11 @@ def _send(jobs: JobStore, job: Job, series_uid: str, files: list[Path], node: An
     jobs.add_timing(job_id, "export", time.perf_counter() - t0, series_uid)
     if pending:
         error = f"export to {node} failed after {retries + 1} attempts: {reason}"
-        jobs.update_series(job_id, series_uid, status="failed", error=error)
+        jobs.update_series(job_id, series_uid, status=SeriesStatus.FAILED, error=error)
         raise ExportFailed(error)
-    jobs.update_series(job_id, series_uid, status="succeeded", progress=1.0, error=None)
+    jobs.update_series(job_id, series_uid, status=SeriesStatus.SUCCEEDED, progress=1.0, error=None)
     LOGGER.info("job %s: derived series of %s stored at %s (%d instances)", job_id, series_uid, node, total)
+
+
+# the task body of each step of a series (the Celery tasks and the in-process dispatcher run these)
+BODIES: dict[Step, Any] = {Step.SUPERRESOLVE: process_series, Step.EXPORT: export_series}

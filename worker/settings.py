@@ -19,7 +19,7 @@ Backend = Literal["auto", "tensorrt", "onnx", "torch"]
 
 
 class Settings(BaseSettings):
-    """Every knob of a running CineSR; see ARCHITECTURE.md section 5."""
+    """Every knob of a running CineSR, read from CINESR_* environment variables (README "Settings")."""
 
     model_config = SettingsConfigDict(env_prefix="CINESR_", extra="ignore")
 

@@ -6,9 +6,8 @@ Pixel data never travels through the broker. Each delivery first looks at the jo
 - work already done (a duplicate or a redelivery after the ack was lost) is skipped, so the chain goes on
   without recomputing;
 - a delivery that finds the series mid-flight, or that the broker marks as redelivered, follows a worker
-  that died on it; those are counted in the job record (`attempts`; per series too where SeriesEntry has
-  `deliveries`), and after MAX_REDELIVERIES the series is marked failed instead of killing worker after
-  worker (a poison job);
+  that died on it; those are counted in the job record (`attempts`, per job), and once they exceed
+  MAX_REDELIVERIES the series is marked failed instead of killing worker after worker (a poison job);
 - TransientError (PACS down, store busy) is retried with exponential backoff and jitter; PermanentError
   and exhausted retries end the series `failed` with the reason.
 """
@@ -25,6 +24,7 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from cinesr.worker import runtime
 from cinesr.worker.errors import JobError, PermanentError, TransientError
 from cinesr.worker.leases import HeldLease, Reaper, owner_id
+from cinesr.worker.lifecycle import IN_FLIGHT, SeriesStatus, Step, is_done
 from cinesr.worker.lifeline import PARENT_ENV, follow_parent
 
 log = logging.getLogger("cinesr.worker.tasks")
@@ -32,11 +32,6 @@ log = logging.getLogger("cinesr.worker.tasks")
 MAX_REDELIVERIES = 3  # worker deaths tolerated per job before the series is declared poison
 MAX_RETRIES = 5  # Celery retries of a TransientError (on top of process.py's own retries)
 RETRY_BACKOFF_MAX = 600  # seconds; must stay below the visibility timeout
-
-# status a series has while a stage runs, and the statuses meaning that stage is already done
-_IN_FLIGHT = {"superresolve": "running", "export": "exporting"}
-# (cancelled: nothing more to do for the series; a queued message of it is consumed and dropped)
-_DONE = {"superresolve": {"processed", "exporting", "succeeded", "cancelled"}, "export": {"succeeded", "cancelled"}}
 
 
 class JobTask(Task):
@@ -73,17 +68,17 @@ def _record_failure(job_id: str, series_uid: str, reason: str) -> None:
     from cinesr.worker.jobs import UnknownJob
 
     try:
-        runtime.job_store().update_series(job_id, series_uid, status="failed", error=reason[:2000])
+        runtime.job_store().update_series(job_id, series_uid, status=SeriesStatus.FAILED, error=reason[:2000])
     except (UnknownJob, KeyError):
         pass
     except Exception as exc:  # noqa: BLE001 - the store itself is down; the log keeps the reason
         log.error("could not record failure of job %s: %s (%s)", job_id, reason, exc)
 
 
-def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> HeldLease | None:
+def _begin(task: Task, stage: Step, job_id: str, series_uid: str) -> HeldLease | None:
     """Decide whether this delivery runs: None = already done (skip); raises Ignore to stop the chain.
 
-    A delivery that runs holds the series' lease (cinesr.worker.leases) until _end."""
+    A delivery that runs holds the series' lease (cinesr.worker.leases) until the caller releases it."""
     from cinesr.worker.jobs import UnknownJob
 
     store = runtime.job_store()
@@ -93,12 +88,12 @@ def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> HeldLease | 
     except (UnknownJob, KeyError):
         log.warning("%s: job %s / series %s no longer exists; dropped", stage, job_id, series_uid)
         raise Ignore() from None
-    if entry.status in _DONE[stage]:
+    if is_done(stage, entry):
         log.info("%s of %s/%s already done; skipped", stage, job_id, series_uid)
         return None
     request = task.request
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
-    if redelivered and entry.status == "failed":
+    if redelivered and entry.status == SeriesStatus.FAILED:
         # the broker's late redelivery of a message whose series has since failed (its failure is recorded;
         # POST /jobs/{id}/retry is the way to run it again)
         log.info("%s of %s/%s redelivered after it failed; dropped", stage, job_id, series_uid)
@@ -120,15 +115,11 @@ def _begin(task: Task, stage: str, job_id: str, series_uid: str) -> HeldLease | 
     return held
 
 
-def _count_delivery(task: Task, stage: str, store: Any, job: Any, entry: Any, redelivered: bool) -> None:
+def _count_delivery(task: Task, stage: Step, store: Any, job: Any, entry: Any, redelivered: bool) -> None:
     job_id, series_uid, request = job.job_id, entry.input_series_uid, task.request
-    crashed = redelivered or (entry.status == _IN_FLIGHT[stage] and not request.retries)
+    crashed = redelivered or (entry.status == IN_FLIGHT[stage] and not request.retries)
     if crashed:
-        job = store.update(job_id, attempts=job.attempts + 1)
-        count = job.attempts
-        if "deliveries" in type(entry).model_fields:  # a per-series counter, where the job record has one
-            count = store.update_series(job_id, series_uid, deliveries=entry.deliveries + 1).entry(
-                series_uid).deliveries
+        count = store.update(job_id, attempts=job.attempts + 1).attempts
         log.warning("%s of %s/%s redelivered after a lost worker (%d so far)", stage, job_id, series_uid, count)
         if count > MAX_REDELIVERIES:
             _record_failure(job_id, series_uid, f"the worker was lost {count} times while processing this "
@@ -146,7 +137,7 @@ def _header(request: Any, name: str) -> Any:
     return value
 
 
-def _expected_failure(stage: str, job_id: str, series_uid: str, exc: PermanentError) -> Ignore:
+def _expected_failure(stage: Step, job_id: str, series_uid: str, exc: PermanentError) -> Ignore:
     # bad input, an ineligible series, an export that exhausted its retries: recorded in the job by the task
     # body; a warning without a traceback (Celery would log it at ERROR as "unexpected"), and the chain stops
     log.warning("%s of %s/%s failed: %s", stage, job_id, series_uid, exc,
@@ -155,38 +146,35 @@ def _expected_failure(stage: str, job_id: str, series_uid: str, exc: PermanentEr
     return Ignore()
 
 
-def superresolve_series(self: Task, job_id: str, series_uid: str) -> None:
-    """Read the series, super-resolve it, write the derived series (process.process_series)."""
-    held = _begin(self, "superresolve", job_id, series_uid)
+def _run_step(task: Task, stage: Step, job_id: str, series_uid: str) -> bool:
+    """Run the step's task body (process.BODIES) under the series' lease; False when it was already done."""
+    held = _begin(task, stage, job_id, series_uid)
     if held is None:
-        return
-    from cinesr.worker import process
+        return False
+    from cinesr.worker.process import BODIES
 
     try:
-        process.process_series(job_id, series_uid, runtime.settings())
+        BODIES[stage](job_id, series_uid, runtime.settings())
     except PermanentError as exc:
-        raise _expected_failure("superresolve", job_id, series_uid, exc) from None
+        raise _expected_failure(stage, job_id, series_uid, exc) from None
     finally:
         held.release()
+    return True
+
+
+def superresolve_series(self: Task, job_id: str, series_uid: str) -> None:
+    """Read the series, super-resolve it, write the derived series (process.process_series)."""
+    if not _run_step(self, Step.SUPERRESOLVE, job_id, series_uid):
+        return
     # a series that failed inside process_series without raising must not be exported
     entry = runtime.job_store().get(job_id).entry(series_uid)
-    if entry.status in ("failed", "cancelled"):
+    if entry.status in (SeriesStatus.FAILED, SeriesStatus.CANCELLED):
         raise Ignore()
 
 
 def export_series(self: Task, job_id: str, series_uid: str) -> None:
     """C-STORE the derived series to the destination (process.export_series); skips acknowledged ones."""
-    held = _begin(self, "export", job_id, series_uid)
-    if held is None:
-        return
-    from cinesr.worker import process
-
-    try:
-        process.export_series(job_id, series_uid, runtime.settings())
-    except PermanentError as exc:
-        raise _expected_failure("export", job_id, series_uid, exc) from None
-    finally:
-        held.release()
+    _run_step(self, Step.EXPORT, job_id, series_uid)
 
 
 def register(app: Celery) -> None:

@@ -1,0 +1,163 @@
+"""A job's life cycle: its statuses, which steps of a series are done, and what is queued next.
+
+    job:    queued -> [retrieving -> queued] -> running -> exporting -> succeeded | failed | cancelled
+    series: queued -> running -> processed -> exporting -> succeeded | failed | cancelled
+
+Each series goes through two steps, superresolve (cinesr.worker.process.process_series) then export
+(process.export_series). The gateway (cinesr.service.app), the in-process dispatcher
+(cinesr.service.dispatchers) and the Celery tasks (cinesr.worker.tasks, dispatch, leases) all decide from
+the definitions here; the records themselves live in cinesr.worker.jobs.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cinesr.worker.jobs import Job, SeriesEntry
+
+
+class JobStatus(StrEnum):
+    """A job's status; the values are what the REST API and the job records show."""
+
+    QUEUED = "queued"
+    RETRIEVING = "retrieving"  # the study is being fetched from the PACS
+    RUNNING = "running"
+    EXPORTING = "exporting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class SeriesStatus(StrEnum):
+    """A series' status within its job."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    PROCESSED = "processed"  # the derived series is written, export not done yet (or nothing to export to)
+    EXPORTING = "exporting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    # stopped on request; sticky (a worker finishing late cannot turn it back into processed/succeeded)
+    CANCELLED = "cancelled"
+
+
+class Step(StrEnum):
+    """The steps of one series, in order (also the stage names of leases and log lines)."""
+
+    SUPERRESOLVE = "superresolve"
+    EXPORT = "export"
+
+
+TERMINAL: frozenset[str] = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+# a series in one of these states can still be cancelled (nothing of it has reached a destination yet)
+CANCELLABLE: frozenset[str] = frozenset({SeriesStatus.QUEUED, SeriesStatus.RUNNING, SeriesStatus.PROCESSED})
+# an identical request after a job ended like this starts a new job instead of returning it
+REPLACEABLE: tuple[str, ...] = (JobStatus.FAILED, JobStatus.CANCELLED)
+
+# the status a series has while a step runs
+IN_FLIGHT: dict[Step, SeriesStatus] = {Step.SUPERRESOLVE: SeriesStatus.RUNNING, Step.EXPORT: SeriesStatus.EXPORTING}
+# the statuses meaning a step has nothing (more) to do; cancelled: a queued step of it is dropped
+DONE: dict[Step, frozenset[str]] = {
+    Step.SUPERRESOLVE: frozenset({SeriesStatus.PROCESSED, SeriesStatus.EXPORTING, SeriesStatus.SUCCEEDED,
+                                  SeriesStatus.CANCELLED}),
+    Step.EXPORT: frozenset({SeriesStatus.SUCCEEDED, SeriesStatus.CANCELLED}),
+}
+CANCEL_REASON = "cancelled by request"
+
+
+def is_done(step: Step, entry: SeriesEntry) -> bool:
+    """Whether `step` of the series has nothing (more) to do (a duplicate delivery of it is skipped)."""
+    return entry.status in DONE[step]
+
+
+def plan(job: Job, export_only: bool = False) -> list[tuple[str, tuple[Step, ...]]]:
+    """The scheduling policy: per series with work left, the steps to queue, in order.
+
+    export_only (POST /jobs/{id}/retry): a series whose derived series exists is only sent again; one without
+    (it failed before the derived series was written) is processed again."""
+    steps = []
+    for entry in job.series:
+        if is_done(Step.EXPORT, entry):
+            continue
+        if export_only and entry.output_series_uid:
+            steps.append((entry.input_series_uid, (Step.EXPORT,)))
+        else:
+            steps.append((entry.input_series_uid, (Step.SUPERRESOLVE, Step.EXPORT)))
+    return steps
+
+
+def steps_from(step: Step) -> tuple[Step, ...]:
+    """The step and those after it: what is queued again when a delivery of `step` was lost."""
+    order = tuple(Step)
+    return order[order.index(step):]
+
+
+def rollup(job: Job) -> None:
+    """Derive the job's progress and status from its series (once series exist and work has started)."""
+    if not job.series:
+        return
+    job.progress = round(sum(e.progress for e in job.series) / len(job.series), 4)
+    states = {e.status for e in job.series}
+    if states <= TERMINAL:
+        failed = [e for e in job.series if e.status == SeriesStatus.FAILED]
+        reasons = [f"series {e.input_series_uid}: {e.error or 'failed'}" for e in failed]
+        if SeriesStatus.CANCELLED in states:  # the requester's decision wins; failures of other series stay
+            job.status = JobStatus.CANCELLED
+            job.error = "; ".join([CANCEL_REASON] + reasons)[:2000]
+        elif failed:
+            job.status = JobStatus.FAILED
+            job.error = "; ".join(reasons)[:2000]
+        else:
+            job.status, job.error, job.progress = JobStatus.SUCCEEDED, None, 1.0
+    elif job.status != JobStatus.RETRIEVING:
+        if SeriesStatus.EXPORTING in states:
+            job.status = JobStatus.EXPORTING
+        elif states & {SeriesStatus.RUNNING, SeriesStatus.PROCESSED, SeriesStatus.SUCCEEDED, SeriesStatus.FAILED}:
+            job.status = JobStatus.RUNNING
+        else:
+            job.status = JobStatus.QUEUED
+
+
+def cancel(job: Job) -> None:
+    """Cancel what has not reached a destination: queued, running and computed-but-unsent series end
+    `cancelled` (workers see it at their next progress report); a series being exported finishes."""
+    if job.status in TERMINAL:
+        return
+    for entry in job.series:
+        if entry.status in CANCELLABLE:
+            entry.status, entry.error = SeriesStatus.CANCELLED, CANCEL_REASON
+    if job.series:
+        rollup(job)
+    if not job.series or job.status != JobStatus.EXPORTING:
+        job.status = JobStatus.CANCELLED
+        job.error = job.error or CANCEL_REASON
+
+
+def can_cancel(job: Job) -> bool:
+    """Only unfinished jobs can be cancelled (cancelling a cancelled job again is harmless)."""
+    return job.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+def can_retry(job: Job) -> bool:
+    return job.status == JobStatus.FAILED
+
+
+def retry_statuses(job: Job) -> tuple[dict[str, SeriesStatus], JobStatus]:
+    """What a retry of a failed job with series resets: each failed series (to processed when its derived series
+    exists, so it is only resent; else queued), and the job's own status."""
+    series = {e.input_series_uid: SeriesStatus.PROCESSED if e.output_series_uid else SeriesStatus.QUEUED
+              for e in job.series if e.status == SeriesStatus.FAILED}
+    status = JobStatus.EXPORTING if any(e.output_series_uid for e in job.series) else JobStatus.QUEUED
+    return series, status
+
+
+def needs_preparation(job: Job) -> bool:
+    """Whether the job still has to be prepared (study fetched, series chosen) before its series are queued."""
+    return job.status == JobStatus.RETRIEVING or (not job.series and job.status == JobStatus.QUEUED)
+
+
+def covers(job: Job, series_uid: str) -> bool:
+    """Whether a job (not ended failed or cancelled) already takes care of the series."""
+    return job.status not in REPLACEABLE and any(e.input_series_uid == series_uid for e in job.series)
