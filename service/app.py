@@ -5,9 +5,10 @@
     POST /studies/{uid}/superresolve -> submit(): here? else C-FIND at the PACS -> job -> prepare thread
         (C-MOVE/C-GET if needed, eligibility, series entries) -> dispatcher
 
-The dispatcher is Celery (cinesr.worker.dispatch; with BROKER_URL empty the embedded worker of `cinesr serve`
-consumes the embedded queue) or, for tests and machines without the worker package, an in-process thread
-that calls the same task bodies (cinesr.worker.process).
+The dispatcher (cinesr.service.dispatchers) is Celery (with BROKER_URL empty the embedded worker of
+`cinesr serve` consumes the embedded queue) or an in-process thread that calls the same task bodies. Which
+status a job may move to, and what is queued for it, is decided in cinesr.worker.lifecycle; this module wires
+the parts together and keeps the REST side's checks (destination, method, where the study is).
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Over 500 lines: one writer and the attribute rules it applies to classic and Enhanced MR input, kept together.
 """The derived series writer: super-resolved frames -> a new DICOM series in the same study.
 
 Rules (README "Output"): Rows/Columns x4, PixelSpacing /4, ImagePositionPatient moved to the new first
