@@ -24,7 +24,7 @@ from typing import Any, Literal
 from cinesr.worker import lifecycle
 from cinesr.worker.errors import NotConfigured, PacsUnavailable, PermanentError, RetrieveFailed
 from cinesr.worker.jobs import Job, JobParams, JobStore, open_job_store
-from cinesr.worker.lifecycle import JobStatus, SeriesStatus
+from cinesr.worker.lifecycle import JobStatus
 from cinesr.worker.pacs import destination_node, pacs_node
 from cinesr.worker.process import check_steps, model_available, resolve_method_name
 from cinesr.worker.settings import Settings
@@ -53,10 +53,6 @@ class PacsUnreachable(RuntimeError):
 
 class InvalidRequest(ValueError):
     """A request the service cannot honour as given (unknown destination or method)."""
-
-
-class JobConflict(RuntimeError):
-    """The job is not in a state that allows the operation."""
 
 
 def ensure_api_tokens(settings: Settings) -> tuple[list[str], Path | None]:
@@ -200,10 +196,8 @@ class Service:
             return
         if not self.settings.auto_process:
             return
-        if any(lifecycle.covers(job, series_uid) for job in self.jobs.list(study_uid=study_uid)):
-            return  # already part of a job (a REST request, or an earlier push)
-        job, created = self.jobs.create_or_get(study_uid, [series_uid], JobParams(), source="push")
-        if created:
+        job = lifecycle.push_job(self.jobs, study_uid, series_uid)
+        if job is not None:
             LOGGER.info("series %s queued automatically as job %s", series_uid, job.job_id)
             self.dispatcher.enqueue_job(job.job_id)
 
@@ -275,19 +269,8 @@ class Service:
                     eligible.append(series_uid)
                 else:
                     reasons[series_uid] = result.reason
-            if not eligible:
-                text = "; ".join(f"{uid}: {why}" for uid, why in reasons.items())
-                self.jobs.update(job_id, status=JobStatus.FAILED,
-                                 error=f"no eligible cine series in the study ({text})")
-                return
-            if job.requested_series:
-                for series_uid, reason in reasons.items():
-                    self.jobs.update_series(job_id, series_uid, status=SeriesStatus.FAILED,
-                                            error=f"not eligible: {reason}")
-            else:
-                self.jobs.set_series(job_id, eligible)
-            self.jobs.update(job_id, status=JobStatus.QUEUED, error=None)
-            self.dispatcher.enqueue_job(job_id)
+            if lifecycle.choose_series(self.jobs, job, eligible, reasons):
+                self.dispatcher.enqueue_job(job_id)
         except (PacsUnavailable, RetrieveFailed) as exc:
             LOGGER.warning("job %s: retrieval failed: %s", job_id, exc)
             self.jobs.update(job_id, status=JobStatus.FAILED, error=f"retrieve: {exc}")
@@ -301,28 +284,17 @@ class Service:
     def cancel(self, job_id: str) -> Job:
         """Cancel a job: queued series are dropped when their message comes up, a running series stops at
         its next sampler step, computed series are not sent; a series already being exported finishes."""
-        job = self.jobs.get(job_id)
-        if not lifecycle.can_cancel(job):
-            raise JobConflict(f"job {job_id} is {job.status}; only unfinished jobs can be cancelled")
-        job = self.jobs.cancel(job_id)
+        job = lifecycle.request_cancel(self.jobs, job_id)
         LOGGER.info("job %s cancelled (now %s)", job_id, job.status)
         return job
 
     def retry(self, job_id: str) -> Job:
         """A failed job again: series with a derived series are resent without recomputing; the rest (and a
         job that failed before its series were known) are processed again."""
-        job = self.jobs.get(job_id)
-        if not lifecycle.can_retry(job):
-            raise JobConflict(f"job {job_id} is {job.status}; only failed jobs can be retried")
-        self.jobs.update(job_id, attempts=job.attempts + 1, error=None)
-        if not job.series:  # failed while retrieving or choosing series: prepare again
-            job = self.jobs.update(job_id, status=JobStatus.QUEUED)
+        job, prepare = lifecycle.request_retry(self.jobs, job_id)
+        if prepare:  # failed while retrieving or choosing series
             self._spawn(self._prepare, f"cinesr-prepare-{job_id[:8]}", job_id)
             return job
-        series, status = lifecycle.retry_statuses(job)
-        for series_uid, series_status in series.items():
-            self.jobs.update_series(job_id, series_uid, status=series_status, error=None)
-        job = self.jobs.update(job_id, status=status, error=None)
         self.dispatcher.enqueue_export(job_id)
         return job
 

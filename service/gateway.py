@@ -30,14 +30,14 @@ from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
 from cinesr.worker.jobs import MAX_DRAWS, Job, JobParams, UnknownJob
-from cinesr.worker.lifecycle import JobStatus, SeriesStatus
+from cinesr.worker.lifecycle import JobConflict, JobStatus, SeriesStatus
 from cinesr.worker.settings import Settings
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StringConstraints
 
-from .app import InvalidRequest, JobConflict, PacsUnreachable, Service, StudyNotFound
+from .app import InvalidRequest, PacsUnreachable, Service, StudyNotFound
 from .guard import RequestGuard, bearer_problem, token_matches
 from .metrics import CONTENT_TYPE, render
 from .results import make_preview, zip_stream

@@ -4,9 +4,11 @@
     series: queued -> running -> processed -> exporting -> succeeded | failed | cancelled
 
 Each series goes through two steps, superresolve (cinesr.worker.process.process_series) then export
-(process.export_series). The gateway (cinesr.service.app), the in-process dispatcher
-(cinesr.service.dispatchers) and the Celery tasks (cinesr.worker.tasks, dispatch, leases) all decide from
-the definitions here; the records themselves live in cinesr.worker.jobs.
+(process.export_series). Here: the statuses, which steps are done, the roll-up of series into the job, the
+scheduling policy (plan), and the transitions the service asks for (a pushed series' job, the series a prepared
+job processes, cancel, retry). The gateway and service (cinesr.service.app, gateway, dispatchers) and the
+Celery side (cinesr.worker.tasks, dispatch, leases) all decide from these; the records live in
+cinesr.worker.jobs, whose store makes each change atomic.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cinesr.worker.jobs import Job, SeriesEntry
+    from cinesr.worker.jobs import Job, JobStore, SeriesEntry
+
+
+class JobConflict(RuntimeError):
+    """The job is not in a state that allows the operation."""
 
 
 class JobStatus(StrEnum):
@@ -135,29 +141,60 @@ def cancel(job: Job) -> None:
         job.error = job.error or CANCEL_REASON
 
 
-def can_cancel(job: Job) -> bool:
-    """Only unfinished jobs can be cancelled (cancelling a cancelled job again is harmless)."""
-    return job.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED)
-
-
-def can_retry(job: Job) -> bool:
-    return job.status == JobStatus.FAILED
-
-
-def retry_statuses(job: Job) -> tuple[dict[str, SeriesStatus], JobStatus]:
-    """What a retry of a failed job with series resets: each failed series (to processed when its derived series
-    exists, so it is only resent; else queued), and the job's own status."""
-    series = {e.input_series_uid: SeriesStatus.PROCESSED if e.output_series_uid else SeriesStatus.QUEUED
-              for e in job.series if e.status == SeriesStatus.FAILED}
-    status = JobStatus.EXPORTING if any(e.output_series_uid for e in job.series) else JobStatus.QUEUED
-    return series, status
-
-
 def needs_preparation(job: Job) -> bool:
     """Whether the job still has to be prepared (study fetched, series chosen) before its series are queued."""
     return job.status == JobStatus.RETRIEVING or (not job.series and job.status == JobStatus.QUEUED)
 
 
-def covers(job: Job, series_uid: str) -> bool:
-    """Whether a job (not ended failed or cancelled) already takes care of the series."""
-    return job.status not in REPLACEABLE and any(e.input_series_uid == series_uid for e in job.series)
+# ---- transitions of the stored record (the store makes each one atomic) -------------------------------------
+
+def push_job(jobs: JobStore, study_uid: str, series_uid: str) -> Job | None:
+    """AUTO_PROCESS: a new job for a pushed series; None when a job (not failed, not cancelled) already covers it
+    (a REST request, or an earlier push)."""
+    for job in jobs.list(study_uid=study_uid):
+        if job.status not in REPLACEABLE and any(e.input_series_uid == series_uid for e in job.series):
+            return None
+    job, created = jobs.create_or_get(study_uid, [series_uid], None, source="push")
+    return job if created else None
+
+
+def choose_series(jobs: JobStore, job: Job, eligible: list[str], reasons: dict[str, str]) -> bool:
+    """A prepared job's series: the eligible ones are processed (ineligible requested series fail with the
+    reason). True when the job is queued; False when it failed, no series being eligible."""
+    if not eligible:
+        text = "; ".join(f"{uid}: {why}" for uid, why in reasons.items())
+        jobs.update(job.job_id, status=JobStatus.FAILED, error=f"no eligible cine series in the study ({text})")
+        return False
+    if job.requested_series:
+        for series_uid, reason in reasons.items():
+            jobs.update_series(job.job_id, series_uid, status=SeriesStatus.FAILED, error=f"not eligible: {reason}")
+    else:
+        jobs.set_series(job.job_id, eligible)
+    jobs.update(job.job_id, status=JobStatus.QUEUED, error=None)
+    return True
+
+
+def request_cancel(jobs: JobStore, job_id: str) -> Job:
+    """Cancel an unfinished job (cancelling a cancelled job again is harmless); JobConflict for a finished one."""
+    job = jobs.get(job_id)
+    if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        raise JobConflict(f"job {job_id} is {job.status}; only unfinished jobs can be cancelled")
+    return jobs.cancel(job_id)
+
+
+def request_retry(jobs: JobStore, job_id: str) -> tuple[Job, bool]:
+    """A failed job again (JobConflict for any other). Returns the job and whether it must be prepared again (it
+    failed before its series were known); else each failed series is reset, to processed when its derived series
+    exists (so it is only resent), to queued when not, and the job waits for lifecycle.plan(export_only=True)."""
+    job = jobs.get(job_id)
+    if job.status != JobStatus.FAILED:
+        raise JobConflict(f"job {job_id} is {job.status}; only failed jobs can be retried")
+    jobs.update(job_id, attempts=job.attempts + 1, error=None)
+    if not job.series:
+        return jobs.update(job_id, status=JobStatus.QUEUED), True
+    for entry in job.series:
+        if entry.status == SeriesStatus.FAILED:
+            status = SeriesStatus.PROCESSED if entry.output_series_uid else SeriesStatus.QUEUED
+            jobs.update_series(job_id, entry.input_series_uid, status=status, error=None)
+    status = JobStatus.EXPORTING if any(e.output_series_uid for e in job.series) else JobStatus.QUEUED
+    return jobs.update(job_id, status=status, error=None), False
