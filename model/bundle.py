@@ -25,20 +25,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+# model.json's names and reader live in bundle_meta (no torch); they are re-exported here for callers that
+# load bundles anyway
+from .bundle_meta import BUNDLES_DIR, DEFAULT_BUNDLE, FORMAT, FORMAT_VERSION, MODEL_JSON, read_meta  # noqa: F401
 from .checkpoint import load_into
 from .diffusion import Schedule
 from .errors import InputError
 from .folders import atomic_write
 from .nets import VQGAN, SwinUNet
 
-FORMAT = "cinesr-model-bundle"
-FORMAT_VERSION = 1
-MODEL_JSON = "model.json"
 WEIGHT_FILES = {"autoencoder": "autoencoder.safetensors", "unet": "unet.safetensors",
                 "student": "student.safetensors"}
 FP16_TOLERANCE = 1e-3
-BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
-DEFAULT_BUNDLE = BUNDLES_DIR / "tiny"
 
 
 @dataclass
@@ -192,23 +190,6 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, tuple)):
         return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """model.json of a bundle folder (no weights loaded)."""
-    file = Path(path) / MODEL_JSON
-    if not file.is_file():
-        raise InputError(f"not a model bundle (no {MODEL_JSON})", Path(path))
-    try:
-        doc = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{MODEL_JSON} is not valid JSON ({exc})", Path(path)) from None
-    if doc.get("format") != FORMAT:
-        raise InputError(f"{MODEL_JSON} is not a {FORMAT} (format {doc.get('format')!r})", Path(path))
-    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
-        raise InputError(f"bundle format {doc['format_version']} is newer than this CineSR reads "
-                         f"({FORMAT_VERSION})", Path(path))
-    return doc
 
 
 def write_meta(path: str | Path, updates: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cinesr.worker import lifecycle
 from cinesr.worker.errors import NotConfigured, PacsUnavailable, PermanentError, RetrieveFailed
@@ -37,6 +37,9 @@ from .retrieve import retrieve_study, study_series_at_pacs
 from .routing import RoutingLimits, RoutingLog, check_series, sweep_ineligible
 from .store import InstanceStore, StoredInstance
 from .store_errors import StoreFull, StoreHalted
+
+if TYPE_CHECKING:
+    from cinesr.worker.dispatch import EmbeddedWorker
 
 LOGGER = logging.getLogger(__name__)
 
@@ -76,7 +79,8 @@ class Service:
     """Everything `cinesr serve` runs, started and stopped together (the REST app reads it)."""
 
     def __init__(self, settings: Settings, dispatch: Literal["auto", "celery", "inline"] = "auto",
-                 embedded_worker: bool | None = None, durability: Literal["journal", "file"] = "journal",
+                 embedded_worker: bool | EmbeddedWorker | None = None,
+                 durability: Literal["journal", "file"] = "journal",
                  min_free_bytes: int | None = None) -> None:
         self.settings = settings
         self.dispatch_mode = dispatch
@@ -89,7 +93,9 @@ class Service:
         self.listener: ListenerHandle | None = None
         self.assembler: SeriesAssembler | None = None
         self.dispatcher: Dispatcher | None = None
-        self.worker: Any = None
+        # a worker started before the service (`cinesr serve` does, to overlap their start-ups) is adopted:
+        # stopped with the service, also when the service fails to start
+        self.worker: Any = None if embedded_worker is None or isinstance(embedded_worker, bool) else embedded_worker
         self.tokens: list[str] = []
         self.token_file: Path | None = None
         self.registry: Any = None

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from cinesr.model.errors import CineSRError
 from cinesr.model.folders import atomic_write
+from cinesr.worker.lifecycle import JobStatus
 
 PACS_AE = "DEMOPACS"
 SERVICE_AE = "CINESR"
@@ -97,9 +98,10 @@ class StageClock:
         return stages
 
 
-STAGE_LABELS = {"phantom": "make phantom study", "service": "start service + PACS (worker loads the model)",
+STAGE_LABELS = {"phantom": "make phantom study", "service": "start service + PACS (REST and DICOM up)",
                 "push": "C-STORE to service", "wait": "series completion (quiet period)",
-                "process": "super-resolve + export", "metrics": "picture + metrics (baseline, LPIPS)",
+                "worker": "queued until the worker has loaded the model", "process": "super-resolve + export",
+                "metrics": "picture + metrics (baseline, LPIPS)",
                 "stop": "stop service (rest of it, after the metrics)"}
 
 
@@ -445,38 +447,40 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
     worker_log = out / "service-data" / "logs" / "worker.log"
     try:
         # The service starts first: its imports and the worker's model loading run while this process makes
-        # the phantom study (they overlap instead of adding up).
-        report("service", 0, 2, "starting cinesr serve")
+        # the phantom study and the reference (they overlap instead of adding up).
+        report("service", 0, 1, "starting cinesr serve")
         service.start()
+        # The worker's start-up (Celery, torch, the model: seconds) is the longest chain before the job can
+        # run, so the phantom waits the half-second until `serve` has spawned it instead of slowing that down.
+        _wait(worker_log.exists, 60, "starting (embedded worker)", logs / "serve.log", service.alive, every=0.02)
         report("phantom", 0, 1, "synthetic short-axis cine")
         study = make_study(options.seed, slices=options.slices, frames=options.frames, size=options.size,
                            generator=options.generator)
-        written = {w.role: w for w in write_phantom(study, out / "study", seed=options.seed, truth=True,
-                                                    lowres=True)}
-        truth_series, lowres_series = written["truth"], written["lowres"]
+        # the acquisition first (it is what the scanner sends); the ground truth is written after the push
+        (lowres_series,) = write_phantom(study, out / "study", seed=options.seed, truth=False, lowres=True)
         report("phantom", 1, 1, f"{len(lowres_series.files)} low-res instances")
-        # The baseline and its scores do not depend on the service's output: they are made here while the
-        # service starts and waits out the quiet period (CPU that is idle then), not after the job.
-        reference: Future[Reference] = background.submit(make_reference, truth_series.folder,
-                                                         lowres_series.folder)
-        report("service", 0, 2, "starting cinesr serve")
+
+        # The truth, the baseline and its scores do not depend on the service's output: they are made here
+        # after the push, while the service waits out the quiet period and the worker loads its model.
+        def truth_and_reference() -> Reference:
+            (truth_series,) = write_phantom(study, out / "study", seed=options.seed, truth=True, lowres=False)
+            if truth_series.study_uid != lowres_series.study_uid:
+                raise DemoError("the phantom's truth and acquisition were written as different studies")
+            return make_reference(truth_series.folder, lowres_series.folder)
+
+        report("service", 0, 1, "starting cinesr serve")
         _wait(service.healthy, 120, "starting (REST)", logs / "serve.log", service.alive)
-        report("service", 1, 2, "loading the model in the worker")
+        report("service", 1, 1, f"DICOM :{service.dicom_port}, REST {service.url}")
 
-        def worker_ready() -> bool:
-            if worker_log.exists() and "engine not loaded" in worker_log.read_text(errors="replace"):
-                raise DemoError(f"the worker could not load its engine; see {worker_log}")
-            return service.heartbeat.exists()
-
-        _wait(worker_ready, 300, "waiting for the worker to load its engine", worker_log, service.alive)
-        report("service", 2, 2, f"DICOM :{service.dicom_port}, REST {service.url}")
-
+        # The push does not wait for the worker: as from a scanner, the series is stored and queued while the
+        # worker still loads its model, and the job waits in the queue for it (the "worker" stage below).
         report("push", 0, len(lowres_series.files), "C-STORE to the service")
         stored = push_series(lowres_series.files, service.dicom_port)
         pushed_at = time.time()
         if stored != len(lowres_series.files):
             raise DemoError(f"the service stored {stored} of {len(lowres_series.files)} instances; see {logs}")
         report("push", stored, len(lowres_series.files), "stored")
+        reference: Future[Reference] = background.submit(truth_and_reference)
 
         report("wait", 0, None, f"series complete after {options.stable_seconds:g} s quiet")
 
@@ -484,16 +488,22 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
             jobs = service.get("/jobs", study_uid=lowres_series.study_uid)["jobs"]
             return jobs[0] if jobs else None
 
-        job = _wait(find_job, options.stable_seconds + 120, "waiting for the job", logs / "serve.log", service.alive)
+        job = _wait(find_job, options.stable_seconds + 120, "waiting for the job", logs / "serve.log", service.alive,
+                    every=0.1)
         job_id = job["job_id"]
+        report("worker", 0, None, "the job waits for the worker to load its model")
 
         def finished() -> dict[str, Any] | None:
             current = service.get(f"/jobs/{job_id}")
+            if current["status"] == JobStatus.QUEUED:
+                if worker_log.exists() and "engine not loaded" in worker_log.read_text(errors="replace"):
+                    raise DemoError(f"the worker could not load its engine; see {worker_log}")
+                return None
             report("process", current["progress"], 1.0, current["status"])
-            return current if current["status"] in ("succeeded", "failed") else None
+            return current if current["status"] in (JobStatus.SUCCEEDED, JobStatus.FAILED) else None
 
         job = _wait(finished, options.timeout, "processing", worker_log, service.alive, every=0.25)
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             raise DemoError(f"the job failed: {job['error']}; see {worker_log}")
         entry = job["series"][0]
         output_uid = entry["output_series_uid"]

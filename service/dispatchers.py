@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from cinesr.worker.errors import JobError
 from cinesr.worker.jobs import JobStore, UnknownJob
 from cinesr.worker.lifecycle import SeriesStatus, plan
 from cinesr.worker.process import BODIES
 from cinesr.worker.settings import Settings
+
+if TYPE_CHECKING:
+    from cinesr.worker.dispatch import EmbeddedWorker
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,9 +86,10 @@ class InlineDispatcher:
 
 
 def make_dispatcher(settings: Settings, jobs: JobStore, mode: Literal["auto", "celery", "inline"] = "auto",
-                    embedded_worker: bool | None = None) -> tuple[Dispatcher, Any]:
+                    embedded_worker: bool | EmbeddedWorker | None = None) -> tuple[Dispatcher, Any]:
     """The dispatcher for `mode` (auto: Celery when the worker package is installed), and the embedded worker
-    it started (None: none; with Celery one is started when wanted, by default when BROKER_URL is empty)."""
+    it started (None: none; with Celery one is started when wanted, by default when BROKER_URL is empty; one
+    already started is used as it is)."""
     if mode == "auto":
         try:
             import cinesr.worker.dispatch  # noqa: F401
@@ -96,6 +100,8 @@ def make_dispatcher(settings: Settings, jobs: JobStore, mode: Literal["auto", "c
     if mode == "inline":
         return InlineDispatcher(settings, jobs), None
     dispatcher = CeleryDispatcher(settings)
+    if embedded_worker is not None and not isinstance(embedded_worker, bool):
+        return dispatcher, embedded_worker
     if embedded_worker is None:
         embedded_worker = not settings.broker_url
     if not embedded_worker:

@@ -24,7 +24,6 @@ Errors are JSON {"detail": reason}: 401 no/invalid bearer token, 413 body too la
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
@@ -199,9 +198,6 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     app.add_middleware(RequestGuard, tokens=lambda: service.tokens,
                        max_body_bytes=int(service.settings.http_max_body_bytes))
-    # /readyz's model check imports the engine code (torch): seconds on a busy node, longer than a probe's
-    # timeout; done once in the background at start instead of in the first probe
-    threading.Thread(target=_import_model_code, name="cinesr-readyz-warmup", daemon=True).start()
 
     @app.exception_handler(AuthError)
     async def _auth(_: Request, exc: AuthError) -> JSONResponse:
@@ -350,15 +346,6 @@ def create_app(service: Service) -> FastAPI:
         return Response(render(service.registry), media_type=CONTENT_TYPE)
 
     return app
-
-
-def _import_model_code() -> None:
-    try:
-        from cinesr.worker.process import model_available
-
-        model_available()
-    except Exception:  # noqa: BLE001 - /readyz reports it when asked
-        pass
 
 
 def _version() -> str:

@@ -10,6 +10,7 @@ DATA_DIR/outputs/<job_id>/<derived SeriesInstanceUID>/.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -48,12 +49,13 @@ _METHOD_LOCK = threading.Lock()
 
 def model_available() -> bool:
     """Whether the learned method's code is installed (the model itself may still fail to load)."""
+    # Found, not imported: importing them loads torch (seconds, hundreds of MB) into whichever process asks,
+    # the REST gateway included; the worker that runs the model reports a broken install when it loads it.
     try:
-        import cinesr.worker.engines.select  # noqa: F401
-        import cinesr.worker.modelsr  # noqa: F401
-    except ImportError:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("torch", "cinesr.worker.modelsr", "cinesr.worker.engines"))
+    except (ImportError, ValueError):  # a parent package that fails to import, or one blocked in sys.modules
         return False
-    return True
 
 
 def trained_model_available(model_dir: object = None) -> bool:
@@ -61,7 +63,7 @@ def trained_model_available(model_dir: object = None) -> bool:
 
     Without one the model method would run untrained weights, so 'auto' falls back to the baseline.
     """
-    from cinesr.model.bundle import DEFAULT_BUNDLE, MODEL_JSON
+    from cinesr.model.bundle_meta import DEFAULT_BUNDLE, MODEL_JSON
 
     folder = Path(str(model_dir)) if model_dir else DEFAULT_BUNDLE
     return model_available() and (folder / MODEL_JSON).is_file()
@@ -81,7 +83,7 @@ def resolve_method_name(requested: str | None, settings: Settings) -> str:
 def supported_steps(model_dir: object = None) -> tuple[int, ...]:
     """The sampler step counts a bundle serves as trained, from its model.json (no weights loaded): the
     teacher's full chain T and the counts its distilled student learned (model.json `distilled`)."""
-    from cinesr.model.bundle import DEFAULT_BUNDLE, read_meta
+    from cinesr.model.bundle_meta import DEFAULT_BUNDLE, read_meta
 
     doc = read_meta(Path(str(model_dir)) if model_dir else DEFAULT_BUNDLE)
     full = int(((doc.get("config") or {}).get("diffusion") or {}).get("steps") or 15)

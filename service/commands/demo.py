@@ -11,8 +11,8 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 STAGES = {"phantom": "make phantom study", "service": "start service + PACS", "push": "C-STORE to service",
-          "wait": "series completion", "process": "super-resolve + export", "metrics": "picture + metrics",
-          "stop": "stop service"}
+          "wait": "series completion", "worker": "waiting for the worker", "process": "super-resolve + export",
+          "metrics": "picture + metrics", "stop": "stop service"}
 
 
 @app.command()

@@ -25,9 +25,6 @@ def serve(
                                                           "(small machines, debugging).")] = False,
 ) -> None:
     """Run the service: DICOM listener on DICOM_PORT, REST on HTTP_PORT (settings: CINESR_* or --config)."""
-    import uvicorn
-    from cinesr.service.app import Service
-    from cinesr.service.gateway import create_app
     from cinesr.service.settings import load_settings
 
     def _terminate(signum: int, frame: object) -> None:
@@ -41,7 +38,15 @@ def serve(
     # then hold the REST port: one taken between the check and now is still found before anything (the
     # embedded worker above all) is started
     http_socket = bind_port(host, settings.http_port, "REST (HTTP_PORT)")
-    service = Service(settings, dispatch="inline" if inline else "auto", embedded_worker=worker)
+    embedded = _start_worker_first(settings, worker, inline, http_socket)
+    # imported after the worker started: the service's imports (FastAPI, uvicorn, the stores: about a second)
+    # then overlap the worker's own start-up (Celery, torch, the model: several seconds)
+    import uvicorn
+    from cinesr.service.app import Service
+    from cinesr.service.gateway import create_app
+
+    service = Service(settings, dispatch="inline" if inline else "auto",
+                      embedded_worker=embedded if embedded is not None else worker)
     try:
         try:
             service.start()
@@ -63,6 +68,23 @@ def serve(
         # on any way out, start-up failures included: the listener and the embedded worker stop with us
         service.stop()
         http_socket.close()
+
+
+def _start_worker_first(settings: object, worker: bool | None, inline: bool,
+                        http_socket: socket.socket) -> object | None:
+    """The embedded worker, started before the rest of the service when one is wanted (--worker, or BROKER_URL
+    empty); the Service adopts it and stops it with everything else."""
+    if inline or worker is False or (worker is None and getattr(settings, "broker_url", "")):
+        return None
+    try:
+        from cinesr.worker.dispatch import start_embedded_worker
+    except ImportError:  # no worker package: the Service falls back to running jobs in-process
+        return None
+    try:
+        return start_embedded_worker(settings)  # type: ignore[arg-type]
+    except BaseException:
+        http_socket.close()
+        raise
 
 
 def bind_port(host: str, port: int, what: str) -> socket.socket:

@@ -45,8 +45,9 @@ def test_demo_with_the_baseline_matches_a_local_baseline(tmp_path: Path) -> None
     assert {"queue (waiting for the worker)", "compute (SR method)", "export (C-STORE to PACS)"} <= set(timings)
     # the command itself, stage by stage: the stages add up to the total, compute is the worker's own figure
     stages = report["demo_stages_seconds"]
-    assert list(stages) == ["start service + PACS (worker loads the model)", "make phantom study",
-                            "C-STORE to service", "series completion (quiet period)", "super-resolve + export",
+    assert list(stages) == ["start service + PACS (REST and DICOM up)", "make phantom study",
+                            "C-STORE to service", "series completion (quiet period)",
+                            "queued until the worker has loaded the model", "super-resolve + export",
                             "picture + metrics (baseline, LPIPS)", "stop service (rest of it, after the metrics)",
                             "total"]
     assert sum(v for k, v in stages.items() if k != "total") == pytest.approx(stages["total"], abs=0.05)
