@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cinesr.model.cine import read_series
-from cinesr.service.demo import DemoPacs, comparison_picture, push_series, short_method
+from cinesr.service.demo import DemoPacs, push_series, short_method
+from cinesr.service.demo_report import comparison_picture
 from cinesr.worker.dispatch import CLI
 from PIL import Image
 
@@ -118,7 +119,7 @@ def test_demo_pacs_receives_by_c_store(tmp_path: Path, lowres_study: Path) -> No
 
 
 def test_long_row_labels_are_not_cut_off(tmp_path: Path) -> None:
-    from cinesr.service.demo import label_width
+    from cinesr.service.demo_report import label_width
     from PIL import ImageDraw
 
     label = "CineSR\n(model tiny-20261201-502b8287)"  # what the demo writes for the bundled model
@@ -146,7 +147,7 @@ def test_comparison_picture_layout(tmp_path: Path) -> None:
 def test_demo_scores_are_the_evaluation_protocols() -> None:
     """The demo's stacked metrics equal cinesr.model.evaluate.score_frames' frame-by-frame means."""
     from cinesr.model.evaluate import score_frames
-    from cinesr.service.demo import score
+    from cinesr.service.demo_report import score
 
     rng = np.random.default_rng(3)
     truth = rng.random((2, 3, 48, 48)).astype(np.float32)
