@@ -444,7 +444,7 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
         # the whole command, stage by stage (wall clock, this machine), and how much of it was model compute
         "demo_stages_seconds": stages, "model_compute_seconds": round(compute, 3),
         "outside_model_compute_seconds": round(stages["total"] - compute, 3),
-        "machine": _machine(), "job": job,
+        "machine": _machine(), "commit": _commit(), "job": job,
         "study": {"slices": options.slices, "frames": options.frames, "size": options.size, "seed": options.seed},
         "files": {k: str(v) for k, v in asdict(result).items() if isinstance(v, Path)},
     }, indent=2, default=str))
@@ -461,6 +461,16 @@ def _machine() -> dict[str, Any]:
         load = []
     return {"cpus": os.cpu_count(), "load_average_1_5_15_min": load, "python": platform.python_version(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _commit() -> str | None:
+    """The git commit of the code that ran (a source checkout; None for an installed package)."""
+    try:
+        done = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def short_method(description: str) -> str:
