@@ -1,6 +1,7 @@
+# Over 500 lines: every acquisition kind shares one config and one call path; split, they would drift.
 """Synthetic degradation of cine frames: the one code path used by training and by evaluation.
 
-Spatial x4, two kinds (``DegradationConfig.kind``):
+Spatial x4, five kinds (``DegradationConfig.kind``):
 
 * ``"realesrgan"``: the Real-ESRGAN pipeline (Wang et al., ICCVW 2021) with ResShift's ranges.
   First order: blur (isotropic / anisotropic Gaussian, generalised Gaussian, plateau kernels of odd
@@ -119,7 +120,7 @@ SECOND_ORDER = StageConfig(
 
 @dataclass(frozen=True)
 class DegradationConfig:
-    """What ``degrade`` does. ``kind`` selects the Real-ESRGAN pipeline or bicubic-only."""
+    """What ``degrade`` does. ``kind`` selects the acquisition (one of KINDS, see the module docstring)."""
 
     kind: Literal["realesrgan", "bicubic", "area", "kspace", "mix"] = "realesrgan"
     scale: int = 4

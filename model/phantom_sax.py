@@ -1,3 +1,4 @@
+# Over 500 lines: one anatomical model (LV, RV, fat, papillary muscles, motion, acquisition), kept whole.
 """Generator "sax": a detailed short-axis SSFP cine model.
 
 Anatomy: a truncated-ellipsoid LV (endocardium with trabeculation, myocardium whose area is

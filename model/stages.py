@@ -1,3 +1,4 @@
+# Over 500 lines: the five training stages side by side, each small; the loop they plug into is loop.py.
 """The training stages, each a `cinesr.model.loop.Stage`: what differs between them, and nothing else.
 
 * ``autoencoder``: the VQGAN on random crops of true windows (and some bicubic-upsampled inputs, which

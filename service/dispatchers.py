@@ -1,9 +1,9 @@
 """How a queued job reaches the task bodies: Celery, or a thread of this process.
 
 Celery (cinesr.worker.dispatch) puts one message chain per series on the broker (Redis, or the embedded
-transport in DATA_DIR that the embedded worker of `cinesr serve` consumes). The in-process dispatcher, for
-tests and machines without the worker package, calls the same task bodies (cinesr.worker.process) in one
-background thread. Both queue what cinesr.worker.lifecycle.plan says.
+transport in DATA_DIR that the embedded worker of `cinesr serve` consumes). The in-process dispatcher
+(`cinesr serve --inline`, tests, or an install where Celery cannot be imported) calls the same task bodies
+(cinesr.worker.process) in one background thread. Both queue what cinesr.worker.lifecycle.plan says.
 """
 
 from __future__ import annotations
