@@ -1,8 +1,9 @@
-"""Maps the top-level folders model/, worker/, service/ to cinesr.model, cinesr.worker, cinesr.service."""
+"""Maps the top-level folders model/, worker/, service/, bench/ to cinesr.model, cinesr.worker, cinesr.service,
+cinesr.bench."""
 
 from setuptools import find_packages, setup
 
-FOLDERS = ("model", "worker", "service")
+FOLDERS = ("model", "worker", "service", "bench")
 
 
 def _packages() -> list[str]:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cinesr.worker.engines.bench import _git_commit, _machine, _versions
+from cinesr.bench.machine import git_commit, machine, versions
 
 METRICS = ("psnr", "ssim", "lpips")
 
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{[k for k, v in ok.items() if v]}", flush=True)
     all_win = {m: all(wins(r)[m] for r in rows.values()) for m in METRICS}
     report = {"what": "cinesr demo per phantom seed (defaults otherwise), the service's default method vs the "
-                      "baseline", "created": started, "commit": _git_commit(), "machine": _machine(),
-              "versions": _versions(), "seeds": rows, "wins_every_seed": all_win}
+                      "baseline", "created": started, "commit": git_commit(), "machine": machine(),
+              "versions": versions(), "seeds": rows, "wins_every_seed": all_win}
     out_file = Path(a.out) / f"demo-seeds-{started.replace(':', '').replace('-', '')}.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(report, indent=2) + "\n")

@@ -8,7 +8,7 @@
 
 A `WindowRunner` is anything with the network geometry, a sampler plan and
 `superresolve(lq (B, 3, s, s), noise (steps, B, C, s/f*4, ...), on_step) -> (B, 3, 4s, 4s)`: every
-inference engine of cinesr.worker, and `cinesr.model.inference.TorchRunner` for a bundle in memory.
+inference engine of the worker package, and `cinesr.model.inference.TorchRunner` for a bundle in memory.
 The noise of every job comes from its own generator, seeded by (seed, window, tile), so the result
 does not depend on the batch size, the order of the jobs or the backend.
 """

@@ -7,7 +7,7 @@
 
 The dispatcher (cinesr.service.dispatchers) is Celery (with BROKER_URL empty the embedded worker of
 `cinesr serve` consumes the embedded queue) or an in-process thread that calls the same task bodies. Which
-status a job may move to, and what is queued for it, is decided in cinesr.worker.lifecycle; this module wires
+status a job may move to, and what is queued for it, is decided in cinesr.worker.queue.lifecycle; this module wires
 the parts together and keeps the REST side's checks (destination, method, where the study is).
 """
 
@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cinesr.worker import lifecycle
+from cinesr.service.settings import Settings
 from cinesr.worker.errors import NotConfigured, PacsUnavailable, PermanentError, RetrieveFailed
-from cinesr.worker.jobs import Job, JobParams, JobStore, open_job_store
-from cinesr.worker.lifecycle import JobStatus
-from cinesr.worker.pacs import destination_node, pacs_node
-from cinesr.worker.process import check_steps, model_available, resolve_method_name
-from cinesr.worker.settings import Settings
+from cinesr.worker.network.pacs import destination_node, pacs_node
+from cinesr.worker.queue import lifecycle
+from cinesr.worker.queue.jobs import Job, JobParams, JobStore, open_job_store
+from cinesr.worker.queue.lifecycle import JobStatus
+from cinesr.worker.queue.process import check_steps, model_available, resolve_method_name
 
 from .assembly import SeriesAssembler
 from .dispatchers import Dispatcher, InlineDispatcher, make_dispatcher
@@ -39,7 +39,7 @@ from .store import InstanceStore, StoredInstance
 from .store_errors import StoreFull, StoreHalted
 
 if TYPE_CHECKING:
-    from cinesr.worker.dispatch import EmbeddedWorker
+    from cinesr.worker.queue.dispatch import EmbeddedWorker
 
 LOGGER = logging.getLogger(__name__)
 

@@ -5,24 +5,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 from cinesr.model.errors import CineSRError
+from cinesr.worker.logs import configure_logging
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .logs import configure_logging
-from .settings import load_settings
+from .settings import describe_error, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="CineSR: 4x spatial and 8x temporal super-resolution of cardiac cine MRI, DICOM in and out.")
 err = Console(stderr=True)
 out = Console()
+
+# The `cinesr` command as a subprocess, with this interpreter (`python -m cinesr.service.cli` would not see the
+# sub-commands: they register on the imported module).
+CLI = [sys.executable, "-c", "from cinesr.service.cli import main; main()"]
+
 
 class UsageError(CineSRError):
     """A command-line mistake (bad option combination, missing file)."""
@@ -99,8 +105,8 @@ def superresolve(
     """Super-resolve cine series offline: one derived series per input series is written to OUTPUT."""
     from cinesr.model.cine import read_series
     from cinesr.model.instance import output_transfer_syntax
-    from cinesr.worker.derived import Derivation, write_derived_series
-    from cinesr.worker.pipeline import fidelity_warning, superresolve_series, supports_draws
+    from cinesr.worker.inference.derived import Derivation, write_derived_series
+    from cinesr.worker.inference.pipeline import fidelity_warning, superresolve_series, supports_draws
 
     _check_output_folder(output)  # before any reading or computing
     settings = load_settings()
@@ -109,7 +115,7 @@ def superresolve(
     output_transfer_syntax(transfer_syntax)  # a mistake ends here, before any work
     if steps is None and settings.steps is not None and method != "baseline":
         from cinesr.worker.errors import PermanentError
-        from cinesr.worker.process import check_steps
+        from cinesr.worker.queue.process import check_steps
 
         probe = settings.model_copy(update={"model_dir": model or settings.model_dir})
         try:  # the setting is the service's: held to the counts the bundle serves, as there
@@ -235,8 +241,8 @@ def _check_output_folder(output: Path) -> None:
 def _method(name: str, backend: str, device: str, steps: int | None, seed: int, model: str | None,
             consistency: str | None = None) -> object:
     """The SR method for the offline command (the service builds its own through worker.process)."""
-    from cinesr.worker.pipeline import BaselineMethod
-    from cinesr.worker.process import trained_model_available
+    from cinesr.worker.inference.pipeline import BaselineMethod
+    from cinesr.worker.queue.process import trained_model_available
 
     settings = load_settings()
     model = model or (str(settings.model_dir) if settings.model_dir else None)
@@ -248,8 +254,8 @@ def _method(name: str, backend: str, device: str, steps: int | None, seed: int, 
         return BaselineMethod()
     if name != "model":
         raise UsageError(f"unknown method {name!r} (available: auto, model, baseline)")
-    from cinesr.worker.engines import EngineUnavailable, create_engine
-    from cinesr.worker.modelsr import ModelMethod
+    from cinesr.worker.inference.engines import EngineUnavailable, create_engine
+    from cinesr.worker.inference.modelsr import ModelMethod
 
     try:
         engine = create_engine(backend=backend, device=device, model=model)
@@ -318,7 +324,7 @@ def main() -> None:
     try:
         command().main(prog_name="cinesr", standalone_mode=False)
     except (CineSRError, ValidationError) as exc:
-        _fail(str(exc).splitlines()[0] if isinstance(exc, CineSRError) else _settings_error(exc), 2)
+        _fail(str(exc).splitlines()[0] if isinstance(exc, CineSRError) else describe_error(exc), 2)
     except typer.Abort:
         _fail("aborted", 130)
     except KeyboardInterrupt:
@@ -336,11 +342,6 @@ def main() -> None:
 # typer bundles its own click; its usage errors all derive from this base.
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
-
-def _settings_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    name = ".".join(str(p) for p in first.get("loc", ()))
-    return f"invalid setting CINESR_{name.upper()}: {first.get('msg')}"
 
 
 if __name__ == "__main__":

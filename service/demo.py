@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cinesr.bench.machine import git_commit, machine
 from cinesr.model.errors import CineSRError
 from cinesr.model.folders import atomic_write
-from cinesr.worker.lifecycle import JobStatus
+from cinesr.worker.queue.lifecycle import JobStatus
 
+from .cli import CLI
 from .demo_report import SPATIAL, TEMPORAL, Reference, cine_gif, comparison_picture, make_reference, stack_frames
 
 PACS_AE = "DEMOPACS"
@@ -212,8 +214,6 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> ServiceProcess:
-        from cinesr.worker.dispatch import CLI
-
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([*CLI, "--log-level", "INFO", "serve", "--host", "127.0.0.1"],
@@ -254,7 +254,7 @@ class ServiceProcess:
 def push_series(files: list[Path], port: int, called_ae: str = SERVICE_AE, calling_ae: str = "DEMO-SCANNER") -> int:
     """C-STORE the files on one association (the worker's own SCU); returns how many were stored with Success."""
     from cinesr.worker.errors import PacsUnavailable
-    from cinesr.worker.pacs import DicomNode, store_files
+    from cinesr.worker.network.pacs import DicomNode, store_files
 
     try:
         outcome = store_files(DicomNode(called_ae, "127.0.0.1", port), files, calling_ae, batch_size=len(files))
@@ -444,33 +444,11 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
         # the whole command, stage by stage (wall clock, this machine), and how much of it was model compute
         "demo_stages_seconds": stages, "model_compute_seconds": round(compute, 3),
         "outside_model_compute_seconds": round(stages["total"] - compute, 3),
-        "machine": _machine(), "commit": _commit(), "job": job,
+        "machine": machine(), "commit": git_commit(short=True), "job": job,
         "study": {"slices": options.slices, "frames": options.frames, "size": options.size, "seed": options.seed},
         "files": {k: str(v) for k, v in asdict(result).items() if isinstance(v, Path)},
     }, indent=2, default=str))
     return result
-
-
-def _machine() -> dict[str, Any]:
-    """Where the timings were taken: CPU count and load (a busy machine explains slow stages)."""
-    import platform
-
-    try:
-        load = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        load = []
-    return {"cpus": os.cpu_count(), "load_average_1_5_15_min": load, "python": platform.python_version(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-
-
-def _commit() -> str | None:
-    """The git commit of the code that ran (a source checkout; None for an installed package)."""
-    try:
-        done = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def short_method(description: str) -> str:

@@ -1,9 +1,9 @@
 """How a queued job reaches the task bodies: Celery, or a thread of this process.
 
-Celery (cinesr.worker.dispatch) puts one message chain per series on the broker (Redis, or the embedded
+Celery (cinesr.worker.queue.dispatch) puts one message chain per series on the broker (Redis, or the embedded
 transport in DATA_DIR that the embedded worker of `cinesr serve` consumes). The in-process dispatcher
 (`cinesr serve --inline`, tests, or an install where Celery cannot be imported) calls the same task bodies
-(cinesr.worker.process) in one background thread. Both queue what cinesr.worker.lifecycle.plan says.
+(cinesr.worker.queue.process) in one background thread. Both queue what cinesr.worker.queue.lifecycle.plan says.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from cinesr.service.settings import Settings
 from cinesr.worker.errors import JobError
-from cinesr.worker.jobs import JobStore, UnknownJob
-from cinesr.worker.lifecycle import SeriesStatus, plan
-from cinesr.worker.process import BODIES
-from cinesr.worker.settings import Settings
+from cinesr.worker.queue.jobs import JobStore, UnknownJob
+from cinesr.worker.queue.lifecycle import SeriesStatus, plan
+from cinesr.worker.queue.process import BODIES
 
 if TYPE_CHECKING:
-    from cinesr.worker.dispatch import EmbeddedWorker
+    from cinesr.worker.queue.dispatch import EmbeddedWorker
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class CeleryDispatcher:
     """Tasks on the broker (Redis, or the embedded transport in DATA_DIR)."""
 
     def __init__(self, settings: Settings) -> None:
-        from cinesr.worker import dispatch
+        from cinesr.worker.queue import dispatch
 
         self.settings = settings
         self._dispatch = dispatch
@@ -92,10 +92,10 @@ def make_dispatcher(settings: Settings, jobs: JobStore, mode: Literal["auto", "c
     already started is used as it is)."""
     if mode == "auto":
         try:
-            import cinesr.worker.dispatch  # noqa: F401
+            import cinesr.worker.queue.dispatch  # noqa: F401
             mode = "celery"
         except ImportError:
-            LOGGER.warning("cinesr.worker.dispatch is not available: jobs run in this process")
+            LOGGER.warning("cinesr.worker.queue.dispatch is not available: jobs run in this process")
             mode = "inline"
     if mode == "inline":
         return InlineDispatcher(settings, jobs), None
@@ -106,6 +106,6 @@ def make_dispatcher(settings: Settings, jobs: JobStore, mode: Literal["auto", "c
         embedded_worker = not settings.broker_url
     if not embedded_worker:
         return dispatcher, None
-    from cinesr.worker.dispatch import start_embedded_worker
+    from cinesr.worker.queue.dispatch import start_embedded_worker
 
     return dispatcher, start_embedded_worker(settings)

@@ -28,9 +28,9 @@ from datetime import datetime
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
-from cinesr.worker.jobs import MAX_DRAWS, Job, JobParams, UnknownJob
-from cinesr.worker.lifecycle import JobConflict, JobStatus, SeriesStatus
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.jobs import MAX_DRAWS, Job, JobParams, UnknownJob
+from cinesr.worker.queue.lifecycle import JobConflict, JobStatus, SeriesStatus
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -51,7 +51,7 @@ DEFAULT_DRAWS = 4  # draws of {"uncertainty": true} when the UNCERTAINTY_DRAWS s
 
 
 def outputs_dir_of(data_dir: FsPath | str, job_id: str) -> FsPath:
-    """DATA_DIR/outputs/<job_id>, where the worker writes the job's derived series (cinesr.worker.process)."""
+    """DATA_DIR/outputs/<job_id>, where the worker writes the job's derived series (cinesr.worker.queue.process)."""
     return FsPath(data_dir) / "outputs" / job_id
 
 

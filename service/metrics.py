@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from cinesr.worker.lifecycle import JobStatus, SeriesStatus
+from cinesr.worker.queue.lifecycle import JobStatus, SeriesStatus
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from cinesr.worker.jobs import JobStore
+    from cinesr.worker.queue.jobs import JobStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGES = ("retrieve", "queue", "load", "compute", "write", "export")

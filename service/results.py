@@ -1,7 +1,7 @@
 """Results over REST: a job's derived series as a streamed zip, and a preview strip per derived series.
 
 Derived series live in DATA_DIR/outputs/<job_id>/<derived SeriesInstanceUID>/IMsss_ffff.dcm (slice sss,
-frame ffff in trigger-time order; cinesr.worker.derived). The preview is the middle slice at PREVIEW_FRAMES
+frame ffff in trigger-time order; cinesr.worker.inference.derived). The preview is the middle slice at PREVIEW_FRAMES
 time points across the cardiac cycle, side by side, windowed by the series' own window centre/width, as one
 PNG (people look before they download). It is made on first request and kept next to the series folder
 (<uid>.preview.png), outside it, so the export and the zip see DICOM files only.

@@ -12,12 +12,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cinesr.worker import dicomweb
-from cinesr.worker.dicomweb import DicomWebNode
+from cinesr.service.settings import Settings
 from cinesr.worker.errors import PacsUnavailable, RetrieveFailed
-from cinesr.worker.multipart import MultipartError
-from cinesr.worker.pacs import DicomNode, associate, find_study_series, make_ae
-from cinesr.worker.settings import Settings
+from cinesr.worker.network import dicomweb
+from cinesr.worker.network.dicomweb import DicomWebNode
+from cinesr.worker.network.multipart import MultipartError
+from cinesr.worker.network.pacs import DicomNode, associate, find_study_series, make_ae
 from pydicom.dataset import Dataset
 
 from .part10 import split_part10, store_part10

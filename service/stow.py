@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from cinesr.worker.multipart import MultipartError, MultipartReader, Part, parse_content_type
+from cinesr.worker.network.multipart import MultipartError, MultipartReader, Part, parse_content_type
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool

@@ -1,7 +1,7 @@
 """Reading a stored series as a cine, or the reason it cannot be processed.
 
-One check for both ends of a job: routing (cinesr.service.routing) runs it before a series is queued and
-adds its own rules (ROUTING_* limits, not a CineSR output); the task body (cinesr.worker.process) runs it
+One check for both ends of a job: the service's routing runs it before a series is queued and
+adds its own rules (ROUTING_* limits, not a CineSR output); the task body (cinesr.worker.queue.process) runs it
 again when the series is processed, as the stored files may have changed meanwhile.
 """
 
@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cinesr.model.errors import CineSRError
-
-from .errors import SeriesNotEligible
+from cinesr.worker.errors import SeriesNotEligible
 
 if TYPE_CHECKING:
     from cinesr.model.cine import CineSeries

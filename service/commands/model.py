@@ -86,7 +86,7 @@ def evaluate(
         raise UsageError(str(exc)) from None
     runner = None
     if backend is not None:
-        from cinesr.worker.engines import EngineUnavailable, create_engine
+        from cinesr.worker.inference.engines import EngineUnavailable, create_engine
 
         try:
             runner = create_engine(backend=backend, device=device, model=bundle.path)
@@ -118,7 +118,7 @@ def export(
     = True,
 ) -> None:
     """Write encoder.onnx, unet.onnx, decoder.onnx for a model bundle; build TensorRT engines where possible."""
-    from cinesr.worker.export import export_bundle, export_tensorrt
+    from cinesr.worker.inference.graphs import export_bundle, export_tensorrt
 
     sizes = _batch_sizes(batch_sizes)
     folder = export_bundle(model, output, batch_sizes=sizes)
@@ -132,7 +132,7 @@ def export(
 @app.command()
 def selftest(backend: Backend = "auto", device: Device = "auto", model: ModelOpt = None) -> None:
     """Check an inference backend against onnxruntime on CPU (operators: run on each GPU node type)."""
-    from cinesr.worker.export import selftest as run_selftest
+    from cinesr.worker.inference.graphs import selftest as run_selftest
 
     result = run_selftest(backend=backend, device=device, model=model)
     out.print_json(json.dumps(result, default=str))
@@ -152,7 +152,7 @@ def bench(
     results: Annotated[Path, typer.Option(help="Folder for the JSON record.")] = Path("bench/results"),
 ) -> None:
     """Time each stage and a whole series per backend, side by side; JSON with machine, commit and versions."""
-    from cinesr.worker.engines.bench import run_bench, summary, write_report
+    from cinesr.bench.engines import run_bench, summary, write_report
 
     report = run_bench(model=model, device=device, slices=slices, frames=frames, size=size, repeats=repeats)
     out.print(summary(report), soft_wrap=True, highlight=False)

@@ -20,11 +20,11 @@ def probe(
     max_age: Annotated[float | None, typer.Option(help="worker: oldest acceptable heartbeat in seconds.")] = None,
 ) -> None:
     """Exit 0 when the component is healthy, 1 (with the reason) when not."""
-    from cinesr.worker.settings import load_settings
+    from cinesr.service.settings import load_settings
 
     settings = load_settings()
     if what == "worker":
-        from cinesr.worker.runtime import HEARTBEAT_MAX_AGE, heartbeat_age
+        from cinesr.worker.queue.runtime import HEARTBEAT_MAX_AGE, heartbeat_age
 
         path = Path(settings.heartbeat_file)
         age = heartbeat_age(path)

@@ -77,7 +77,7 @@ def _start_worker_first(settings: object, worker: bool | None, inline: bool,
     if inline or worker is False or (worker is None and getattr(settings, "broker_url", "")):
         return None
     try:
-        from cinesr.worker.dispatch import start_embedded_worker
+        from cinesr.worker.queue.dispatch import start_embedded_worker
     except ImportError:  # no worker package: the Service falls back to running jobs in-process
         return None
     try:

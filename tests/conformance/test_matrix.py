@@ -17,8 +17,8 @@ import pydicom
 import pytest
 from cinesr.model.cine import read_series
 from cinesr.model.errors import InputError
-from cinesr.worker.derived import Derivation, write_derived_series
-from cinesr.worker.pipeline import BaselineMethod, superresolve_series
+from cinesr.worker.inference.derived import Derivation, write_derived_series
+from cinesr.worker.inference.pipeline import BaselineMethod, superresolve_series
 from pydicom.dataset import Dataset
 
 from ..orthanc import OrthancServer

@@ -15,10 +15,10 @@ import pydicom
 import pytest
 from cinesr.model.cine import read_series
 from cinesr.model.instance import DEFAULT_OUTPUT_TRANSFER_SYNTAX, OUTPUT_TRANSFER_SYNTAXES
-from cinesr.worker.derived import Derivation, write_derived_series
-from cinesr.worker.pacs import DicomNode, store_files
-from cinesr.worker.pipeline import BaselineMethod, superresolve_series
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.inference.derived import Derivation, write_derived_series
+from cinesr.worker.inference.pipeline import BaselineMethod, superresolve_series
+from cinesr.worker.network.pacs import DicomNode, store_files
 from pydicom.dataset import Dataset
 
 from ..dicomcheck import new_errors

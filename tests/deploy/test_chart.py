@@ -143,7 +143,7 @@ def test_schema_rejects_bad_values() -> None:
 def test_steps_and_uncertainty_reach_the_settings() -> None:
     """config.steps / config.uncertaintyDraws become CINESR_STEPS / CINESR_UNCERTAINTY_DRAWS (steps only when
     set: unset means the bundle's choice), and Settings reads them back."""
-    from cinesr.worker.settings import Settings
+    from cinesr.service.settings import Settings
 
     default = find(render(), "ConfigMap")["data"]
     assert "CINESR_STEPS" not in default and default["CINESR_UNCERTAINTY_DRAWS"] == "0"
@@ -583,8 +583,8 @@ def test_dicomweb_pacs_settings_and_credentials(monkeypatch: pytest.MonkeyPatch)
     # The PACS by URL and DICOMweb destinations in the ConfigMap; their credentials only in the Secret, reaching
     # both the gateway (QIDO-RS/WADO-RS pulls) and the workers (STOW-RS exports); the real Settings parse them.
     from cinesr.service.settings import Settings
-    from cinesr.worker.dicomweb import DicomWebNode
-    from cinesr.worker.pacs import destination_node, pacs_node
+    from cinesr.worker.network.dicomweb import DicomWebNode
+    from cinesr.worker.network.pacs import destination_node, pacs_node
 
     password, credentials = "dwPw-7c41e2", "CLOUD=bearer:dwTok-90ab1f"
     objects = render({"config": {"pacs": {"aeTitle": "PACS01", "dicomwebUrl": "https://pacs.internal/dicom-web"},
@@ -632,7 +632,7 @@ def test_dicomweb_pacs_settings_and_credentials(monkeypatch: pytest.MonkeyPatch)
 
 def test_routing_limits_reach_the_service_settings(default_objects: list[Manifest]) -> None:
     """config.routing.* become the ROUTING_* settings, with the service's defaults; the schema checks them."""
-    from cinesr.worker.settings import Settings
+    from cinesr.service.settings import Settings
 
     data = find(default_objects, "ConfigMap")["data"]
     settings = Settings(**{k.removeprefix("CINESR_").lower(): v for k, v in data.items()

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cinesr.service.cli import CLI
 from cinesr.service.listener import start_listener
-from cinesr.worker.dispatch import CLI
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
 from deploy_helpers import find, render
 
 from tests.service.conftest import new_store

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from cinesr.service.app import Service
+from cinesr.service.cli import CLI
 from cinesr.service.demo import DemoPacs
 from cinesr.service.gateway import create_app
-from cinesr.worker.dispatch import CLI
-from cinesr.worker.process import export_series, process_series
+from cinesr.worker.queue.process import export_series, process_series
 from fastapi.testclient import TestClient
 
 from tests.orthanc import write_lowres_study
@@ -137,7 +137,7 @@ def test_cancelling_a_running_model_job_stops_it_within_a_window(tmp_path: Path,
         _idle(svc)
         stopped = time.monotonic() - asked
         # one window = the sampler's steps over one 3-frame window; units are steps x windows (x tiles)
-        from cinesr.worker.process import COMPUTE_SHARE, make_method
+        from cinesr.worker.queue.process import COMPUTE_SHARE, make_method
 
         method = make_method("model", None, svc.settings)
         from cinesr.model.cine import read_series

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cinesr.model.cine import read_series
+from cinesr.service.cli import CLI
 from cinesr.service.demo import DemoPacs, push_series, short_method
 from cinesr.service.demo_report import comparison_picture
-from cinesr.worker.dispatch import CLI
 from PIL import Image
 
 

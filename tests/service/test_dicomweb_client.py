@@ -1,4 +1,4 @@
-"""The DICOMweb client (cinesr.worker.dicomweb) and its settings: STOW-RS batches with per-instance outcome,
+"""The DICOMweb client (cinesr.worker.network.dicomweb) and its settings: STOW-RS batches with per-instance outcome,
 QIDO-RS and WADO-RS retrieval into the instance store against Orthanc's DICOMweb plugin; refusals read from a
 real store response (CineSR's own STOW-RS); an unreachable peer is a transient error; credentials never show."""
 
@@ -12,9 +12,9 @@ import pytest
 from cinesr.service.app import Service
 from cinesr.service.retrieve import retrieve_study, study_series_at_pacs
 from cinesr.service.store import InstanceStore
-from cinesr.worker.dicomweb import DicomWebNode
 from cinesr.worker.errors import NotConfigured, PacsUnavailable, RetrieveFailed
-from cinesr.worker.pacs import DicomNode, StoreOutcome, destination_node, pacs_node, store_files
+from cinesr.worker.network.dicomweb import DicomWebNode
+from cinesr.worker.network.pacs import DicomNode, StoreOutcome, destination_node, pacs_node, store_files
 
 from tests.orthanc import OrthancServer, dicomweb_plugin, free_port, orthanc_available, write_lowres_study
 from tests.service.test_gateway import TOKEN, settings_for

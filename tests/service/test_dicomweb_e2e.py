@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from cinesr.service.app import Service
 from cinesr.service.gateway import create_app
-from cinesr.worker.multipart import encode_related
+from cinesr.worker.network.multipart import encode_related
 from fastapi.testclient import TestClient
 
 from tests.orthanc import OrthancServer, dicomweb_plugin, free_port, orthanc_available, write_lowres_study

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from cinesr.service.app import Service
 from cinesr.service.gateway import create_app
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
 from fastapi.testclient import TestClient
 
 from tests.orthanc import write_lowres_study
@@ -268,7 +268,7 @@ def test_routing_auto_processes_eligible_series_and_cleans_up_the_rest(
 
 
 def test_redis_mode_keeps_jobs_in_redis(tmp_path: Path, study: tuple[str, str, list[Path]]) -> None:
-    from cinesr.worker.jobs import RedisJobStore
+    from cinesr.worker.queue.jobs import RedisJobStore
 
     settings = settings_for(tmp_path, broker_url="redis://127.0.0.1:6379/0", auto_process=False)
     try:
@@ -307,7 +307,7 @@ def test_concurrent_identical_requests_share_one_job(client: TestClient, service
 def test_steps_are_checked_against_the_bundle(tmp_path: Path) -> None:
     """The shipped tiny bundle serves its 15-step teacher only; a student bundle also its distilled counts."""
     from cinesr.worker.errors import PermanentError
-    from cinesr.worker.process import check_steps, supported_steps
+    from cinesr.worker.queue.process import check_steps, supported_steps
 
     from tests import models
 
@@ -322,7 +322,7 @@ def test_steps_are_checked_against_the_bundle(tmp_path: Path) -> None:
     with pytest.raises(PermanentError, match="use one of 1, 4, 15"):
         check_steps(2, Settings(data_dir=tmp_path, model_dir=bundle))
     # the STEPS setting is held to the same counts before any model loads
-    from cinesr.worker.process import make_method
+    from cinesr.worker.queue.process import make_method
 
     with pytest.raises(PermanentError, match="STEPS setting: steps=2 is not supported"):
         make_method("model", None, Settings(data_dir=tmp_path, model_dir=bundle, steps=2))

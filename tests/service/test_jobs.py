@@ -7,8 +7,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cinesr.worker.jobs import JobParams, RedisJobStore, SqliteJobStore, UnknownJob, open_job_store
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.jobs import JobParams, RedisJobStore, SqliteJobStore, UnknownJob, open_job_store
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES_A = "1.2.826.0.1.3680043.8.498.1.1"

@@ -23,7 +23,7 @@ def test_pydicom_warnings_are_json_lines_without_the_value(tmp_path: Path) -> No
     source[0x00100030]._value = BIRTH_DATE  # bypasses validation: the file carries the invalid value
     path = tmp_path / "bad.dcm"
     source.save_as(path, enforce_file_format=False, little_endian=True, implicit_vr=False)
-    code = ("from cinesr.service.logs import configure_logging; configure_logging('INFO'); import pydicom; "
+    code = ("from cinesr.worker.logs import configure_logging; configure_logging('INFO'); import pydicom; "
             f"read = pydicom.dcmread({str(path)!r}, force=True); copy = pydicom.Dataset(); "
             "copy.PatientBirthDate = read.PatientBirthDate; print(copy.PatientBirthDate)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -12,8 +12,7 @@ import pytest
 from cinesr.service.retrieve import retrieve_study, study_series_at_pacs
 from cinesr.service.store import InstanceStore
 from cinesr.worker.errors import ExportFailed, PacsUnavailable, RetrieveFailed
-from cinesr.worker.jobs import open_job_store
-from cinesr.worker.pacs import (
+from cinesr.worker.network.pacs import (
     VERIFICATION,
     DicomNode,
     StoreOutcome,
@@ -24,7 +23,8 @@ from cinesr.worker.pacs import (
     parse_node,
     store_files,
 )
-from cinesr.worker.process import export_series, process_series
+from cinesr.worker.queue.jobs import open_job_store
+from cinesr.worker.queue.process import export_series, process_series
 
 from tests.orthanc import OrthancServer, free_port, orthanc_available, write_lowres_study
 from tests.service.test_gateway import settings_for

@@ -12,7 +12,7 @@ import pytest
 from cinesr.service.app import Service
 from cinesr.service.gateway import create_app
 from cinesr.service.routing import RoutingLimits, check_series
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cinesr.worker.dispatch import CLI
+from cinesr.service.cli import CLI
 
 from tests.worker.celery_helpers import children_of, free_port, wait_for
 

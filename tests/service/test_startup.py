@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cinesr.worker.dispatch import CLI
+from cinesr.service.cli import CLI
 
 from tests.orthanc import free_port
 

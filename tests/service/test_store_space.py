@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cinesr.service.app import Service
 from cinesr.service.gateway import create_app
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import MRImageStorage

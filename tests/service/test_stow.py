@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from cinesr.service.app import Service
 from cinesr.service.gateway import create_app
-from cinesr.worker.multipart import encode_related
+from cinesr.worker.network.multipart import encode_related
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid

@@ -16,8 +16,8 @@ from typing import Any
 import pydicom
 from cinesr.model.acquisition import write_phantom
 from cinesr.model.phantom import make_study
-from cinesr.worker.dispatch import settings_environment, worker_command
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.dispatch import settings_environment, worker_command
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cinesr.worker.engines import load_model
+from cinesr.worker.inference.engines import load_model
 
 
 @pytest.fixture(scope="module", autouse=True)

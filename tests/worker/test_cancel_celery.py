@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cinesr.worker.dispatch import enqueue_job, start_embedded_worker
-from cinesr.worker.jobs import open_job_store
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.dispatch import enqueue_job, start_embedded_worker
+from cinesr.worker.queue.jobs import open_job_store
 
 from tests.worker.celery_helpers import stage_series, wait_for
 

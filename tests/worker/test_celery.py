@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cinesr.worker.celery_app import celery_config, get_app, visibility_timeout
-from cinesr.worker.dispatch import CLI, enqueue_export, enqueue_job, settings_environment, start_embedded_worker
-from cinesr.worker.embedded_broker import Database
-from cinesr.worker.jobs import open_job_store
-from cinesr.worker.runtime import heartbeat_age, write_heartbeat
-from cinesr.worker.settings import Settings
-from cinesr.worker.tasks import MAX_REDELIVERIES
+from cinesr.service.cli import CLI
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.celery_app import celery_config, get_app, visibility_timeout
+from cinesr.worker.queue.dispatch import enqueue_export, enqueue_job, settings_environment, start_embedded_worker
+from cinesr.worker.queue.embedded_broker import Database
+from cinesr.worker.queue.jobs import open_job_store
+from cinesr.worker.queue.runtime import heartbeat_age, write_heartbeat
+from cinesr.worker.queue.tasks import MAX_REDELIVERIES
 from kombu import Connection
 
 from tests.worker.celery_helpers import stage_series, wait_for
@@ -62,7 +63,7 @@ def test_redis_url_selects_redis_and_apps_are_cached(tmp_path: Path) -> None:
 def test_settings_travel_to_a_child_process_unchanged(tmp_path: Path) -> None:
     settings = _settings(tmp_path, allowed_calling_aets=["A", "B"], pacs_port=4242, auto_process=False)
     env = {**os.environ, **settings_environment(settings)}
-    code = "from cinesr.worker.settings import load_settings; print(load_settings().model_dump_json())"
+    code = "from cinesr.service.settings import load_settings; print(load_settings().model_dump_json())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == json.loads(settings.model_dump_json())
 
@@ -106,7 +107,7 @@ def test_message_of_a_killed_consumer_is_delivered_again(tmp_path: Path) -> None
         queue.put({"series": "1.2.3"})
         queue.close()
     # another process takes the message and dies with SIGKILL before acknowledging it
-    code = ("import os, signal; from kombu import Connection; import cinesr.worker.embedded_broker\n"
+    code = ("import os, signal; from kombu import Connection; import cinesr.worker.queue.embedded_broker\n"
             f"c = Connection('cinesr-sqlite://', transport_options={{'path': {str(db)!r}}})\n"
             "m = c.SimpleQueue('q').get(timeout=5); print(m.payload, flush=True)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")

@@ -10,8 +10,8 @@ import pytest
 from cinesr.model.baseline import bicubic_up
 from cinesr.model.cine import read_series
 from cinesr.model.errors import CineSRError
-from cinesr.worker.derived import Derivation, write_derived_series
-from cinesr.worker.pipeline import BaselineMethod, superresolve_series
+from cinesr.worker.inference.derived import Derivation, write_derived_series
+from cinesr.worker.inference.pipeline import BaselineMethod, superresolve_series
 from pydicom.data import get_testdata_file
 
 from ..conformance.realfiles import enhanced_cine

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from cinesr.worker.celery_app import get_app
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.celery_app import get_app
 
 
 def test_embedded_connection_logs_no_hostname_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

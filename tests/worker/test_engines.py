@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from cinesr.model.diffusion import sample, unet_denoiser
-from cinesr.worker.engines import (
+from cinesr.worker.inference.engines import (
     AUTO_ORDER,
     EngineUnavailable,
     SamplerPlan,
@@ -18,10 +19,10 @@ from cinesr.worker.engines import (
     draw_noise,
     load_model,
 )
-from cinesr.worker.engines.onnx_engine import OnnxEngine
-from cinesr.worker.engines.tensorrt_engine import plan_key
-from cinesr.worker.engines.torch_engine import TorchEngine
-from cinesr.worker.export import TOLERANCES, compare_engines
+from cinesr.worker.inference.engines.onnx_engine import OnnxEngine
+from cinesr.worker.inference.engines.tensorrt_engine import plan_key
+from cinesr.worker.inference.engines.torch_engine import TorchEngine
+from cinesr.worker.inference.graphs import TOLERANCES, compare_engines
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -79,7 +80,7 @@ def test_candidates_follow_auto_order():
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only fallback")
 def test_auto_falls_back_to_onnx_cpu_and_logs_why(tiny, caplog):
-    with caplog.at_level(logging.INFO, logger="cinesr.worker.engines.select"):
+    with caplog.at_level(logging.INFO, logger="cinesr.worker.inference.engines.select"):
         engine = create_engine("auto", "auto", tiny)
     assert (engine.name, engine.device.type) == ("onnx", "cpu")
     text = caplog.text
@@ -138,7 +139,7 @@ def test_torch_engine_thread_setting_is_scoped(tiny):
 
 @pytest.mark.slow
 def test_bench_reports_stages_series_and_ratios(tiny):
-    from cinesr.worker.engines.bench import BenchConfig, run_bench, summary
+    from cinesr.bench.engines import BenchConfig, run_bench, summary
 
     configs = [BenchConfig("onnx", "onnx", "cpu", {"onnx": {"threads": 1}}),
                BenchConfig("torch", "torch", "cpu", {"torch": {"threads": 1}}),
@@ -154,7 +155,7 @@ def test_bench_reports_stages_series_and_ratios(tiny):
     assert series["median_s"] > 0 and series["gflops_per_s"] > 0
     assert report["speedup"]["onnx vs torch"] == pytest.approx(
         report["results"]["torch"]["series"]["median_s"] / series["median_s"])
-    assert report["versions"]["onnxruntime"] and report["machine"]["cpu_count"]
+    assert report["versions"]["onnxruntime"] and report["machine"]["cpus"]
     assert "onnx" in summary(report)
 
 
@@ -185,7 +186,7 @@ def test_onnx_cuda_io_binding_matches_cpu(tiny, onnx_cpu):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not (HAS_TRT and HAS_CUDA), reason="needs TensorRT and a CUDA GPU")
 def test_tensorrt_selftest_passes(tiny, tmp_path, monkeypatch):
-    from cinesr.worker.export import selftest
+    from cinesr.worker.inference.graphs import selftest
 
     monkeypatch.setenv("CINESR_CACHE_DIR", str(tmp_path))
     report = selftest("tensorrt", "cuda", model="tiny")
@@ -197,7 +198,7 @@ def test_engines_run_the_student_for_its_step_counts(tmp_path):
     the teacher for 15; the student's graph is exported beside the others."""
     from cinesr.model.bundle import build_networks, load_bundle, save_bundle
     from cinesr.model.configs import load_config
-    from cinesr.worker.modelsr import ModelMethod
+    from cinesr.worker.inference.modelsr import ModelMethod
 
     from tests.models import MICRO_UNET, moving_disc
 
@@ -223,3 +224,14 @@ def test_engines_run_the_student_for_its_step_counts(tmp_path):
     assert np.abs(a - b).max() < 1e-3 * float(a.max() - a.min())
     teacher_one_step = ModelMethod.configured(TorchEngine(load_model(str(path)), "cpu"), steps=1)
     assert teacher_one_step.engine.network == "student"
+
+
+def test_the_worker_gives_tensorrt_the_engine_cache_setting(tmp_path: Path) -> None:
+    # CINESR_ENGINE_CACHE (a volume in the chart and the worker image) is where TensorRT plans must go; without
+    # it a restarted worker rebuilds them in a temp folder for minutes
+    from cinesr.worker.queue.process import engine_options
+    from cinesr.worker.settings import WorkerSettings
+
+    assert engine_options(WorkerSettings(engine_cache=tmp_path / "plans")) == {
+        "tensorrt": {"cache_dir": tmp_path / "plans"}}
+    assert engine_options(WorkerSettings()) == {}

@@ -8,8 +8,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from cinesr.worker.engines import load_model
-from cinesr.worker.export import GRAPHS, OPSET, ensure_onnx, export_bundle, export_tensorrt, onnx_record, selftest
+from cinesr.worker.inference.engines import load_model
+from cinesr.worker.inference.graphs import (
+    GRAPHS,
+    OPSET,
+    ensure_onnx,
+    export_bundle,
+    export_tensorrt,
+    onnx_record,
+    selftest,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +85,7 @@ def test_export_into_a_model_bundle(tmp_path, monkeypatch):
     """A bundle folder (model.bundle format): graphs go next to the weights, model.json keeps its keys,
     and engines then use the bundle's own graphs instead of the cache."""
     from cinesr.model.bundle import load_bundle, save_bundle
-    from cinesr.worker.engines import create_engine
+    from cinesr.worker.inference.engines import create_engine
 
     monkeypatch.setenv("CINESR_CACHE_DIR", str(tmp_path / "cache"))
     net = load_model("tiny", seed=3)

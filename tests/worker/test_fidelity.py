@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from cinesr.worker.jobs import open_job_store
-from cinesr.worker.process import outputs_dir, process_series
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.jobs import open_job_store
+from cinesr.worker.queue.process import outputs_dir, process_series
 
 from tests import models
 from tests.worker.celery_helpers import stage_series

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cinesr.worker.leases import LeaseStore, RedisLeaseStore, SqliteLeaseStore, owner_id
+from cinesr.worker.queue.leases import LeaseStore, RedisLeaseStore, SqliteLeaseStore, owner_id
 
 from tests.worker.celery_helpers import RedisServer, redis_available
 
@@ -76,9 +76,9 @@ def test_a_delivery_for_a_series_held_elsewhere_is_dropped_then_requeued_when_it
     """A real embedded worker: the series is held by a live worker of another node (its lease), so the delivery
     is a duplicate and is dropped; that worker never renews (it died), so after SERIES_LEASE_SECONDS the lease is
     claimed and the series queued again, and done once."""
-    from cinesr.worker.dispatch import enqueue_job, start_embedded_worker
-    from cinesr.worker.jobs import open_job_store
-    from cinesr.worker.settings import Settings
+    from cinesr.service.settings import Settings
+    from cinesr.worker.queue.dispatch import enqueue_job, start_embedded_worker
+    from cinesr.worker.queue.jobs import open_job_store
 
     from tests.worker.celery_helpers import stage_series, wait_for
 
@@ -109,11 +109,11 @@ def test_a_delivery_for_a_series_held_elsewhere_is_dropped_then_requeued_when_it
 def test_a_stale_lease_of_an_ended_series_is_dropped_not_requeued(tmp_path: Path) -> None:
     """A pool child killed by the hard time limit leaves its lease behind, but its series is recorded failed (and
     its message acknowledged): it must not run again by itself. A running series is queued again."""
-    from cinesr.worker.celery_app import QUEUE, embedded_broker_path
-    from cinesr.worker.embedded_broker import Database
-    from cinesr.worker.jobs import open_job_store
-    from cinesr.worker.leases import requeue_expired
-    from cinesr.worker.settings import Settings
+    from cinesr.service.settings import Settings
+    from cinesr.worker.queue.celery_app import QUEUE, embedded_broker_path
+    from cinesr.worker.queue.embedded_broker import Database
+    from cinesr.worker.queue.jobs import open_job_store
+    from cinesr.worker.queue.leases import requeue_expired
 
     settings = Settings(data_dir=tmp_path / "data", broker_url="", series_lease_seconds=5)
     jobs = open_job_store(settings)

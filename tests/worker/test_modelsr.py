@@ -16,11 +16,11 @@ from cinesr.model.intensity import Normalisation
 from cinesr.model.metrics import psnr
 from cinesr.model.pipeline import Options
 from cinesr.model.windows import window_starts
-from cinesr.worker.engines import Engine, create_engine, load_model
-from cinesr.worker.engines.onnx_engine import OnnxEngine
-from cinesr.worker.engines.torch_engine import TorchEngine
-from cinesr.worker.modelsr import ModelMethod
-from cinesr.worker.pipeline import superresolve_series
+from cinesr.worker.inference.engines import Engine, create_engine, load_model
+from cinesr.worker.inference.engines.onnx_engine import OnnxEngine
+from cinesr.worker.inference.engines.torch_engine import TorchEngine
+from cinesr.worker.inference.modelsr import ModelMethod
+from cinesr.worker.inference.pipeline import superresolve_series
 
 from tests.models import moving_disc
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from cinesr.worker.multipart import MultipartError, MultipartReader, encode_related, parse_content_type
+from cinesr.worker.network.multipart import MultipartError, MultipartReader, encode_related, parse_content_type
 
 BOUNDARY = "b0undary-xyz"
 

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cinesr.worker.celery_app import visibility_timeout
-from cinesr.worker.dispatch import enqueue_export, enqueue_job
-from cinesr.worker.jobs import Job, JobStore, open_job_store
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.celery_app import visibility_timeout
+from cinesr.worker.queue.dispatch import enqueue_export, enqueue_job
+from cinesr.worker.queue.jobs import Job, JobStore, open_job_store
 
 from tests.orthanc import OrthancServer, orthanc_available
 from tests.worker.celery_helpers import (

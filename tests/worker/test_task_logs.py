@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from cinesr.worker.dispatch import enqueue_job
-from cinesr.worker.jobs import open_job_store
-from cinesr.worker.settings import Settings
+from cinesr.service.settings import Settings
+from cinesr.worker.queue.dispatch import enqueue_job
+from cinesr.worker.queue.jobs import open_job_store
 
 from tests.worker.celery_helpers import WorkerProcess, stage_series, wait_for
 

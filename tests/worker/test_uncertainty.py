@@ -10,10 +10,10 @@ import pydicom
 import pytest
 from cinesr.model.cine import read_series
 from cinesr.model.pipeline import Options, superresolve_slices, units
-from cinesr.worker.derived import Derivation, write_derived_series
-from cinesr.worker.engines import load_model
-from cinesr.worker.engines.torch_engine import TorchEngine
-from cinesr.worker.pipeline import BaselineMethod, superresolve_series
+from cinesr.worker.inference.derived import Derivation, write_derived_series
+from cinesr.worker.inference.engines import load_model
+from cinesr.worker.inference.engines.torch_engine import TorchEngine
+from cinesr.worker.inference.pipeline import BaselineMethod, superresolve_series
 
 from .. import models
 from ..dicomcheck import new_errors

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 from cinesr.model.cine import CineSeries
 from cinesr.model.pipeline import Options, Result, superresolve_slices, units
-from cinesr.worker.engines.base import Engine
+from cinesr.worker.inference.engines.base import Engine
 
 
 @dataclass
 class ModelMethod:
-    """The latent diffusion model as a pipeline `Method` (see cinesr.worker.pipeline).
+    """The latent diffusion model as a pipeline `Method` (see cinesr.worker.inference.pipeline).
 
     engine: any Engine (create_engine(...)). options: what changes the output (cinesr.model.pipeline.Options);
     fields left unset come from the bundle's model.json `inference` section, then the Options defaults.

@@ -3,12 +3,12 @@
     job:    queued -> [retrieving -> queued] -> running -> exporting -> succeeded | failed | cancelled
     series: queued -> running -> processed -> exporting -> succeeded | failed | cancelled
 
-Each series goes through two steps, superresolve (cinesr.worker.process.process_series) then export
+Each series goes through two steps, superresolve (cinesr.worker.queue.process.process_series) then export
 (process.export_series). Here: the statuses, which steps are done, the roll-up of series into the job, the
 scheduling policy (plan), and the transitions the service asks for (a pushed series' job, the series a prepared
-job processes, cancel, retry). The gateway and service (cinesr.service.app, gateway, dispatchers) and the
-Celery side (cinesr.worker.tasks, dispatch, leases) all decide from these; the records live in
-cinesr.worker.jobs, whose store makes each change atomic.
+job processes, cancel, retry). The service (its gateway, wiring and dispatchers) and the
+Celery side (cinesr.worker.queue.tasks, dispatch, leases) all decide from these; the records live in
+cinesr.worker.queue.jobs, whose store makes each change atomic.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from cinesr.worker.jobs import Job, JobStore, SeriesEntry
+    from cinesr.worker.queue.jobs import Job, JobStore, SeriesEntry
 
 
 class JobConflict(RuntimeError):

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .base import Engine, EngineUnavailable, LoadedModel, load_model
+from cinesr.worker.inference.engines.base import Engine, EngineUnavailable, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ AUTO_ORDER = (("tensorrt", "cuda"), ("onnx", "cuda"), ("torch", "cuda"), ("onnx"
 
 def _build(backend: str, device: str, model: LoadedModel, options: Mapping[str, Any]) -> Engine:
     if backend == "torch":
-        from .torch_engine import TorchEngine
+        from cinesr.worker.inference.engines.torch_engine import TorchEngine
 
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineUnavailable("torch: no CUDA device")
@@ -34,13 +33,13 @@ def _build(backend: str, device: str, model: LoadedModel, options: Mapping[str, 
             opts.setdefault("cuda_graphs", True)
         return TorchEngine(model, device, **opts)
     if backend == "onnx":
-        from .onnx_engine import OnnxEngine
+        from cinesr.worker.inference.engines.onnx_engine import OnnxEngine
 
         return OnnxEngine(model, device, **dict(options.get("onnx", {})))
     if backend == "tensorrt":
         if device != "cuda":
             raise EngineUnavailable("tensorrt: runs on CUDA only")
-        from .tensorrt_engine import TensorRTEngine
+        from cinesr.worker.inference.engines.tensorrt_engine import TensorRTEngine
 
         return TensorRTEngine(model, **dict(options.get("tensorrt", {})))
     raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")

@@ -19,13 +19,12 @@ from typing import Any
 
 import pydicom
 from cinesr.model.errors import CineSRError
-
-from .eligibility import read_cine
-from .errors import ExportFailed, JobCancelled, NotConfigured, PacsUnavailable, PermanentError
-from .jobs import Job, JobStore, open_job_store
-from .lifecycle import SeriesStatus, Step, is_done
-from .pacs import StoreOutcome, destination_node, store_files
-from .settings import Settings
+from cinesr.worker.eligibility import read_cine
+from cinesr.worker.errors import ExportFailed, JobCancelled, NotConfigured, PacsUnavailable, PermanentError
+from cinesr.worker.network.pacs import StoreOutcome, destination_node, store_files
+from cinesr.worker.queue.jobs import Job, JobStore, open_job_store
+from cinesr.worker.queue.lifecycle import SeriesStatus, Step, is_done
+from cinesr.worker.settings import WorkerSettings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -33,11 +32,11 @@ COMPUTE_SHARE = 0.8  # share of a series' progress for computing; the rest is th
 METHODS = ("model", "baseline")
 
 
-def instances_dir(settings: Settings, study_uid: str, series_uid: str) -> Path:
+def instances_dir(settings: WorkerSettings, study_uid: str, series_uid: str) -> Path:
     return Path(settings.data_dir) / "instances" / study_uid / series_uid
 
 
-def outputs_dir(settings: Settings, job_id: str) -> Path:
+def outputs_dir(settings: WorkerSettings, job_id: str) -> Path:
     return Path(settings.data_dir) / "outputs" / job_id
 
 
@@ -53,7 +52,7 @@ def model_available() -> bool:
     # the REST gateway included; the worker that runs the model reports a broken install when it loads it.
     try:
         return all(importlib.util.find_spec(name) is not None
-                   for name in ("torch", "cinesr.worker.modelsr", "cinesr.worker.engines"))
+                   for name in ("torch", "cinesr.worker.inference.modelsr", "cinesr.worker.inference.engines"))
     except (ImportError, ValueError):  # a parent package that fails to import, or one blocked in sys.modules
         return False
 
@@ -69,7 +68,7 @@ def trained_model_available(model_dir: object = None) -> bool:
     return model_available() and (folder / MODEL_JSON).is_file()
 
 
-def resolve_method_name(requested: str | None, settings: Settings) -> str:
+def resolve_method_name(requested: str | None, settings: WorkerSettings) -> str:
     """'model' or 'baseline' for a job's params.method (None: the DEFAULT_METHOD setting; auto: the model when
     its code and a trained bundle are installed, else the baseline)."""
     name = requested or getattr(settings, "default_method", "auto") or "auto"
@@ -92,7 +91,7 @@ def supported_steps(model_dir: object = None) -> tuple[int, ...]:
     return tuple(sorted({full, *(int(s) for s in student)}))
 
 
-def check_steps(steps: int | None, settings: Settings, what: str = "steps") -> None:
+def check_steps(steps: int | None, settings: WorkerSettings, what: str = "steps") -> None:
     """Raise PermanentError (with the reason) unless the model bundle serves `steps` (None: its default)."""
     if steps is None:
         return
@@ -106,15 +105,21 @@ def check_steps(steps: int | None, settings: Settings, what: str = "steps") -> N
                              f"use one of {', '.join(map(str, supported))}")
 
 
-def uncertainty_draws(job: Job, settings: Settings) -> int:
+def uncertainty_draws(job: Job, settings: WorkerSettings) -> int:
     """Draws of the job's uncertainty series (0: none): the request's, else the UNCERTAINTY_DRAWS setting."""
     return job.params.uncertainty if job.params.uncertainty is not None else int(settings.uncertainty_draws)
 
 
-def make_method(name: str | None, steps: int | None, settings: Settings) -> Any:
-    """The SR method object (cinesr.worker.pipeline.Method) for a job; the model engine is loaded once per
+def engine_options(settings: WorkerSettings) -> dict[str, dict[str, object]]:
+    """Per-backend engine options from the settings: TensorRT keeps its plans in ENGINE_CACHE (a volume on a
+    GPU node, so that a restarted worker does not rebuild them for minutes)."""
+    return {"tensorrt": {"cache_dir": settings.engine_cache}} if settings.engine_cache else {}
+
+
+def make_method(name: str | None, steps: int | None, settings: WorkerSettings) -> Any:
+    """The SR method object (cinesr.worker.inference.pipeline.Method) for a job; the model engine is loaded once per
     process and reused (keyed by bundle, backend and steps). steps None: the STEPS setting, else the bundle's."""
-    from .pipeline import BaselineMethod
+    from cinesr.worker.inference.pipeline import BaselineMethod
 
     resolved = resolve_method_name(name, settings)
     if resolved == "baseline":
@@ -126,10 +131,10 @@ def make_method(name: str | None, steps: int | None, settings: Settings) -> Any:
     with _METHOD_LOCK:
         if key not in _METHOD_CACHE:
             try:
-                from .engines.select import create_engine
-                from .modelsr import ModelMethod
+                from cinesr.worker.inference.engines.select import create_engine
+                from cinesr.worker.inference.modelsr import ModelMethod
 
-                engine = create_engine(settings.backend, "auto", settings.model_dir)
+                engine = create_engine(settings.backend, "auto", settings.model_dir, engine_options(settings))
                 _METHOD_CACHE[key] = ModelMethod.configured(engine, steps=steps,
                                                                 consistency=settings.consistency)
             except ImportError as exc:
@@ -168,14 +173,14 @@ def _cancelled(jobs: JobStore, job_id: str, series_uid: str) -> bool:
     return jobs.get(job_id).entry(series_uid).status == SeriesStatus.CANCELLED
 
 
-def process_series(job_id: str, series_uid: str, settings: Settings) -> None:
+def process_series(job_id: str, series_uid: str, settings: WorkerSettings) -> None:
     """Super-resolve one series of a job into DATA_DIR/outputs/<job_id>/ and record the result.
 
     Raises SeriesNotEligible / PermanentError for inputs that cannot work (recorded in the job first);
     anything else propagates for the task runner (the job keeps the series `running` until retried).
     """
-    from .derived import Derivation, write_derived_series
-    from .pipeline import fidelity_warning, superresolve_series, supports_draws
+    from cinesr.worker.inference.derived import Derivation, write_derived_series
+    from cinesr.worker.inference.pipeline import fidelity_warning, superresolve_series, supports_draws
 
     jobs = open_job_store(settings)
     try:
@@ -247,7 +252,7 @@ def _sop_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
 
 
-def export_series(job_id: str, series_uid: str, settings: Settings, sleep: Any = time.sleep) -> None:
+def export_series(job_id: str, series_uid: str, settings: WorkerSettings, sleep: Any = time.sleep) -> None:
     """Send the derived series of one job series (and its uncertainty series, when there is one) to its
     destination (the PACS unless the job names one), by C-STORE or STOW-RS.
 
@@ -291,7 +296,7 @@ def export_series(job_id: str, series_uid: str, settings: Settings, sleep: Any =
         jobs.close()
 
 
-def _send(jobs: JobStore, job: Job, series_uid: str, files: list[Path], node: Any, settings: Settings,
+def _send(jobs: JobStore, job: Job, series_uid: str, files: list[Path], node: Any, settings: WorkerSettings,
           sleep: Any) -> None:
     job_id = job.job_id
     done = set(job.entry(series_uid).acknowledged)

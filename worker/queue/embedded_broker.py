@@ -26,12 +26,11 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
+from cinesr.worker.queue.leases import owner_alive
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
-from .leases import owner_alive
-
 SCHEME = "cinesr-sqlite"
-TRANSPORT_ALIASES[SCHEME] = "cinesr.worker.embedded_broker:Transport"
+TRANSPORT_ALIASES[SCHEME] = "cinesr.worker.queue.embedded_broker:Transport"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (

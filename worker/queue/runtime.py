@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from cinesr.model.folders import atomic_write
-from cinesr.worker.settings import Settings, load_settings
+from cinesr.worker.settings import WorkerSettings, load_settings
 
-log = logging.getLogger("cinesr.worker.runtime")
+log = logging.getLogger("cinesr.worker.queue.runtime")
 
 HEARTBEAT_INTERVAL = 10.0  # seconds between refreshes
 HEARTBEAT_MAX_AGE = 60.0  # a heartbeat older than this means the worker is stuck or gone
@@ -37,7 +37,7 @@ def _fresh_process() -> None:
         _state["pid"] = os.getpid()
 
 
-def settings() -> Settings:
+def settings() -> WorkerSettings:
     """The worker's settings (from the environment, read once per process)."""
     with _lock:
         _fresh_process()
@@ -48,7 +48,7 @@ def settings() -> Settings:
 
 def job_store() -> Any:
     """The job store of this process (opened once per process)."""
-    from cinesr.worker.jobs import open_job_store
+    from cinesr.worker.queue.jobs import open_job_store
 
     with _lock:
         _fresh_process()
@@ -58,8 +58,8 @@ def job_store() -> Any:
 
 
 def lease_store() -> Any:
-    """The series lease store of this process (cinesr.worker.leases; opened once per process)."""
-    from cinesr.worker.leases import open_lease_store
+    """The series lease store of this process (cinesr.worker.queue.leases; opened once per process)."""
+    from cinesr.worker.queue.leases import open_lease_store
 
     with _lock:
         _fresh_process()
@@ -83,7 +83,7 @@ def device() -> str:
 def get_method(name: str | None = None, steps: int | None = None) -> Any:
     """The SR method; process.make_method keeps it per process, so the engine loaded here at start is the
     one the tasks use."""
-    from cinesr.worker.process import make_method
+    from cinesr.worker.queue.process import make_method
 
     t0 = time.perf_counter()
     method = make_method(name, steps, settings())

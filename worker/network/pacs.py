@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pydicom
+from cinesr.worker.errors import NotConfigured, PacsUnavailable
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .errors import NotConfigured, PacsUnavailable
-
 if TYPE_CHECKING:
-    from .dicomweb import DicomWebNode
-    from .settings import Settings
+    from cinesr.worker.network.dicomweb import DicomWebNode
+    from cinesr.worker.settings import WorkerSettings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,10 +52,10 @@ def parse_node(text: str) -> DicomNode:
     return DicomNode(match.group(1), match.group(2), int(match.group(3)))
 
 
-def pacs_node(settings: Settings) -> DicomNode | DicomWebNode | None:
+def pacs_node(settings: WorkerSettings) -> DicomNode | DicomWebNode | None:
     """The configured PACS, or None: by URL (PACS_DICOMWEB_URL: STOW-RS, QIDO-RS, WADO-RS) when one is set,
     else by AE title, host and port (C-STORE, C-FIND, C-MOVE/C-GET)."""
-    from .dicomweb import pacs_dicomweb_node
+    from cinesr.worker.network.dicomweb import pacs_dicomweb_node
 
     web = pacs_dicomweb_node(settings)
     if web is not None:
@@ -66,10 +65,10 @@ def pacs_node(settings: Settings) -> DicomNode | DicomWebNode | None:
     return DicomNode(settings.pacs_ae_title, settings.pacs_host, settings.pacs_port)
 
 
-def destinations(settings: Settings) -> dict[str, DicomNode | DicomWebNode]:
+def destinations(settings: WorkerSettings) -> dict[str, DicomNode | DicomWebNode]:
     """Every destination a job may name: the PACS and the DESTINATIONS list (AE@host:port, or
     NAME=https://host/dicom-web for a STOW-RS destination), by AE title or name."""
-    from .dicomweb import parse_dicomweb_destination
+    from cinesr.worker.network.dicomweb import parse_dicomweb_destination
 
     nodes: dict[str, DicomNode | DicomWebNode] = {}
     for text in getattr(settings, "destinations", []) or []:
@@ -81,7 +80,7 @@ def destinations(settings: Settings) -> dict[str, DicomNode | DicomWebNode]:
     return nodes
 
 
-def destination_node(settings: Settings, destination: str | None) -> DicomNode | DicomWebNode | None:
+def destination_node(settings: WorkerSettings, destination: str | None) -> DicomNode | DicomWebNode | None:
     """Where a job's results go: the named destination, else the PACS; None when nothing is configured."""
     if destination:
         nodes = destinations(settings)
@@ -206,7 +205,7 @@ def store_files(node: DicomNode | DicomWebNode, files: Iterable[Path], calling_a
     on_batch is called after each association with its outcome, so progress survives a later failure.
     Raises PacsUnavailable when an association cannot be made or is lost (after reporting what got through).
     """
-    from .dicomweb import DicomWebNode, stow_files
+    from cinesr.worker.network.dicomweb import DicomWebNode, stow_files
 
     if isinstance(node, DicomWebNode):
         return stow_files(node, files, batch_size, on_batch)

@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 from cinesr.model.folders import atomic_write
-
-from .base import Engine, EngineUnavailable, LoadedModel, StepCallback
+from cinesr.worker.inference.engines.base import Engine, EngineUnavailable, LoadedModel, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class TensorRTEngine(Engine):
         if device.type != "cuda":
             raise EngineUnavailable("tensorrt: runs on CUDA only")
         super().__init__(model, device)
-        from cinesr.worker.export import ensure_onnx
+        from cinesr.worker.inference.graphs import ensure_onnx
 
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)

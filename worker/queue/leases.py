@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cinesr.worker.settings import Settings
+from cinesr.worker.settings import WorkerSettings
 
-log = logging.getLogger("cinesr.worker.leases")
+log = logging.getLogger("cinesr.worker.queue.leases")
 
 RENEWALS_PER_LEASE = 6  # renewals within one lease period: a few missed writes do not expire it
 
@@ -274,7 +274,7 @@ class SqliteLeaseStore(LeaseStore):
             self._local.conn = None
 
 
-def open_lease_store(settings: Settings) -> LeaseStore:
+def open_lease_store(settings: WorkerSettings) -> LeaseStore:
     """Where the job records are: Redis when the broker is Redis, else the embedded SQLite file."""
     url = settings.broker_url or ""
     if url.startswith(("redis://", "rediss://", "unix://")):
@@ -312,15 +312,15 @@ class HeldLease:
             log.warning("lease of %s/%s not released: %s", self.lease.job_id, self.lease.series_uid, exc)
 
 
-def requeue_expired(settings: Settings, store: LeaseStore, jobs: Any) -> list[Lease]:
+def requeue_expired(settings: WorkerSettings, store: LeaseStore, jobs: Any) -> list[Lease]:
     """Claim the expired leases and queue their stage again; returns what was requeued.
 
     A series that has ended meanwhile (a child killed by the hard time limit is recorded as failed, and its
     message acknowledged) is not queued again: only POST /jobs/{id}/retry runs a failed series again."""
-    from cinesr.worker.celery_app import get_app
-    from cinesr.worker.dispatch import queue_steps
-    from cinesr.worker.jobs import UnknownJob
-    from cinesr.worker.lifecycle import TERMINAL, Step, steps_from
+    from cinesr.worker.queue.celery_app import get_app
+    from cinesr.worker.queue.dispatch import queue_steps
+    from cinesr.worker.queue.jobs import UnknownJob
+    from cinesr.worker.queue.lifecycle import TERMINAL, Step, steps_from
 
     app = get_app(settings)
     requeued = []
@@ -348,7 +348,7 @@ def requeue_expired(settings: Settings, store: LeaseStore, jobs: Any) -> list[Le
 class Reaper:
     """A daemon thread of a worker's main process: requeues the series of dead workers."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.interval = settings.series_lease_seconds / RENEWALS_PER_LEASE
         self._stop = threading.Event()
@@ -359,7 +359,7 @@ class Reaper:
         return self
 
     def _run(self) -> None:
-        from cinesr.worker.jobs import open_job_store
+        from cinesr.worker.queue.jobs import open_job_store
 
         store, jobs = open_lease_store(self.settings), open_job_store(self.settings)
         try:

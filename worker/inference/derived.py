@@ -35,12 +35,11 @@ from cinesr.model.instance import (
     uid_from,
     window_for,
 )
+from cinesr.worker import __version__
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-
-from . import __version__
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ of its pool children then ask the kernel for SIGKILL when their parent goes (Lin
 nothing has to run in the dying parent). Elsewhere a thread watches the parent PID once a second instead.
 
 SIGKILL, not a warm shutdown: the series in progress is not acknowledged, so the next worker takes it up again
-(cinesr.worker.leases), and nothing keeps computing for a service that is gone.
+(cinesr.worker.queue.leases), and nothing keeps computing for a service that is gone.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-log = logging.getLogger("cinesr.worker.lifeline")
+log = logging.getLogger("cinesr.worker.queue.lifeline")
 
 PARENT_ENV = "CINESR_PARENT_PID"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

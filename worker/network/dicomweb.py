@@ -1,7 +1,7 @@
 """A small DICOMweb client (PS3.18) for a PACS or destination configured by URL: STOW-RS to store derived
 series, QIDO-RS to see what a study holds, WADO-RS to pull it. Basic or bearer auth.
 
-Errors follow the DIMSE side (cinesr.worker.pacs): a peer that cannot be reached, answers 5xx, 401/403,
+Errors follow the DIMSE side (cinesr.worker.network.pacs): a peer that cannot be reached, answers 5xx, 401/403,
 408 or 429 raises PacsUnavailable (transient: the export retries it with backoff); an instance the peer
 refuses is an outcome (StoreOutcome.failures, with the FailureReason and HTTP status), not an exception.
 Logs carry URLs without credentials and UIDs, never patient attributes.
@@ -21,13 +21,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pydicom
-
-from .errors import NotConfigured, PacsUnavailable
-from .multipart import MultipartReader, encode_related, new_boundary, parse_content_type
+from cinesr.worker.errors import NotConfigured, PacsUnavailable
+from cinesr.worker.network.multipart import MultipartReader, encode_related, new_boundary, parse_content_type
 
 if TYPE_CHECKING:
-    from .pacs import StoreOutcome
-    from .settings import Settings
+    from cinesr.worker.network.pacs import StoreOutcome
+    from cinesr.worker.settings import WorkerSettings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def check_url(url: str) -> str:
     return url.strip().rstrip("/")
 
 
-def _credentials(settings: Settings) -> dict[str, tuple[str, str, str]]:
+def _credentials(settings: WorkerSettings) -> dict[str, tuple[str, str, str]]:
     """DICOMWEB_CREDENTIALS: NAME=bearer:TOKEN or NAME=basic:USER:PASSWORD, comma separated."""
     text = getattr(settings, "dicomweb_credentials", "") or ""
     found: dict[str, tuple[str, str, str]] = {}
@@ -84,7 +83,7 @@ def _credentials(settings: Settings) -> dict[str, tuple[str, str, str]]:
     return found
 
 
-def pacs_dicomweb_node(settings: Settings) -> DicomWebNode | None:
+def pacs_dicomweb_node(settings: WorkerSettings) -> DicomWebNode | None:
     """The PACS configured by PACS_DICOMWEB_URL (named PACS_AE_TITLE, else PACS), or None."""
     url = getattr(settings, "pacs_dicomweb_url", "")
     if not url:
@@ -94,7 +93,7 @@ def pacs_dicomweb_node(settings: Settings) -> DicomWebNode | None:
                         float(settings.dicomweb_timeout_seconds))
 
 
-def parse_dicomweb_destination(text: str, settings: Settings) -> DicomWebNode | None:
+def parse_dicomweb_destination(text: str, settings: WorkerSettings) -> DicomWebNode | None:
     """'NAME=https://host/dicom-web' -> DicomWebNode (credentials from DICOMWEB_CREDENTIALS); None for other
     forms (AE@host:port)."""
     name, sep, url = text.partition("=")
@@ -142,7 +141,7 @@ def _first(item: dict[str, Any], tag: str) -> str:
 # ---- STOW-RS --------------------------------------------------------------------------------------------
 
 def _stow_batch(http: httpx.Client, node: DicomWebNode, items: list[tuple[str, bytes]]) -> StoreOutcome:
-    from .pacs import StoreOutcome
+    from cinesr.worker.network.pacs import StoreOutcome
 
     boundary = new_boundary()
     body = encode_related((data for _, data in items), boundary)
@@ -190,7 +189,7 @@ def stow_files(node: DicomWebNode, files: Iterable[Path], batch_size: int = 64,
 
     on_batch is called after each request with its outcome; raises PacsUnavailable when the peer cannot be
     reached or answers with a transient error (after reporting what got through)."""
-    from .pacs import StoreOutcome
+    from cinesr.worker.network.pacs import StoreOutcome
 
     total = StoreOutcome()
     items: list[tuple[str, bytes]] = []

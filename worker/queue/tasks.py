@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that carry job_id + series_uid and call cinesr.worker.process.
+"""Celery tasks: thin wrappers that carry job_id + series_uid and call cinesr.worker.queue.process.
 
     superresolve_series(job_id, series_uid) -> export_series(job_id, series_uid)   (a chain per series)
 
@@ -21,13 +21,13 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
-from cinesr.worker import runtime
 from cinesr.worker.errors import JobError, PermanentError, TransientError
-from cinesr.worker.leases import HeldLease, Reaper, owner_id
-from cinesr.worker.lifecycle import IN_FLIGHT, SeriesStatus, Step, is_done
-from cinesr.worker.lifeline import PARENT_ENV, follow_parent
+from cinesr.worker.queue import runtime
+from cinesr.worker.queue.leases import HeldLease, Reaper, owner_id
+from cinesr.worker.queue.lifecycle import IN_FLIGHT, SeriesStatus, Step, is_done
+from cinesr.worker.queue.lifeline import PARENT_ENV, follow_parent
 
-log = logging.getLogger("cinesr.worker.tasks")
+log = logging.getLogger("cinesr.worker.queue.tasks")
 
 MAX_REDELIVERIES = 3  # worker deaths tolerated per job before the series is declared poison
 MAX_RETRIES = 5  # Celery retries of a TransientError (on top of process.py's own retries)
@@ -65,7 +65,7 @@ def _ids(args: tuple, kwargs: dict) -> tuple[str, str]:
 
 
 def _record_failure(job_id: str, series_uid: str, reason: str) -> None:
-    from cinesr.worker.jobs import UnknownJob
+    from cinesr.worker.queue.jobs import UnknownJob
 
     try:
         runtime.job_store().update_series(job_id, series_uid, status=SeriesStatus.FAILED, error=reason[:2000])
@@ -78,8 +78,8 @@ def _record_failure(job_id: str, series_uid: str, reason: str) -> None:
 def _begin(task: Task, stage: Step, job_id: str, series_uid: str) -> HeldLease | None:
     """Decide whether this delivery runs: None = already done (skip); raises Ignore to stop the chain.
 
-    A delivery that runs holds the series' lease (cinesr.worker.leases) until the caller releases it."""
-    from cinesr.worker.jobs import UnknownJob
+    A delivery that runs holds the series' lease (cinesr.worker.queue.leases) until the caller releases it."""
+    from cinesr.worker.queue.jobs import UnknownJob
 
     store = runtime.job_store()
     try:
@@ -151,7 +151,7 @@ def _run_step(task: Task, stage: Step, job_id: str, series_uid: str) -> bool:
     held = _begin(task, stage, job_id, series_uid)
     if held is None:
         return False
-    from cinesr.worker.process import BODIES
+    from cinesr.worker.queue.process import BODIES
 
     try:
         BODIES[stage](job_id, series_uid, runtime.settings())
@@ -179,7 +179,7 @@ def export_series(self: Task, job_id: str, series_uid: str) -> None:
 
 def register(app: Celery) -> None:
     """Register the tasks on an app (one app per broker; see celery_app.get_app)."""
-    from cinesr.worker.celery_app import EXPORT, SUPERRESOLVE
+    from cinesr.worker.queue.celery_app import EXPORT, SUPERRESOLVE
 
     app.task(name=SUPERRESOLVE, base=JobTask, bind=True)(superresolve_series)
     app.task(name=EXPORT, base=JobTask, bind=True)(export_series)

@@ -5,7 +5,7 @@ outcome) and read by the REST API. Two stores share one interface: Redis (when t
 gateway and any number of workers see the same records) and an embedded SQLite file in DATA_DIR (WAL mode,
 safe for several processes on one machine). Every read-modify-write is atomic (Redis WATCH/MULTI, SQLite
 BEGIN IMMEDIATE), because the series of one job may be processed by different workers at the same time.
-What the statuses mean and how they follow each other is cinesr.worker.lifecycle's.
+What the statuses mean and how they follow each other is cinesr.worker.queue.lifecycle's.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cinesr.worker.queue.lifecycle import REPLACEABLE, JobStatus, SeriesStatus, cancel, rollup
 from pydantic import BaseModel, Field, field_validator
 
-from .lifecycle import REPLACEABLE, JobStatus, SeriesStatus, cancel, rollup
-
 if TYPE_CHECKING:
-    from cinesr.worker.settings import Settings
+    from cinesr.worker.settings import WorkerSettings
 
 MAX_DRAWS = 32  # draws of an uncertainty series: each costs one more run of the model
 
@@ -174,7 +173,7 @@ class JobStore(ABC):
         return self._modify(job_id, change)
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel what has not reached a destination (cinesr.worker.lifecycle.cancel)."""
+        """Cancel what has not reached a destination (cinesr.worker.queue.lifecycle.cancel)."""
         return self._modify(job_id, cancel)
 
     def add_timing(self, job_id: str, stage: str, seconds: float, series_uid: str | None = None) -> Job:
@@ -385,7 +384,7 @@ class RedisJobStore(JobStore):
         self.redis.close()
 
 
-def open_job_store(settings: Settings) -> JobStore:
+def open_job_store(settings: WorkerSettings) -> JobStore:
     """Redis when the broker is Redis, else the embedded SQLite store in DATA_DIR."""
     url = settings.broker_url or ""
     if url.startswith(("redis://", "rediss://", "unix://")):

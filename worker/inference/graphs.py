@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from cinesr.model.folders import atomic_write
-from cinesr.worker.engines.base import Engine, LoadedModel, draw_noise, load_model
+from cinesr.worker.inference.engines.base import Engine, LoadedModel, draw_noise, load_model
 
 OPSET = 17
 GRAPHS = ("encoder", "unet", "decoder")
@@ -213,11 +213,11 @@ def export_tensorrt(
 
     Returns {"built": True, "plans": [...], ...} or {"built": False, "reason": "..."} where TensorRT or a
     GPU is missing (`cinesr export` prints the reason and still succeeds with the ONNX graphs)."""
-    from cinesr.worker.engines.base import EngineUnavailable
+    from cinesr.worker.inference.engines.base import EngineUnavailable
 
     model = load_model(source)
     try:
-        from cinesr.worker.engines.tensorrt_engine import TensorRTEngine
+        from cinesr.worker.inference.engines.tensorrt_engine import TensorRTEngine
 
         engine = TensorRTEngine(model, batch_sizes=tuple(batch_sizes), cache_dir=cache_dir)
     except EngineUnavailable as exc:
@@ -283,8 +283,8 @@ def selftest(
 ) -> dict[str, Any]:
     """Check a backend against onnxruntime on the CPU (the reference CI tests). Returns a report with
     the measured differences, the tolerances applied and "ok"; raises nothing for a failed check."""
-    from cinesr.worker.engines.onnx_engine import OnnxEngine
-    from cinesr.worker.engines.select import create_engine
+    from cinesr.worker.inference.engines.onnx_engine import OnnxEngine
+    from cinesr.worker.inference.engines.select import create_engine
 
     loaded = load_model(model)
     engine = create_engine(backend, device, loaded)

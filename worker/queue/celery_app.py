@@ -1,7 +1,7 @@
 """The Celery app: Redis when BROKER_URL is set, else the embedded SQLite transport in DATA_DIR.
 
-`celery -A cinesr.worker.celery_app worker` and `cinesr worker` use the module-level `app`, configured
-from the environment (CINESR_*). Code that holds a Settings object (the gateway, tests) calls
+`celery -A cinesr.worker.queue.celery_app worker` and `cinesr worker` use the module-level `app`, configured
+from the environment (CINESR_*). Code that holds a settings object (the gateway, tests) calls
 `get_app(settings)`; apps are cached per broker, so every caller shares one connection pool.
 
 Every setting below is chosen for long GPU jobs (minutes per series, one job at a time per GPU); the
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from cinesr.worker import embedded_broker
-from cinesr.worker.settings import Settings, load_settings
+from cinesr.worker.queue import embedded_broker
+from cinesr.worker.settings import WorkerSettings, load_settings
 
 QUEUE = "celery"  # the Redis list KEDA watches (helm values keda.listName)
 SUPERRESOLVE = "cinesr.superresolve_series"
@@ -24,19 +24,19 @@ EXPORT = "cinesr.export_series"
 SOFT_SHUTDOWN_SECONDS = 60.0
 
 
-def broker_url(settings: Settings) -> str:
+def broker_url(settings: WorkerSettings) -> str:
     return settings.broker_url or f"{embedded_broker.SCHEME}://"
 
 
-def embedded_broker_path(settings: Settings) -> Path:
+def embedded_broker_path(settings: WorkerSettings) -> Path:
     return Path(settings.data_dir) / "queue" / "broker.sqlite3"
 
 
-def is_embedded(settings: Settings) -> bool:
+def is_embedded(settings: WorkerSettings) -> bool:
     return not settings.broker_url
 
 
-def visibility_timeout(settings: Settings) -> int:
+def visibility_timeout(settings: WorkerSettings) -> int:
     """Seconds a taken-but-unacknowledged task stays invisible before another worker may take it.
 
     Above the hard time limit (plus a margin for the export that follows in the same delivery and for a
@@ -46,7 +46,7 @@ def visibility_timeout(settings: Settings) -> int:
     return int(settings.task_time_limit * 1.1) + 10
 
 
-def celery_config(settings: Settings) -> dict[str, Any]:
+def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     """The Celery configuration for these settings (a plain dict, so tests and docs can read it)."""
     embedded = is_embedded(settings)
     transport_options: dict[str, Any] = {"visibility_timeout": visibility_timeout(settings)}
@@ -118,9 +118,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_app(settings: Settings) -> Celery:
+def make_app(settings: WorkerSettings) -> Celery:
     """A configured Celery app with CineSR's tasks registered."""
-    from cinesr.worker import tasks
+    from cinesr.worker.queue import tasks
 
     app = Celery("cinesr", set_as_current=False)
     app.conf.update(celery_config(settings))
@@ -132,7 +132,7 @@ _apps: dict[tuple[str, str], Celery] = {}
 _lock = threading.Lock()
 
 
-def get_app(settings: Settings) -> Celery:
+def get_app(settings: WorkerSettings) -> Celery:
     """The (cached) app for these settings' broker."""
     key = (broker_url(settings), str(embedded_broker_path(settings)) if is_embedded(settings) else "")
     with _lock:
@@ -141,5 +141,5 @@ def get_app(settings: Settings) -> Celery:
         return _apps[key]
 
 
-# For `celery -A cinesr.worker.celery_app worker`: configured from the environment.
+# For `celery -A cinesr.worker.queue.celery_app worker`: configured from the environment.
 app = get_app(load_settings())

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-
-from .base import Engine, EngineUnavailable, LoadedModel, StepCallback
+from cinesr.worker.inference.engines.base import Engine, EngineUnavailable, LoadedModel, StepCallback
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

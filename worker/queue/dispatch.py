@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from celery import chain
-from cinesr.worker.celery_app import EXPORT, SUPERRESOLVE, get_app, is_embedded
-from cinesr.worker.lifecycle import Step, plan
-from cinesr.worker.lifeline import PARENT_ENV
-from cinesr.worker.settings import Settings
+from cinesr.worker.queue.celery_app import EXPORT, SUPERRESOLVE, get_app, is_embedded
+from cinesr.worker.queue.lifecycle import Step, plan
+from cinesr.worker.queue.lifeline import PARENT_ENV
+from cinesr.worker.settings import WorkerSettings
 
-log = logging.getLogger("cinesr.worker.dispatch")
+log = logging.getLogger("cinesr.worker.queue.dispatch")
 
 
 def queue_steps(app: Any, job_id: str, series_uid: str, steps: tuple[Step, ...]) -> None:
@@ -43,9 +43,9 @@ def _headers() -> dict[str, Any]:
     return {"cinesr_enqueued_at": time.time()}
 
 
-def _queue(job_id: str, settings: Settings, export_only: bool) -> None:
+def _queue(job_id: str, settings: WorkerSettings, export_only: bool) -> None:
     """Queue the series of the job that have work left, as lifecycle.plan says (the job store is closed again)."""
-    from cinesr.worker.jobs import open_job_store
+    from cinesr.worker.queue.jobs import open_job_store
 
     store = open_job_store(settings)
     try:
@@ -57,18 +57,18 @@ def _queue(job_id: str, settings: Settings, export_only: bool) -> None:
         queue_steps(app, job_id, series_uid, steps)
 
 
-def enqueue_job(job_id: str, settings: Settings) -> None:
+def enqueue_job(job_id: str, settings: WorkerSettings) -> None:
     """Queue every series of the job that has work left: super-resolve, then export."""
     _queue(job_id, settings, export_only=False)
 
 
-def enqueue_export(job_id: str, settings: Settings) -> None:
+def enqueue_export(job_id: str, settings: WorkerSettings) -> None:
     """Resend the derived series of the job without recomputing them; series that have no derived
     series yet (they failed before it was written) are queued for processing again."""
     _queue(job_id, settings, export_only=True)
 
 
-def settings_environment(settings: Settings) -> dict[str, str]:
+def settings_environment(settings: WorkerSettings) -> dict[str, str]:
     """The settings as CINESR_* environment variables, so a child process sees exactly these settings."""
     env: dict[str, str] = {}
     for name, value in settings.model_dump().items():
@@ -84,13 +84,9 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-# `python -m cinesr.service.cli` would not see the sub-commands (they register on the imported module).
-CLI = [sys.executable, "-c", "from cinesr.service.cli import main; main()"]
-
-
 def worker_command(pool: str = "prefork", loglevel: str = "WARNING", hostname: str | None = None) -> list[str]:
-    """The command line of a worker process (the `cinesr worker` entry point, same interpreter)."""
-    cmd = [*CLI, "--log-level", loglevel, "worker", "--pool", pool]
+    """The command line of a worker process (the worker's own entry point, same interpreter)."""
+    cmd = [sys.executable, "-m", "cinesr.worker", "--log-level", loglevel, "--pool", pool]
     if hostname:
         cmd += ["--hostname", hostname]
     return cmd
@@ -105,7 +101,7 @@ class EmbeddedWorker:
     was running when the worker died is handed out again when the next worker starts.
     """
 
-    def __init__(self, settings: Settings, pool: str = "prefork", loglevel: str = "WARNING",
+    def __init__(self, settings: WorkerSettings, pool: str = "prefork", loglevel: str = "WARNING",
                  log_file: Path | None = None, restart_delay: float = 2.0) -> None:
         self.settings = settings
         self.pool = pool
@@ -124,7 +120,7 @@ class EmbeddedWorker:
         return self
 
     def _spawn(self) -> None:
-        # the worker (and its pool child) dies with this process, even on kill -9 (cinesr.worker.lifeline)
+        # the worker (and its pool child) dies with this process, even on kill -9 (cinesr.worker.queue.lifeline)
         env = {**os.environ, **settings_environment(self.settings), PARENT_ENV: str(os.getpid())}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -176,7 +172,7 @@ class EmbeddedWorker:
         self._thread.join(5)
 
 
-def start_embedded_worker(settings: Settings, **kwargs: Any) -> EmbeddedWorker:
+def start_embedded_worker(settings: WorkerSettings, **kwargs: Any) -> EmbeddedWorker:
     """Start the worker of `cinesr serve` when BROKER_URL is empty (same tasks, embedded transport)."""
     if not is_embedded(settings):
         raise ValueError("start_embedded_worker is for the embedded transport (BROKER_URL empty)")

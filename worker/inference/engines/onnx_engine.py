@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .base import Engine, EngineUnavailable, LoadedModel
+from cinesr.worker.inference.engines.base import Engine, EngineUnavailable, LoadedModel
 
 _GRAPH_OUTPUTS = {"encoder": "latents", "unet": "x0", "decoder": "images", "student": "x0"}
 
@@ -64,7 +63,7 @@ class OnnxEngine(Engine):
         else:
             raise EngineUnavailable(f"onnx: unsupported device {device}")
         super().__init__(model, device)
-        from cinesr.worker.export import ensure_onnx
+        from cinesr.worker.inference.graphs import ensure_onnx
 
         self.onnx_dir = ensure_onnx(model, onnx_dir)
         self.threads = int(threads or cpu_threads())
