@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,9 +100,11 @@ def make_ae(calling_ae: str, timeout: float):  # noqa: ANN202 - pynetdicom's AE
     return ae
 
 
-def associate(ae, node: DicomNode):  # noqa: ANN001, ANN202
+def associate(ae, node: DicomNode, tls: ssl.SSLContext | None = None):  # noqa: ANN001, ANN202
+    """An established association with the node (over TLS with a client context), else PacsUnavailable."""
     try:
-        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title,
+                             tls_args=(tls, None) if tls is not None else None)
     except (OSError, RuntimeError) as exc:  # e.g. unresolvable host name
         raise PacsUnavailable(f"cannot reach {node}: {exc}") from exc
     if not assoc.is_established:
@@ -128,13 +131,15 @@ def _no_delay(assoc) -> None:  # noqa: ANN001 - pynetdicom's Association
             pass
 
 
-def echo(node: DicomNode, calling_ae: str, timeout: float = 10) -> bool:
-    """C-ECHO: True when the node answers with success."""
+def echo(node: DicomNode, calling_ae: str, timeout: float = 10, tls: ssl.SSLContext | None = None) -> bool:
+    """C-ECHO over a real association (not a TCP connect): True when the node answers with success. The one
+    C-ECHO of CineSR: PACS checks, `cinesr probe dicom` and the listener's self-check use it."""
     ae = make_ae(calling_ae, timeout)
     ae.add_requested_context(VERIFICATION)
     try:
-        assoc = associate(ae, node)
-    except PacsUnavailable:
+        assoc = associate(ae, node, tls)
+    except (PacsUnavailable, ValueError) as exc:  # ValueError: pynetdicom refuses an invalid AE title
+        LOGGER.debug("C-ECHO to %s: %s", node, exc)
         return False
     try:
         status = assoc.send_c_echo()
