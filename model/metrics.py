@@ -48,9 +48,15 @@ def psnr(a: ArrayLike, b: ArrayLike, data_range: float = 1.0) -> float:
     return 10.0 * math.log10(data_range**2 / mse)
 
 
-def _gaussian_taps(sigma: float, radius: int) -> torch.Tensor:
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
+def _numpy64(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return np.asarray(x, dtype=np.float64)
+    return x.detach().to(torch.float64).cpu().numpy()
+
+
+def _gaussian_taps(sigma: float, radius: int) -> np.ndarray:
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (x / sigma) ** 2)
     return g / g.sum()
 
 
@@ -61,7 +67,7 @@ def ssim(a: ArrayLike, b: ArrayLike, data_range: float = 1.0, sigma: float = 1.5
     """
     from scipy.ndimage import correlate1d
 
-    ta, tb = _as_float64(a), _as_float64(b)
+    ta, tb = _numpy64(a), _numpy64(b)  # scipy's filters work on numpy: no round trip through torch
     if ta.shape != tb.shape:
         raise ValueError(f"shape mismatch: {tuple(ta.shape)} vs {tuple(tb.shape)}")
     if ta.ndim < 2:
@@ -70,9 +76,9 @@ def ssim(a: ArrayLike, b: ArrayLike, data_range: float = 1.0, sigma: float = 1.5
     h, w = ta.shape[-2:]
     if h <= 2 * radius or w <= 2 * radius:
         raise ValueError(f"images must be larger than {2 * radius + 1}x{2 * radius + 1}")
-    x = ta.detach().cpu().numpy().reshape(-1, h, w)
-    y = tb.detach().cpu().numpy().reshape(-1, h, w)
-    g = _gaussian_taps(sigma, radius).numpy()
+    x = ta.reshape(-1, h, w)
+    y = tb.reshape(-1, h, w)
+    g = _gaussian_taps(sigma, radius)
 
     # Only the pixels at least `radius` away from the border enter the mean (as in skimage); their windows lie
     # inside the image, so the border mode never matters and cropping gives exactly those values. scipy's

@@ -373,10 +373,12 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
         job_id = job["job_id"]
         report("worker", 0, None, "the job waits for the worker to load its model")
 
+        engine_failure = LogWatch(worker_log, "engine not loaded")
+
         def finished() -> dict[str, Any] | None:
             current = service.get(f"/jobs/{job_id}")
             if current["status"] == JobStatus.QUEUED:
-                if worker_log.exists() and "engine not loaded" in worker_log.read_text(errors="replace"):
+                if engine_failure.seen():
                     raise DemoError(f"the worker could not load its engine; see {worker_log}")
                 return None
             report("process", current["progress"], 1.0, current["status"])
@@ -449,6 +451,26 @@ def run_demo(options: DemoOptions, report: Report | None = None) -> DemoResult:
         "files": {k: str(v) for k, v in asdict(result).items() if isinstance(v, Path)},
     }, indent=2, default=str))
     return result
+
+
+class LogWatch:
+    """Whether a growing log file has shown a line with `needle`; each look reads only what was appended."""
+
+    def __init__(self, path: Path, needle: str) -> None:
+        self.path, self.needle = path, needle.encode()
+        self.offset, self.carry = 0, b""
+
+    def seen(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return False
+        self.offset += len(chunk)
+        text = self.carry + chunk
+        self.carry = text[-len(self.needle):]  # a needle split across two looks is still found
+        return self.needle in text
 
 
 def short_method(description: str) -> str:

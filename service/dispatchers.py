@@ -102,10 +102,8 @@ def make_dispatcher(settings: Settings, jobs: JobStore, mode: Literal["auto", "c
     dispatcher = CeleryDispatcher(settings)
     if embedded_worker is not None and not isinstance(embedded_worker, bool):
         return dispatcher, embedded_worker
-    if embedded_worker is None:
-        embedded_worker = not settings.broker_url
-    if not embedded_worker:
-        return dispatcher, None
-    from cinesr.worker.queue.dispatch import start_embedded_worker
+    from cinesr.worker.queue.dispatch import start_embedded_worker, wants_embedded_worker
 
+    if not wants_embedded_worker(settings, embedded_worker):
+        return dispatcher, None
     return dispatcher, start_embedded_worker(settings)

@@ -74,11 +74,13 @@ def _start_worker_first(settings: object, worker: bool | None, inline: bool,
                         http_socket: socket.socket) -> object | None:
     """The embedded worker, started before the rest of the service when one is wanted (--worker, or BROKER_URL
     empty); the Service adopts it and stops it with everything else."""
-    if inline or worker is False or (worker is None and getattr(settings, "broker_url", "")):
+    if inline:
         return None
     try:
-        from cinesr.worker.queue.dispatch import start_embedded_worker
+        from cinesr.worker.queue.dispatch import start_embedded_worker, wants_embedded_worker
     except ImportError:  # no worker package: the Service falls back to running jobs in-process
+        return None
+    if not wants_embedded_worker(settings, worker):  # type: ignore[arg-type]
         return None
     try:
         return start_embedded_worker(settings)  # type: ignore[arg-type]

@@ -156,3 +156,17 @@ def test_demo_scores_are_the_evaluation_protocols() -> None:
     got = score(pred.astype(np.float32), truth)
     for name in ("psnr", "ssim", "lpips"):
         assert got[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-6), name
+
+
+def test_log_watch_reads_only_what_was_appended_and_finds_a_split_line(tmp_path: Path) -> None:
+    from cinesr.service.demo import LogWatch
+
+    log = tmp_path / "worker.log"
+    watch = LogWatch(log, "engine not loaded")
+    assert not watch.seen()  # no file yet
+    log.write_text('{"msg": "starting"}\n{"msg": "engine not')
+    assert not watch.seen()
+    assert watch.offset == log.stat().st_size
+    with open(log, "a") as f:
+        f.write(' loaded: no backend"}\n')
+    assert watch.seen()

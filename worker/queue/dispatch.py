@@ -172,6 +172,12 @@ class EmbeddedWorker:
         self._thread.join(5)
 
 
+def wants_embedded_worker(settings: WorkerSettings, requested: bool | None = None) -> bool:
+    """Whether `cinesr serve` runs its own worker: as requested (--worker / --no-worker), else when BROKER_URL
+    is empty (then nothing else consumes the embedded queue)."""
+    return requested if requested is not None else not settings.broker_url
+
+
 def start_embedded_worker(settings: WorkerSettings, **kwargs: Any) -> EmbeddedWorker:
     """Start the worker of `cinesr serve` when BROKER_URL is empty (same tasks, embedded transport)."""
     if not is_embedded(settings):
