@@ -70,17 +70,9 @@ def demo(
         m = result.metrics[key]
         table.add_row(label, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", f"{m['lpips']:.4f}")
     out.print(table)
-    timing = Table(title="End-to-end timings (last instance received -> derived series stored in PACS)")
-    timing.add_column("stage")
-    timing.add_column("seconds", justify="right")
-    for stage, seconds in result.timings.items():
-        timing.add_row(stage, f"{seconds:.2f}")
-    out.print(timing)
-    stages = Table(title="The demo command, stage by stage (wall clock; also in metrics.json)")
-    stages.add_column("stage")
-    stages.add_column("seconds", justify="right")
-    for stage, seconds in result.stages.items():
-        stages.add_row(stage, f"{seconds:.1f}")
+    out.print(_seconds_table("End-to-end timings (last instance received -> derived series stored in PACS)",
+                             result.timings, 2))
+    stages = _seconds_table("The demo command, stage by stage (wall clock; also in metrics.json)", result.stages, 1)
     stages.add_row("of which model compute (in the worker)", f"{result.model_compute:.1f}")
     out.print(stages)
     out.print(f"comparison picture: {result.picture}", highlight=False, soft_wrap=True)
@@ -90,3 +82,12 @@ def demo(
     out.print(f"synthetic study (truth + low-res DICOM):  {result.study_folder}", highlight=False, soft_wrap=True)
     out.print(f"service and worker logs:                  {result.logs} and {result.out / 'service-data' / 'logs'}",
               highlight=False, soft_wrap=True)
+
+
+def _seconds_table(title: str, seconds: dict[str, float], digits: int) -> Table:
+    table = Table(title=title)
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, value in seconds.items():
+        table.add_row(stage, f"{value:.{digits}f}")
+    return table
