@@ -118,7 +118,8 @@ def export(
     = True,
 ) -> None:
     """Write encoder.onnx, unet.onnx, decoder.onnx for a model bundle; build TensorRT engines where possible."""
-    from cinesr.worker.inference.graphs import export_bundle, export_tensorrt
+    from cinesr.worker.inference.engines.parity import export_tensorrt
+    from cinesr.worker.inference.graphs import export_bundle
 
     sizes = _batch_sizes(batch_sizes)
     folder = export_bundle(model, output, batch_sizes=sizes)
@@ -132,7 +133,7 @@ def export(
 @app.command()
 def selftest(backend: Backend = "auto", device: Device = "auto", model: ModelOpt = None) -> None:
     """Check an inference backend against onnxruntime on CPU (operators: run on each GPU node type)."""
-    from cinesr.worker.inference.graphs import selftest as run_selftest
+    from cinesr.worker.inference.engines.parity import selftest as run_selftest
 
     result = run_selftest(backend=backend, device=device, model=model)
     out.print_json(json.dumps(result, default=str))

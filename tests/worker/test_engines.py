@@ -20,9 +20,9 @@ from cinesr.worker.inference.engines import (
     load_model,
 )
 from cinesr.worker.inference.engines.onnx_engine import OnnxEngine
+from cinesr.worker.inference.engines.parity import TOLERANCES, compare_engines
 from cinesr.worker.inference.engines.tensorrt_engine import plan_key
 from cinesr.worker.inference.engines.torch_engine import TorchEngine
-from cinesr.worker.inference.graphs import TOLERANCES, compare_engines
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -186,7 +186,7 @@ def test_onnx_cuda_io_binding_matches_cpu(tiny, onnx_cpu):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not (HAS_TRT and HAS_CUDA), reason="needs TensorRT and a CUDA GPU")
 def test_tensorrt_selftest_passes(tiny, tmp_path, monkeypatch):
-    from cinesr.worker.inference.graphs import selftest
+    from cinesr.worker.inference.engines.parity import selftest
 
     monkeypatch.setenv("CINESR_CACHE_DIR", str(tmp_path))
     report = selftest("tensorrt", "cuda", model="tiny")

@@ -23,9 +23,9 @@ import httpx
 import pydicom
 from cinesr.worker.errors import NotConfigured, PacsUnavailable
 from cinesr.worker.network.multipart import MultipartReader, encode_related, new_boundary, parse_content_type
+from cinesr.worker.network.outcome import StoreOutcome
 
 if TYPE_CHECKING:
-    from cinesr.worker.network.pacs import StoreOutcome
     from cinesr.worker.settings import WorkerSettings
 
 LOGGER = logging.getLogger(__name__)
@@ -141,8 +141,6 @@ def _first(item: dict[str, Any], tag: str) -> str:
 # ---- STOW-RS --------------------------------------------------------------------------------------------
 
 def _stow_batch(http: httpx.Client, node: DicomWebNode, items: list[tuple[str, bytes]]) -> StoreOutcome:
-    from cinesr.worker.network.pacs import StoreOutcome
-
     boundary = new_boundary()
     body = encode_related((data for _, data in items), boundary)
     try:
@@ -189,8 +187,6 @@ def stow_files(node: DicomWebNode, files: Iterable[Path], batch_size: int = 64,
 
     on_batch is called after each request with its outcome; raises PacsUnavailable when the peer cannot be
     reached or answers with a transient error (after reporting what got through)."""
-    from cinesr.worker.network.pacs import StoreOutcome
-
     total = StoreOutcome()
     items: list[tuple[str, bytes]] = []
     with client(node) as http:

@@ -11,17 +11,23 @@ import re
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pydicom
 from cinesr.worker.errors import NotConfigured, PacsUnavailable
+from cinesr.worker.network.dicomweb import (
+    DicomWebNode,
+    pacs_dicomweb_node,
+    parse_dicomweb_destination,
+    stow_files,
+)
+from cinesr.worker.network.outcome import StoreOutcome
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 if TYPE_CHECKING:
-    from cinesr.worker.network.dicomweb import DicomWebNode
     from cinesr.worker.settings import WorkerSettings
 
 LOGGER = logging.getLogger(__name__)
@@ -56,8 +62,6 @@ def parse_node(text: str) -> DicomNode:
 def pacs_node(settings: WorkerSettings) -> DicomNode | DicomWebNode | None:
     """The configured PACS, or None: by URL (PACS_DICOMWEB_URL: STOW-RS, QIDO-RS, WADO-RS) when one is set,
     else by AE title, host and port (C-STORE, C-FIND, C-MOVE/C-GET)."""
-    from cinesr.worker.network.dicomweb import pacs_dicomweb_node
-
     web = pacs_dicomweb_node(settings)
     if web is not None:
         return web
@@ -69,8 +73,6 @@ def pacs_node(settings: WorkerSettings) -> DicomNode | DicomWebNode | None:
 def destinations(settings: WorkerSettings) -> dict[str, DicomNode | DicomWebNode]:
     """Every destination a job may name: the PACS and the DESTINATIONS list (AE@host:port, or
     NAME=https://host/dicom-web for a STOW-RS destination), by AE title or name."""
-    from cinesr.worker.network.dicomweb import parse_dicomweb_destination
-
     nodes: dict[str, DicomNode | DicomWebNode] = {}
     for text in getattr(settings, "destinations", []) or []:
         node = parse_dicomweb_destination(text, settings) or parse_node(text)
@@ -148,19 +150,6 @@ def echo(node: DicomNode, calling_ae: str, timeout: float = 10, tls: ssl.SSLCont
         assoc.release()
 
 
-@dataclass
-class StoreOutcome:
-    """What one association (or a whole send) achieved."""
-
-    acknowledged: list[str] = field(default_factory=list)
-    failures: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID -> reason
-
-    def add(self, other: StoreOutcome) -> None:
-        """Fold one batch's outcome into a whole send's."""
-        self.acknowledged += other.acknowledged
-        self.failures.update(other.failures)
-
-
 def _store_batch(node: DicomNode, calling_ae: str, items: list[tuple[str, Dataset]], timeout: float) -> StoreOutcome:
     ae = make_ae(calling_ae, timeout)
     contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in items})
@@ -210,8 +199,6 @@ def store_files(node: DicomNode | DicomWebNode, files: Iterable[Path], calling_a
     on_batch is called after each association with its outcome, so progress survives a later failure.
     Raises PacsUnavailable when an association cannot be made or is lost (after reporting what got through).
     """
-    from cinesr.worker.network.dicomweb import DicomWebNode, stow_files
-
     if isinstance(node, DicomWebNode):
         return stow_files(node, files, batch_size, on_batch)
     total = StoreOutcome()

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from cinesr.worker.inference.engines.base import Engine, EngineUnavailable, LoadedModel
+from cinesr.worker.inference.graphs import ensure_onnx
 
 _GRAPH_OUTPUTS = {"encoder": "latents", "unet": "x0", "decoder": "images", "student": "x0"}
 
@@ -63,8 +64,6 @@ class OnnxEngine(Engine):
         else:
             raise EngineUnavailable(f"onnx: unsupported device {device}")
         super().__init__(model, device)
-        from cinesr.worker.inference.graphs import ensure_onnx
-
         self.onnx_dir = ensure_onnx(model, onnx_dir)
         self.threads = int(threads or cpu_threads())
         opts = ort.SessionOptions()

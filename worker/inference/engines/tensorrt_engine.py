@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from cinesr.model.folders import atomic_write
 from cinesr.worker.inference.engines.base import Engine, EngineUnavailable, LoadedModel, StepCallback
+from cinesr.worker.inference.graphs import ensure_onnx
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ class TensorRTEngine(Engine):
         if device.type != "cuda":
             raise EngineUnavailable("tensorrt: runs on CUDA only")
         super().__init__(model, device)
-        from cinesr.worker.inference.graphs import ensure_onnx
-
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)

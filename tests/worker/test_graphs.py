@@ -9,15 +9,8 @@ import onnx
 import pytest
 import torch
 from cinesr.worker.inference.engines import load_model
-from cinesr.worker.inference.graphs import (
-    GRAPHS,
-    OPSET,
-    ensure_onnx,
-    export_bundle,
-    export_tensorrt,
-    onnx_record,
-    selftest,
-)
+from cinesr.worker.inference.engines.parity import export_tensorrt, selftest
+from cinesr.worker.inference.graphs import GRAPHS, OPSET, ensure_onnx, export_bundle, onnx_record
 
 
 @pytest.fixture(scope="module")
