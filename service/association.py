@@ -3,6 +3,7 @@
 The data phase runs on a small blocking loop instead of pynetdicom's reactor (see cinesr.service.listener):
 a dataset's fragments are received straight into one buffer per association and streamed into the store's
 journal as they arrive; at the last fragment the instance is committed and answered at once.
+Negotiation bytes are ours too (cinesr.service.acse): the A-ASSOCIATE-RQ is read and the AC/RJ built directly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
+from cinesr.service.acse import (
+    INVALID_PARAMETER,
+    ProposedContext,
+    decode_associate_rq,
+    encode_associate_ac,
+    encode_associate_rj,
+)
 from cinesr.service.dimse import (
     ACCEPTED_SYNTAXES,
     APPLICATION_CONTEXT,
@@ -48,14 +56,6 @@ from cinesr.service.store_errors import (
     refusal_status,
 )
 from cinesr.service.wire import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import PresentationContext
 
 if TYPE_CHECKING:  # the listener creates associations; only its type is needed here
     from cinesr.service.listener import DicomListener
@@ -114,28 +114,22 @@ class Association:
     # ---- negotiation -----------------------------------------------------------------------
 
     def _reject(self, result: int, source: int, reason: int) -> None:
-        primitive = A_ASSOCIATE()
-        primitive.result, primitive.result_source, primitive.diagnostic = result, source, reason
-        pdu = A_ASSOCIATE_RJ()
-        pdu.from_primitive(primitive)
         self.listener.stats.rejected_associations += 1  # counted before the peer can see it
-        self.sock.sendall(pdu.encode())
+        self.sock.sendall(encode_associate_rj(result, source, reason))
 
     def negotiate(self) -> bool:
         set_timeout(self.sock, self.config.acse_timeout)
         pdu_type, body = read_pdu(self.sock, self.header)
         if pdu_type != 0x01:
             raise Abort(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}", reason=2)
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(bytes(self.header) + bytes(body))
-        request = rq.to_primitive()
-        self.calling_ae = request.calling_ae_title.strip()
+        request = decode_associate_rq(body)
+        self.calling_ae = request.calling_ae_title
         self.writer.source_ae = self.calling_ae
-        called = request.called_ae_title.strip()
+        called = request.called_ae_title
         config = self.config
-        if request.application_context_name != APPLICATION_CONTEXT:
+        if request.application_context != APPLICATION_CONTEXT:
             LOGGER.warning("association from %s (%s) rejected: application context %s",
-                           self.calling_ae, self.peer, request.application_context_name)
+                           self.calling_ae, self.peer, request.application_context)
             self._reject(1, 1, 2)
             return False
         if config.allowed_calling_aets and self.calling_ae not in config.allowed_calling_aets:
@@ -157,48 +151,35 @@ class Association:
         if not config.allowed_calling_aets:
             LOGGER.info("accepting association from %s (%s): no calling AE allow-list set",
                         self.calling_ae, self.peer)
-        results = []
-        for proposed in request.presentation_context_definition_list:
-            result = PresentationContext()
-            result.context_id = proposed.context_id
-            result.abstract_syntax = proposed.abstract_syntax
-            abstract = str(proposed.abstract_syntax)
-            if abstract != VERIFICATION and not is_storage_sop_class(abstract):
-                result.result = 0x03  # abstract syntax not supported
-                result.transfer_syntax = [proposed.transfer_syntax[0]]
-            else:
-                offered = [str(ts) for ts in proposed.transfer_syntax if str(ts) in ACCEPTED_SYNTAXES]
-                if offered:
-                    # The proposer's first choice: usually the syntax its data is already in, so it
-                    # needs no conversion and we store the bytes as they were made.
-                    chosen = offered[0]
-                    result.result = 0x00
-                    result.transfer_syntax = [chosen]
-                    self.contexts[proposed.context_id] = (abstract, chosen)
-                else:
-                    result.result = 0x04  # transfer syntaxes not supported
-                    result.transfer_syntax = [proposed.transfer_syntax[0]]
-            results.append(result)
-        ac = A_ASSOCIATE()
-        ac.application_context_name = APPLICATION_CONTEXT
-        ac.calling_ae_title = request.calling_ae_title
-        ac.called_ae_title = request.called_ae_title
-        ac.result = 0x00
-        ac.presentation_context_definition_results_list = results
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = config.max_pdu_size
-        impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        impl_name = ImplementationVersionNameNotification()
-        impl_name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ac.user_information = [max_length, impl_uid, impl_name]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(ac)
-        self.sock.sendall(pdu.encode())
+        results = [self._context_result(proposed) for proposed in request.contexts]
+        # The peer's role selection (0x54) and asynchronous window (0x53) proposals go unanswered, as they did
+        # when pynetdicom built the AC: we take the default roles (we are SCP) and one operation at a time.
+        self.sock.sendall(encode_associate_ac(
+            request.called_ae_field, request.calling_ae_field, APPLICATION_CONTEXT, results,
+            config.max_pdu_size, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME))
         self.listener.stats.associations += 1
         LOGGER.info("association accepted from %s (%s), %d of %d contexts",
                     self.calling_ae, self.peer, len(self.contexts), len(results))
         return True
+
+    def _context_result(self, proposed: ProposedContext) -> tuple[int, int, str]:
+        """(context id, result, transfer syntax) for one proposed context; an accepted one is remembered."""
+        # A context without an abstract or any transfer syntax cannot be answered: the association is aborted,
+        # after the AE checks above, as it was when pynetdicom's primitives refused such a context here.
+        if proposed.abstract_syntax is None or not proposed.transfer_syntaxes:
+            raise Abort(f"presentation context {proposed.context_id} without an abstract or a transfer syntax",
+                        reason=INVALID_PARAMETER)
+        abstract = proposed.abstract_syntax
+        first = proposed.transfer_syntaxes[0]  # what a refused context echoes (its value is not tested)
+        if abstract != VERIFICATION and not is_storage_sop_class(abstract):
+            return proposed.context_id, 0x03, first  # abstract syntax not supported
+        offered = [ts for ts in proposed.transfer_syntaxes if ts in ACCEPTED_SYNTAXES]
+        if not offered:
+            return proposed.context_id, 0x04, first  # transfer syntaxes not supported
+        # The proposer's first choice: usually the syntax its data is already in, so it needs no conversion
+        # and we store the bytes as they were made.
+        self.contexts[proposed.context_id] = (abstract, offered[0])
+        return proposed.context_id, 0x00, offered[0]
 
     # ---- data phase ------------------------------------------------------------------------
 

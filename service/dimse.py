@@ -1,6 +1,6 @@
 """DICOM upper layer and DIMSE codec of the listener: what it accepts, and PDUs and command sets as bytes.
 
-Association-phase PDUs are read here and decoded by pynetdicom in the association; P-DATA PDUs,
+Association-phase PDUs are read here and decoded in cinesr.service.acse; P-DATA PDUs,
 DIMSE command sets and the few PDUs the data phase sends are read and built here directly.
 """
 
