@@ -116,6 +116,14 @@ class Association:
     def _reject(self, result: int, source: int, reason: int) -> None:
         self.listener.stats.rejected_associations += 1  # counted before the peer can see it
         self.sock.sendall(encode_associate_rj(result, source, reason))
+        # PS3.8 9.2 (Sta13): the requester closes the connection once it has read the RJ; closing first can
+        # reach a fast peer as a lost connection instead of a rejection. Wait a little for its close.
+        try:
+            self.sock.settimeout(min(2.0, self.config.acse_timeout))
+            while self.sock.recv(4096):
+                pass
+        except OSError:  # timed out or reset: the listener closes it now either way
+            pass
 
     def negotiate(self) -> bool:
         set_timeout(self.sock, self.config.acse_timeout)
