@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cinesr.model.cine import read_series
 from cinesr.model.errors import CineSRError
 from cinesr.worker.errors import SeriesNotEligible
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 def read_cine(files: Sequence[Path], series_uid: str) -> CineSeries:
     """The series `series_uid` read from its stored files; SeriesNotEligible (with the reason) when they are not
     an MR cine series of it. An undecodable file raises what the reader raised."""
-    from cinesr.model.cine import read_series
 
     if not files:
         raise SeriesNotEligible("no instances stored")

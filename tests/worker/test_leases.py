@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cinesr.worker.queue.leases import LeaseStore, RedisLeaseStore, SqliteLeaseStore, owner_id
+from cinesr.worker.queue.leases import LeaseStore, RedisLeaseStore, SqliteLeaseStore
+from cinesr.worker.queue.owner import owner_id
 
 from tests.worker.celery_helpers import RedisServer, redis_available
 

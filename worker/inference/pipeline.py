@@ -6,6 +6,7 @@ A method turns one slice's low-resolution cine (T, h, w), in the series' own int
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -80,7 +81,6 @@ def superresolve_series(series: CineSeries, method: Method, progress: Progress |
                         draws: int = 1) -> SeriesResult:
     """Run the method over every slice of the series, reporting progress in method units. With draws > 1 (a
     sampling method only) the result carries the uncertainty over that many draws."""
-    import time
 
     if draws > 1 and not supports_draws(method):
         raise ValueError(f"the {method.name} method is deterministic: it has no uncertainty series")

@@ -1,7 +1,7 @@
 """The Celery app: Redis when BROKER_URL is set, else the embedded SQLite transport in DATA_DIR.
 
-`celery -A cinesr.worker.queue.celery_app worker` and `cinesr worker` use the module-level `app`, configured
-from the environment (CINESR_*). Code that holds a settings object (the gateway, tests) calls
+`celery -A cinesr.worker.queue.celery_app worker` uses the module-level `app`, configured from the environment
+(CINESR_*). Code that holds a settings object (the worker process, the gateway, tests) calls
 `get_app(settings)`; apps are cached per broker, so every caller shares one connection pool.
 
 Every setting below is chosen for long GPU jobs (minutes per series, one job at a time per GPU); the
@@ -120,6 +120,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
 
 def make_app(settings: WorkerSettings) -> Celery:
     """A configured Celery app with CineSR's tasks registered."""
+    # imported here, the one place: tasks.py needs this module's names, and registering needs tasks.py
     from cinesr.worker.queue import tasks
 
     app = Celery("cinesr", set_as_current=False)
@@ -141,5 +142,10 @@ def get_app(settings: WorkerSettings) -> Celery:
         return _apps[key]
 
 
-# For `celery -A cinesr.worker.queue.celery_app worker`: configured from the environment.
-app = get_app(load_settings())
+def __getattr__(name: str) -> Celery:
+    # `celery -A cinesr.worker.queue.celery_app worker` reads `app` (configured from the environment). It is
+    # built on first use, not at import: the tasks module imports this one, and an app built during that
+    # import would register the tasks before they exist.
+    if name == "app":
+        return get_app(load_settings())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,7 @@ from typing import Any
 
 from celery import chain
 from cinesr.worker.queue.celery_app import EXPORT, SUPERRESOLVE, get_app, is_embedded
+from cinesr.worker.queue.jobs import open_job_store
 from cinesr.worker.queue.lifecycle import Step, plan
 from cinesr.worker.queue.lifeline import PARENT_ENV
 from cinesr.worker.settings import WorkerSettings
@@ -45,7 +46,6 @@ def _headers() -> dict[str, Any]:
 
 def _queue(job_id: str, settings: WorkerSettings, export_only: bool) -> None:
     """Queue the series of the job that have work left, as lifecycle.plan says (the job store is closed again)."""
-    from cinesr.worker.queue.jobs import open_job_store
 
     store = open_job_store(settings)
     try:

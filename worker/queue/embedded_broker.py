@@ -26,7 +26,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-from cinesr.worker.queue.leases import owner_alive
+from cinesr.worker.queue.owner import owner_alive
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
 SCHEME = "cinesr-sqlite"

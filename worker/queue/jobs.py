@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis
 from cinesr.worker.queue.lifecycle import REPLACEABLE, JobStatus, SeriesStatus, cancel, rollup
 from pydantic import BaseModel, Field, field_validator
 
@@ -300,7 +301,6 @@ class RedisJobStore(JobStore):
     """Job records in Redis: cinesr:job:<id> (JSON), cinesr:jobkey:<key> -> id, cinesr:jobs (by creation)."""
 
     def __init__(self, url: str, prefix: str = "cinesr") -> None:
-        import redis
 
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.prefix = prefix
@@ -309,7 +309,6 @@ class RedisJobStore(JobStore):
         return f"{self.prefix}:job:{job_id}"
 
     def _create_or_get(self, job: Job) -> tuple[Job, bool]:
-        import redis
 
         index = f"{self.prefix}:jobkey:{job.key}"
         with self.redis.pipeline() as pipe:
@@ -355,7 +354,6 @@ class RedisJobStore(JobStore):
         return jobs
 
     def _modify(self, job_id: str, change: Callable[[Job], None]) -> Job:
-        import redis
 
         key = self._job_key(job_id)
         with self.redis.pipeline() as pipe:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -31,42 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+from cinesr.worker.queue.celery_app import get_app
+from cinesr.worker.queue.dispatch import queue_steps
+from cinesr.worker.queue.jobs import UnknownJob, open_job_store
+from cinesr.worker.queue.lifecycle import TERMINAL, Step, steps_from
+from cinesr.worker.queue.owner import owner_alive
 from cinesr.worker.settings import WorkerSettings
 
 log = logging.getLogger("cinesr.worker.queue.leases")
 
 RENEWALS_PER_LEASE = 6  # renewals within one lease period: a few missed writes do not expire it
-
-def _host() -> str:
-    # the PID namespace too: containers sharing a host name (host networking) do not see each other's PIDs
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}/{namespace}"
-
-
-_HOST = _host()
-
-
-def owner_id() -> str:
-    """This process: host/pid-namespace:pid (a forked pool child is its own owner)."""
-    return f"{_HOST}:{os.getpid()}"
-
-
-def owner_alive(owner: str, this_host: str = _HOST) -> bool:
-    """False only when the owner (`host:pid`) is a process of this host that no longer exists."""
-    host, _, pid = owner.rpartition(":")
-    if host != this_host:
-        return True  # another machine: only the lease's age can tell
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
-
 
 @dataclass(frozen=True)
 class Lease:
@@ -124,13 +98,11 @@ class RedisLeaseStore(LeaseStore):
     """One hash, cinesr:leases: "job_id series_uid" -> {stage, owner, renewed_at}; WATCH/MULTI per change."""
 
     def __init__(self, url: str, name: str = "cinesr:leases") -> None:
-        import redis
 
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.name = name
 
     def _change(self, decide: Any) -> Any:
-        import redis
 
         with self.redis.pipeline() as pipe:
             while True:
@@ -317,10 +289,6 @@ def requeue_expired(settings: WorkerSettings, store: LeaseStore, jobs: Any) -> l
 
     A series that has ended meanwhile (a child killed by the hard time limit is recorded as failed, and its
     message acknowledged) is not queued again: only POST /jobs/{id}/retry runs a failed series again."""
-    from cinesr.worker.queue.celery_app import get_app
-    from cinesr.worker.queue.dispatch import queue_steps
-    from cinesr.worker.queue.jobs import UnknownJob
-    from cinesr.worker.queue.lifecycle import TERMINAL, Step, steps_from
 
     app = get_app(settings)
     requeued = []
@@ -359,7 +327,6 @@ class Reaper:
         return self
 
     def _run(self) -> None:
-        from cinesr.worker.queue.jobs import open_job_store
 
         store, jobs = open_lease_store(self.settings), open_job_store(self.settings)
         try:

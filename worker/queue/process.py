@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from cinesr.model.bundle_meta import DEFAULT_BUNDLE, MODEL_JSON, read_meta
 from cinesr.model.errors import CineSRError
 from cinesr.worker.eligibility import read_cine
 from cinesr.worker.errors import ExportFailed, JobCancelled, NotConfigured, PacsUnavailable, PermanentError
+from cinesr.worker.inference.derived import Derivation, write_derived_series
 from cinesr.worker.network.pacs import StoreOutcome, destination_node, store_files
 from cinesr.worker.queue.jobs import Job, JobStore, open_job_store
 from cinesr.worker.queue.lifecycle import SeriesStatus, Step, is_done
@@ -62,7 +65,6 @@ def trained_model_available(model_dir: object = None) -> bool:
 
     Without one the model method would run untrained weights, so 'auto' falls back to the baseline.
     """
-    from cinesr.model.bundle_meta import DEFAULT_BUNDLE, MODEL_JSON
 
     folder = Path(str(model_dir)) if model_dir else DEFAULT_BUNDLE
     return model_available() and (folder / MODEL_JSON).is_file()
@@ -82,7 +84,6 @@ def resolve_method_name(requested: str | None, settings: WorkerSettings) -> str:
 def supported_steps(model_dir: object = None) -> tuple[int, ...]:
     """The sampler step counts a bundle serves as trained, from its model.json (no weights loaded): the
     teacher's full chain T and the counts its distilled student learned (model.json `distilled`)."""
-    from cinesr.model.bundle_meta import DEFAULT_BUNDLE, read_meta
 
     doc = read_meta(Path(str(model_dir)) if model_dir else DEFAULT_BUNDLE)
     full = int(((doc.get("config") or {}).get("diffusion") or {}).get("steps") or 15)
@@ -179,7 +180,6 @@ def process_series(job_id: str, series_uid: str, settings: WorkerSettings) -> No
     Raises SeriesNotEligible / PermanentError for inputs that cannot work (recorded in the job first);
     anything else propagates for the task runner (the job keeps the series `running` until retried).
     """
-    from cinesr.worker.inference.derived import Derivation, write_derived_series
     from cinesr.worker.inference.pipeline import fidelity_warning, superresolve_series, supports_draws
 
     jobs = open_job_store(settings)
@@ -226,7 +226,6 @@ def process_series(job_id: str, series_uid: str, settings: WorkerSettings) -> No
                                               image_comments=warning)
             jobs.add_timing(job_id, "write", time.perf_counter() - t0, series_uid)
             if _cancelled(jobs, job_id, series_uid):  # cancelled while writing: keep nothing of it
-                import shutil
 
                 shutil.rmtree(derived.folder, ignore_errors=True)
                 raise JobCancelled(f"series {series_uid} of job {job_id} cancelled while being written")

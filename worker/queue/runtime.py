@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from cinesr.model.folders import atomic_write
+from cinesr.worker.queue.jobs import open_job_store
+from cinesr.worker.queue.leases import open_lease_store
+from cinesr.worker.queue.process import make_method
 from cinesr.worker.settings import WorkerSettings, load_settings
 
 log = logging.getLogger("cinesr.worker.queue.runtime")
@@ -48,7 +51,6 @@ def settings() -> WorkerSettings:
 
 def job_store() -> Any:
     """The job store of this process (opened once per process)."""
-    from cinesr.worker.queue.jobs import open_job_store
 
     with _lock:
         _fresh_process()
@@ -59,7 +61,6 @@ def job_store() -> Any:
 
 def lease_store() -> Any:
     """The series lease store of this process (cinesr.worker.queue.leases; opened once per process)."""
-    from cinesr.worker.queue.leases import open_lease_store
 
     with _lock:
         _fresh_process()
@@ -83,7 +84,6 @@ def device() -> str:
 def get_method(name: str | None = None, steps: int | None = None) -> Any:
     """The SR method; process.make_method keeps it per process, so the engine loaded here at start is the
     one the tasks use."""
-    from cinesr.worker.queue.process import make_method
 
     t0 = time.perf_counter()
     method = make_method(name, steps, settings())

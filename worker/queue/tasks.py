@@ -19,13 +19,17 @@ import os
 import time
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import Ignore, SoftTimeLimitExceeded, TimeLimitExceeded
 from cinesr.worker.errors import JobError, PermanentError, TransientError
 from cinesr.worker.queue import runtime
-from cinesr.worker.queue.leases import HeldLease, Reaper, owner_id
+from cinesr.worker.queue.celery_app import EXPORT, SUPERRESOLVE
+from cinesr.worker.queue.jobs import UnknownJob
+from cinesr.worker.queue.leases import HeldLease, Reaper
 from cinesr.worker.queue.lifecycle import IN_FLIGHT, SeriesStatus, Step, is_done
 from cinesr.worker.queue.lifeline import PARENT_ENV, follow_parent
+from cinesr.worker.queue.owner import owner_id
+from cinesr.worker.queue.process import BODIES
 
 log = logging.getLogger("cinesr.worker.queue.tasks")
 
@@ -65,7 +69,6 @@ def _ids(args: tuple, kwargs: dict) -> tuple[str, str]:
 
 
 def _record_failure(job_id: str, series_uid: str, reason: str) -> None:
-    from cinesr.worker.queue.jobs import UnknownJob
 
     try:
         runtime.job_store().update_series(job_id, series_uid, status=SeriesStatus.FAILED, error=reason[:2000])
@@ -79,7 +82,6 @@ def _begin(task: Task, stage: Step, job_id: str, series_uid: str) -> HeldLease |
     """Decide whether this delivery runs: None = already done (skip); raises Ignore to stop the chain.
 
     A delivery that runs holds the series' lease (cinesr.worker.queue.leases) until the caller releases it."""
-    from cinesr.worker.queue.jobs import UnknownJob
 
     store = runtime.job_store()
     try:
@@ -151,7 +153,6 @@ def _run_step(task: Task, stage: Step, job_id: str, series_uid: str) -> bool:
     held = _begin(task, stage, job_id, series_uid)
     if held is None:
         return False
-    from cinesr.worker.queue.process import BODIES
 
     try:
         BODIES[stage](job_id, series_uid, runtime.settings())
@@ -179,7 +180,6 @@ def export_series(self: Task, job_id: str, series_uid: str) -> None:
 
 def register(app: Celery) -> None:
     """Register the tasks on an app (one app per broker; see celery_app.get_app)."""
-    from cinesr.worker.queue.celery_app import EXPORT, SUPERRESOLVE
 
     app.task(name=SUPERRESOLVE, base=JobTask, bind=True)(superresolve_series)
     app.task(name=EXPORT, base=JobTask, bind=True)(export_series)
@@ -195,7 +195,6 @@ def _connect_signals() -> None:
     if _signals_connected:
         return
     _signals_connected = True
-    from celery import signals
 
     @signals.worker_process_init.connect(weak=False)
     def _child_start(**_: Any) -> None:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from cinesr.worker.inference.engines.base import Engine, EngineUnavailable, LoadedModel
 from cinesr.worker.inference.graphs import ensure_onnx
@@ -155,6 +156,5 @@ class OnnxEngine(Engine):
 
 
 def _np_dtype(onnx_elem: int) -> Any:
-    import numpy as np
 
     return {1: np.float32, 7: np.int64}[onnx_elem]
