@@ -120,6 +120,8 @@ def engine_options(settings: WorkerSettings) -> dict[str, dict[str, object]]:
 def make_method(name: str | None, steps: int | None, settings: WorkerSettings) -> Any:
     """The SR method object (cinesr.worker.inference.pipeline.Method) for a job; the model engine is loaded once per
     process and reused (keyed by bundle, backend and steps). steps None: the STEPS setting, else the bundle's."""
+    # the inference stack (torch) is imported when a series is processed: the gateway imports this module for
+    # the in-process dispatcher and must start without torch
     from cinesr.worker.inference.pipeline import BaselineMethod
 
     resolved = resolve_method_name(name, settings)
@@ -180,7 +182,11 @@ def process_series(job_id: str, series_uid: str, settings: WorkerSettings) -> No
     Raises SeriesNotEligible / PermanentError for inputs that cannot work (recorded in the job first);
     anything else propagates for the task runner (the job keeps the series `running` until retried).
     """
-    from cinesr.worker.inference.pipeline import fidelity_warning, superresolve_series, supports_draws
+    from cinesr.worker.inference.pipeline import (  # torch: see make_method
+        fidelity_warning,
+        superresolve_series,
+        supports_draws,
+    )
 
     jobs = open_job_store(settings)
     try:

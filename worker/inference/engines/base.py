@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cinesr.model.bundle import DEFAULT_BUNDLE, load_bundle
 from cinesr.model.bundle import state_digest as state_hash
 from cinesr.model.configs import load_config
 from cinesr.model.diffusion import SamplerPlan, Schedule, draw_noise, run_plan, upsample_lq
@@ -76,8 +77,6 @@ def _from_config(cfg: dict[str, Any], seed: int, source: dict[str, Any]) -> Load
 
 def _from_bundle(path: Path) -> LoadedModel:
     """The one place that knows the bundle format (cinesr.model.bundle)."""
-    from cinesr.model.bundle import load_bundle
-
     b = load_bundle(path)
     unet, vqgan, cfg = b.unet.eval(), b.autoencoder.eval(), dict(b.config)
     cfg.setdefault("diffusion", {})
@@ -92,8 +91,6 @@ def _from_bundle(path: Path) -> LoadedModel:
 
 def default_model() -> str | Path:
     """The bundled trained tiny model where it exists, else the tiny config (random, seeded weights)."""
-    from cinesr.model.bundle import DEFAULT_BUNDLE
-
     return DEFAULT_BUNDLE if (DEFAULT_BUNDLE / "model.json").is_file() else "tiny"
 
 

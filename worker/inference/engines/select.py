@@ -22,6 +22,7 @@ AUTO_ORDER = (("tensorrt", "cuda"), ("onnx", "cuda"), ("torch", "cuda"), ("onnx"
 
 
 def _build(backend: str, device: str, model: LoadedModel, options: Mapping[str, Any]) -> Engine:
+    # each backend is imported when it is asked for: onnxruntime and TensorRT are heavy, and may be absent
     if backend == "torch":
         from cinesr.worker.inference.engines.torch_engine import TorchEngine
 
