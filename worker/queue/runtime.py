@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,33 +41,28 @@ def _fresh_process() -> None:
         _state["pid"] = os.getpid()
 
 
-def settings() -> WorkerSettings:
-    """The worker's settings (from the environment, read once per process)."""
+def _per_process(key: str, make: Callable[[], Any]) -> Any:
+    """The object under `key`, made once per process (a forked child makes its own)."""
     with _lock:
         _fresh_process()
-        if "settings" not in _state:
-            _state["settings"] = load_settings()
-        return _state["settings"]
+        if key not in _state:
+            _state[key] = make()
+        return _state[key]
+
+
+def settings() -> WorkerSettings:
+    """The worker's settings (from the environment, read once per process)."""
+    return _per_process("settings", load_settings)
 
 
 def job_store() -> Any:
     """The job store of this process (opened once per process)."""
-
-    with _lock:
-        _fresh_process()
-        if "store" not in _state:
-            _state["store"] = open_job_store(settings())
-        return _state["store"]
+    return _per_process("store", lambda: open_job_store(settings()))
 
 
 def lease_store() -> Any:
     """The series lease store of this process (cinesr.worker.queue.leases; opened once per process)."""
-
-    with _lock:
-        _fresh_process()
-        if "leases" not in _state:
-            _state["leases"] = open_lease_store(settings())
-        return _state["leases"]
+    return _per_process("leases", lambda: open_lease_store(settings()))
 
 
 def device() -> str:
