@@ -26,6 +26,7 @@ from cinesr.worker.network.dicomweb import (
 from cinesr.worker.network.outcome import StoreOutcome
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
 
 if TYPE_CHECKING:
     from cinesr.worker.settings import WorkerSettings
@@ -93,9 +94,7 @@ def destination_node(settings: WorkerSettings, destination: str | None) -> Dicom
     return pacs_node(settings)
 
 
-def make_ae(calling_ae: str, timeout: float):  # noqa: ANN202 - pynetdicom's AE
-    from pynetdicom import AE
-
+def make_ae(calling_ae: str, timeout: float) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = min(timeout, 10)
