@@ -39,6 +39,13 @@ WEIGHT_FILES = {"autoencoder": "autoencoder.safetensors", "unet": "unet.safetens
 FP16_TOLERANCE = 1e-3
 
 
+def served_steps(student: torch.nn.Module | None, meta: Mapping[str, Any]) -> tuple[int, ...]:
+    """The sampler step counts a distilled student serves, from model.json's `distilled` (none without one)."""
+    if student is None:
+        return ()
+    return tuple(int(s) for s in (meta.get("distilled") or {}).get("steps", ()))
+
+
 @dataclass
 class ModelBundle:
     """A loaded bundle: networks in eval mode on `device`, the diffusion schedule and the metadata."""
@@ -53,9 +60,7 @@ class ModelBundle:
     @property
     def student_steps(self) -> tuple[int, ...]:
         """Sampler step counts the student serves (empty without a student)."""
-        if self.student is None:
-            return ()
-        return tuple(int(s) for s in (self.meta.get("distilled") or {}).get("steps", ()))
+        return served_steps(self.student, self.meta)
 
     def unet_for(self, steps: int) -> SwinUNet:
         """The network that runs `steps` sampler steps: the student for the step counts it was distilled

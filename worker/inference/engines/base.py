@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cinesr.model.bundle import DEFAULT_BUNDLE, load_bundle
+from cinesr.model.bundle import DEFAULT_BUNDLE, load_bundle, served_steps
 from cinesr.model.bundle import state_digest as state_hash
 from cinesr.model.configs import load_config
 from cinesr.model.diffusion import SamplerPlan, Schedule, draw_noise, run_plan, upsample_lq
@@ -53,9 +53,7 @@ class LoadedModel:
     @property
     def student_steps(self) -> tuple[int, ...]:
         """Sampler step counts the student serves (empty without one)."""
-        if self.student is None:
-            return ()
-        return tuple(int(s) for s in (self.meta.get("distilled") or {}).get("steps", ()))
+        return served_steps(self.student, self.meta)
 
     @property
     def weights_hash(self) -> str:
