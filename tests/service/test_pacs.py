@@ -162,3 +162,34 @@ def test_retrieve_study_into_the_store(tmp_path: Path, pacs: OrthancServer, stud
         assert len(store.instances(study_uid, series_uid)) == len(files)
         with pytest.raises(RetrieveFailed):
             retrieve_study(settings, node_of(pacs), "1.2.826.0.1.3680043.8.498.54321", store)
+
+
+def test_a_response_taken_by_the_association_thread_goes_back_to_the_waiting_operation(make_listener) -> None:
+    """pynetdicom's association thread may take a fast response as an unexpected request and drop it (the
+    operation then waits out the DIMSE timeout): our SCU puts such a message back on the DIMSE queue, and
+    still serves a real request."""
+    from types import SimpleNamespace
+
+    from cinesr.worker.network.pacs import DicomNode, _keep_responses, associate, make_ae
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    listener = make_listener()
+    ae = make_ae("PUSHER", 5)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = associate(ae, DicomNode("CINESR", "127.0.0.1", listener.port))
+    try:
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = 7
+        response.Status = 0x0000
+        assoc._serve_request(response, 1)  # what the association thread does with a message it takes
+        assert assoc.dimse.msg_queue.get(timeout=1) == (1, response)
+        served = []
+        request = C_ECHO()
+        request.MessageID, request.AffectedSOPClassUID = 3, "1.2.840.10008.1.1"
+        assert request.is_valid_request
+        fake = SimpleNamespace(_serve_request=lambda msg, cid: served.append((cid, msg)), dimse=assoc.dimse)
+        _keep_responses(fake)
+        fake._serve_request(request, 1)  # a real request still goes to pynetdicom's handler, not the queue
+        assert served == [(1, request)] and assoc.dimse.msg_queue.empty()
+    finally:
+        assoc.release()

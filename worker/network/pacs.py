@@ -117,7 +117,28 @@ def associate(ae, node: DicomNode, tls: ssl.SSLContext | None = None):  # noqa: 
             reason = "no association (connection refused or timed out)"
         raise PacsUnavailable(f"{node}: {reason}")
     _no_delay(assoc)
+    _keep_responses(assoc)
     return assoc
+
+
+def _keep_responses(assoc) -> None:  # noqa: ANN001 - pynetdicom's Association
+    """Put a response that pynetdicom's association thread took back where the waiting operation reads it.
+
+    Between operations that thread serves incoming requests. pynetdicom pauses it before each send, but the
+    pause can be seen before the thread has really stopped; a fast peer's response (ours on loopback, with
+    Nagle off, answers within a millisecond) can then be taken as an "unexpected C-STORE service message" and
+    dropped, and the operation waits out the DIMSE timeout and aborts. Seen once in 5 demo runs here. We send
+    requests only, so a message that is not a request is a response to ours: it goes back on the queue."""
+    serve = assoc._serve_request
+    queue = assoc.dimse.msg_queue
+
+    def requeue_responses(msg, context_id: int) -> None:  # noqa: ANN001 - a DIMSE primitive
+        if getattr(msg, "is_valid_request", False):
+            serve(msg, context_id)  # a real request (C-GET's C-STORE sub-operations): served as before
+        else:
+            queue.put((context_id, msg))
+
+    assoc._serve_request = requeue_responses
 
 
 def _no_delay(assoc) -> None:  # noqa: ANN001 - pynetdicom's Association
