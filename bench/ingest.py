@@ -44,6 +44,7 @@ import httpx
 import numpy as np
 import pydicom
 import pynetdicom
+from cinesr.bench.machine import git_commit, machine
 from cinesr.service.listener import ListenerConfig, start_listener
 from cinesr.service.store import InstanceStore
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -252,19 +253,6 @@ def _version(cmd: list[str]) -> str:
     return out.strip().splitlines()[0] if out.strip() else "unknown"
 
 
-def machine() -> dict[str, object]:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(),
-            "load_average_at_start": os.getloadavg()}
-
-
 def flush_probe(folder: Path, n: int = 100, size: int = 131072) -> dict[str, float]:
     """This disk's durable-write latency: pwrite of an instance-sized block + fdatasync (ms)."""
     path = folder / "flush-probe"
@@ -291,17 +279,6 @@ def _cpu_pressure() -> str:
         return Path("/proc/pressure/cpu").read_text().splitlines()[0]
     except (OSError, IndexError):
         return "unavailable"
-
-
-def git_commit() -> str:
-    try:
-        here = Path(__file__).parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=here).stdout.strip()
-        return (commit or "unknown") + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def main() -> int:

@@ -121,8 +121,6 @@ def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4
     excess is taken from the pixels that hold it."""
     x = np.asarray(frames, dtype=np.float64)
     y = np.asarray(acquired, dtype=np.float64)
-    floor = 0.0 if (nonnegative if nonnegative is not None else bool(y.size and y.min() >= 0)) else None
-
     if kind == "kspace":
         # the acquisition is a magnitude: the output's own band says where the signal dips below zero
         # (the Gibbs lobes next to edges), and the acquired magnitude gets that sign. Each step is an exact
@@ -135,6 +133,7 @@ def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4
         return x.astype(np.float32)
     if kind != "area":
         raise ValueError(f"unknown acquisition model {kind!r} (one of {', '.join(KINDS)})")
+    floor = 0.0 if (nonnegative if nonnegative is not None else bool(y.size and y.min() >= 0)) else None
     # converges geometrically: the block mean of a bicubic lift keeps most of it. With the bound, the last
     # steps are unbounded, so that the output reproduces the acquisition to rounding (their lift is tiny).
     for step in range(iterations + (iterations // 2 if floor is not None else 0)):

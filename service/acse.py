@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from cinesr.service.dimse import Abort
+from cinesr.service.dimse import Abort, pdu
 
 INVALID_PARAMETER = 6  # A-ABORT reason: invalid PDU parameter value (PS3.8 Table 9-26)
 
@@ -200,10 +200,6 @@ def _item(item_type: int, value: bytes) -> bytes:
     return _ITEM.pack(item_type, len(value)) + value
 
 
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return struct.pack(">BxI", pdu_type, len(body)) + body
-
-
 def encode_associate_ac(called_ae_field: bytes, calling_ae_field: bytes, application_context: str,
                         results: list[tuple[int, int, str]], max_length: int, implementation_class_uid: str,
                         implementation_version_name: str) -> bytes:
@@ -218,9 +214,9 @@ def encode_associate_ac(called_ae_field: bytes, calling_ae_field: bytes, applica
         user.append(_item(0x55, implementation_version_name.encode("ascii")))
     items.append(_item(0x50, b"".join(user)))
     fixed = _UINT16.pack(1) + bytes(2) + called_ae_field.ljust(16)[:16] + calling_ae_field.ljust(16)[:16] + bytes(32)
-    return _pdu(0x02, fixed + b"".join(items))
+    return pdu(0x02, fixed + b"".join(items))
 
 
 def encode_associate_rj(result: int, source: int, reason: int) -> bytes:
     """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): result 1 permanent / 2 transient, source, reason/diagnostic."""
-    return _pdu(0x03, bytes((0, result, source, reason)))
+    return pdu(0x03, bytes((0, result, source, reason)))

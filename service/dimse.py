@@ -155,15 +155,20 @@ def encode_response(command_field: int, message_id: int, status: int, sop_class_
     return _element(0x0000, struct.pack("<I", len(joined))) + joined
 
 
+def pdu(pdu_type: int, body: bytes) -> bytes:
+    """An upper-layer PDU: type, reserved byte, big-endian length, body (PS3.8 9.3.1)."""
+    return struct.pack(">BxI", pdu_type, len(body)) + body
+
+
 def p_data(context_id: int, command: bytes) -> bytes:
     """A P-DATA-TF PDU carrying one whole command set on a presentation context."""
     pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
-    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+    return pdu(0x04, pdv)
 
 
-RELEASE_RP = struct.pack(">BBI", 0x06, 0, 4) + b"\0\0\0\0"
+RELEASE_RP = pdu(0x06, bytes(4))
 
 
 def abort_pdu(source: int = 2, reason: int = 0) -> bytes:
     """An A-ABORT PDU (source 2: the service provider)."""
-    return struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, source, reason)
+    return pdu(0x07, bytes((0, 0, source, reason)))
