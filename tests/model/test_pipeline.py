@@ -15,7 +15,7 @@ from cinesr.model.flow import interpolate_cine
 from cinesr.model.inference import TorchRunner
 from cinesr.model.intensity import Normalisation
 from cinesr.model.pipeline import Options, superresolve_slices, units
-from cinesr.model.windows import Geometry, tile_starts, window_starts
+from cinesr.model.windows import Geometry, pad_to, tile_starts, window_starts
 
 from tests.models import moving_disc
 
@@ -60,6 +60,21 @@ def test_tiles_and_windows_cover_everything() -> None:
         covered = {(s + c) % 32 for s in window_starts(32, stride) for c in range(3)}
         assert covered == set(range(32))
     assert len(window_starts(32, 3)) == 11 and len(window_starts(32, 1)) == 32
+
+
+def test_small_frames_are_padded_with_their_mirror_image_not_flat_streaks() -> None:
+    # a 32-pixel acquisition in a 64-pixel tile (and smaller): the pad continues the image as its mirror
+    rng = np.random.default_rng(0)
+    for h, w in ((32, 32), (20, 45), (9, 64)):
+        frames = rng.random((2, h, w)).astype(np.float32)
+        padded = pad_to(frames, 64, 64)
+        assert padded.shape == (2, 64, 64)
+        assert np.array_equal(padded[:, :h, :w], frames)
+        assert np.array_equal(padded[:, h : 2 * h, :w][:, : 64 - h], frames[:, ::-1][:, : 64 - h])
+        assert np.array_equal(padded[:, :h, w : 2 * w][:, :, : 64 - w], frames[:, :, ::-1][:, :, : 64 - w])
+        # no row or column of the pad repeats one value (edge replication did: flat streaks)
+        assert padded[:, h:, :].std(axis=1).min() > 0
+    assert pad_to(frames, 8, 8) is frames
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (96, 80), (150, 100)])
