@@ -56,7 +56,8 @@ KINDS = ("area", "kspace")
 MODES = ("auto", *KINDS, "off")
 
 
-def _bicubic(x: np.ndarray, factor: int) -> np.ndarray:
+def bicubic(x: np.ndarray, factor: int) -> np.ndarray:
+    """(..., h, w) -> (..., factor*h, factor*w), bicubic (the lift of the consistency steps and the gate)."""
     flat = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, 1, *x.shape[-2:]), dtype=np.float32))
     with torch.no_grad():
         up = F.interpolate(flat, scale_factor=factor, mode="bicubic", align_corners=False)
@@ -139,7 +140,7 @@ def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4
     for step in range(iterations + (iterations // 2 if floor is not None else 0)):
         if floor is not None and step < iterations:
             x = np.maximum(x, floor)
-        x = x + _bicubic(_tolerated(y - acquire(x, kind, factor), tolerance), factor)
+        x = x + bicubic(_tolerated(y - acquire(x, kind, factor), tolerance), factor)
     return x.astype(np.float32)
 
 

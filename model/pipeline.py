@@ -4,7 +4,7 @@
     --(one intensity map for the whole series, cinesr.model.intensity)--> model units
     --(cyclic optical flow, x8 in time)--> 8T frames at h x w
     --(windows x tiles through a WindowRunner, blended; cinesr.model.windows)--> 8T x 4h x 4w
-    --(data consistency with the acquisition, cinesr.model.consistency)--> 8T x 4h x 4w
+    --(detail gate, then data consistency with the acquisition; cinesr.model.detail, .consistency)--> 8T x 4h x 4w
     --(inverse intensity map)--> series units, and a fidelity figure per series
 
 With draws=N > 1 the same path runs N times with the noise seeds seed, seed+1, ..., seed+N-1; the first draw is
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import consistency
+from . import consistency, detail
 from .flow import interpolate_cine
 from .intensity import CLIP, PERCENTILES, Normalisation, clip
 from .windows import WINDOW, WindowRunner, progress_units, superresolve_stacks
@@ -41,8 +41,10 @@ class Options:
     1 blends three windows per frame, 3 takes each frame from one); overlap: lq pixels shared by
     neighbouring tiles; channel_weights: how much each frame of a window counts in the blend;
     consistency: data-consistency mode (auto, area, kspace, off); tolerance: residuals up to this many times
-    the acquisition's estimated noise level are left alone (noise is no structure); temporal: frames out
-    per frame in.
+    the acquisition's estimated noise level are left alone (noise is no structure); detail_gate: part of the
+    consistency step (off with it): where the acquisition's local contrast is below this share of the
+    intensity map's range, the output keeps the acquisition's interpolation (cinesr.model.detail);
+    temporal: frames out per frame in.
     """
 
     steps: int = 15
@@ -55,6 +57,7 @@ class Options:
     channel_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
     consistency: str = "area"  # measured: see the bundled model.json (auto leans to kspace on blurred output)
     tolerance: float = 0.0  # >0: residuals up to this many times the estimated noise level are left (noisy input)
+    detail_gate: float = 0.03  # network detail only where the acquisition's local contrast tops this share of the range
     temporal: int = TEMPORAL_FACTOR
 
     def __post_init__(self) -> None:
@@ -66,6 +69,8 @@ class Options:
             raise ValueError("overlap must be >= 0")
         if self.tolerance < 0:
             raise ValueError("tolerance must be >= 0")
+        if not 0 <= self.detail_gate < 1:
+            raise ValueError("detail_gate must be in [0, 1)")
 
     def parameters(self) -> dict[str, Any]:
         """The options as plain values (for model.json, job records and DerivationDescription)."""
@@ -188,7 +193,9 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
     sigma = consistency.noise_sigma([np.asarray(s, np.float32) for s in slices])
     tolerance = options.tolerance * sigma
     if kind != "off":
-        out = [consistency.enforce(o, x, kind, sf, tolerance=tolerance) for o, x in zip(out, lq, strict=True)]
+        threshold = options.detail_gate * (norm.hi - norm.lo)
+        out = [consistency.enforce(detail.gate(o, x, threshold, sf), x, kind, sf, tolerance=tolerance)
+               for o, x in zip(out, lq, strict=True)]
     low, high = norm.inverse(np.asarray(CLIP, np.float32))
     out = [np.clip(o, low, high) for o in out]
     measure = kind if kind != "off" else consistency.choose(out, lq, sf)

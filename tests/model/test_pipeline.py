@@ -148,4 +148,6 @@ def test_options_reject_what_cannot_work() -> None:
         Options(stride=4)
     with pytest.raises(ValueError, match="consistency"):
         Options(consistency="maybe")
+    with pytest.raises(ValueError, match="detail_gate"):
+        Options(detail_gate=-0.1)
     assert Options.from_mapping({"stride": 2, "unknown": 1}, seed=5) == Options(stride=2, seed=5)
