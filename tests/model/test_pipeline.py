@@ -62,19 +62,23 @@ def test_tiles_and_windows_cover_everything() -> None:
     assert len(window_starts(32, 3)) == 11 and len(window_starts(32, 1)) == 32
 
 
-def test_small_frames_are_padded_with_their_mirror_image_not_flat_streaks() -> None:
-    # a 32-pixel acquisition in a 64-pixel tile (and smaller): the pad continues the image as its mirror
+def test_small_frames_are_centred_in_their_mirror_image_not_flat_streaks() -> None:
+    # a 32-pixel acquisition in a 64-pixel tile (and smaller): the frame sits in the middle, the pad continues
+    # it as its mirror on every side
     rng = np.random.default_rng(0)
     for h, w in ((32, 32), (20, 45), (9, 64)):
         frames = rng.random((2, h, w)).astype(np.float32)
-        padded = pad_to(frames, 64, 64)
+        padded, top, left = pad_to(frames, 64, 64)
         assert padded.shape == (2, 64, 64)
-        assert np.array_equal(padded[:, :h, :w], frames)
-        assert np.array_equal(padded[:, h : 2 * h, :w][:, : 64 - h], frames[:, ::-1][:, : 64 - h])
-        assert np.array_equal(padded[:, :h, w : 2 * w][:, :, : 64 - w], frames[:, :, ::-1][:, :, : 64 - w])
-        # no row or column of the pad repeats one value (edge replication did: flat streaks)
-        assert padded[:, h:, :].std(axis=1).min() > 0
-    assert pad_to(frames, 8, 8) is frames
+        assert (top, left) == ((64 - h) // 2, (64 - w) // 2)
+        assert np.array_equal(padded[:, top : top + h, left : left + w], frames)
+        below = padded[:, top + h : top + 2 * h, left : left + w]
+        assert np.array_equal(below, frames[:, ::-1][:, : below.shape[1]])
+        above = padded[:, max(top - h, 0) : top, left : left + w]
+        assert np.array_equal(above[:, ::-1], frames[:, : above.shape[1]])
+        # no row of the pad repeats one value (edge replication did: flat streaks)
+        assert padded.std(axis=1).min() > 0
+    assert pad_to(frames, 8, 8)[0] is frames
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (96, 80), (150, 100)])
