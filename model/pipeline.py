@@ -40,7 +40,7 @@ class Options:
     cinesr.model.diffusion.SamplerPlan; seed: noise seed; stride: frames between window starts (1..3:
     1 blends three windows per frame, 3 takes each frame from one); overlap: lq pixels shared by
     neighbouring tiles; channel_weights: how much each frame of a window counts in the blend;
-    consistency: data-consistency mode (auto, area, kspace, off); tolerance: residuals up to this many times
+    consistency: data-consistency mode (both, auto, area, kspace, off); tolerance: residuals up to this many times
     the acquisition's estimated noise level are left alone (noise is no structure); detail_gate: part of the
     consistency step (off with it): where the acquisition's local contrast is below this share of the
     intensity map's range, the output keeps the acquisition's interpolation (cinesr.model.detail);
@@ -55,7 +55,7 @@ class Options:
     overlap: int = 16
     percentiles: tuple[float, float] = PERCENTILES
     channel_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
-    consistency: str = "area"  # measured: see the bundled model.json (auto leans to kspace on blurred output)
+    consistency: str = "area"  # measured against both, kspace and auto: see the bundled model.json
     tolerance: float = 0.0  # >0: residuals up to this many times the estimated noise level are left (noisy input)
     detail_gate: float = 0.03  # network detail only where the acquisition's local contrast tops this share of the range
     temporal: int = TEMPORAL_FACTOR
@@ -198,7 +198,7 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
                for o, x in zip(out, lq, strict=True)]
     low, high = norm.inverse(np.asarray(CLIP, np.float32))
     out = [np.clip(o, low, high) for o in out]
-    measure = kind if kind != "off" else consistency.choose(out, lq, sf)
+    measure = kind if kind in consistency.KINDS else consistency.choose(out, lq, sf)
     fidelity = consistency.fidelity_db(np.concatenate([o[:: options.temporal] for o in out]),
                                        np.concatenate([np.asarray(s, np.float32) for s in slices]), measure, sf,
                                        data_range=norm.hi - norm.lo, tolerance=tolerance)

@@ -44,7 +44,7 @@ class WorkerSettings(BaseSettings):
     backend: Backend = "auto"
     # data consistency of the model's output with the acquisition (cinesr.model.consistency); off: research only;
     # None: the bundle's shipped choice (measured on validation data, in its model.json)
-    consistency: Literal["auto", "area", "kspace", "off"] | None = None
+    consistency: Literal["both", "auto", "area", "kspace", "off"] | None = None
     fidelity_floor_db: float = Field(30.0, ge=0)  # below this the series is flagged (job warning, ImageComments)
     # sampler steps of the model (None: the bundle's choice); one the bundle supports (its T, or a step count
     # its distilled student serves), checked when the model loads and for every REST request

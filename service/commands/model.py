@@ -59,7 +59,7 @@ def evaluate(
     max_patients: Annotated[int | None, typer.Option(help="At most this many patients per source.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the acquisitions and of the sampler's noise.")] = 0,
     steps: Annotated[int | None, typer.Option(min=1, max=15, help="Sampler steps (default: the bundle's).")] = None,
-    consistency: Annotated[str | None, typer.Option(help="auto|area|kspace|off (default: the bundle's).")] = None,
+    consistency: Annotated[str | None, typer.Option(help="both|auto|area|kspace|off (default: the bundle's).")] = None,
     backend: Annotated[str | None, typer.Option(help="Run the windows through this inference engine "
                                                      "(auto|tensorrt|onnx|torch); default: the bundle's networks "
                                                      "in torch, as `cinesr superresolve --backend torch`.")] = None,

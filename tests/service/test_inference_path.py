@@ -46,4 +46,4 @@ def test_evaluate_measures_what_superresolve_writes(tmp_path: Path) -> None:
     for stored, frames in zip(written.slices, measured, strict=True):
         assert stored.frames.shape == frames.shape == (16, 96, 96)
         np.testing.assert_array_equal(stored.frames, encode_pixels(frames).astype(stored.frames.dtype))
-    assert item["fidelity_db"] > 0 and item["consistency"] in ("area", "kspace")
+    assert item["fidelity_db"] > 0 and item["consistency"] in ("both", "area", "kspace")

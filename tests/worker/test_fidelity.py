@@ -41,7 +41,7 @@ def test_job_record_and_metrics_carry_the_fidelity(tmp_path: Path, micro_model: 
     from cinesr.service.metrics import ServiceCollector, make_registry, render
 
     entry, files, settings = _processed(tmp_path / "ok", micro_model, floor=1.0)
-    assert entry["status"] == "processed" and entry["consistency"] in ("area", "kspace")
+    assert entry["status"] == "processed" and entry["consistency"] in ("both", "area", "kspace")
     assert entry["fidelity_db"] > 30 and entry["warnings"] == []  # data consistency: the acquisition comes back
     assert "ImageComments" not in pydicom.dcmread(files[0], stop_before_pixels=True)
     text = render(make_registry(ServiceCollector(open_job_store(settings), lambda: None))).decode()
