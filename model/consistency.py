@@ -27,9 +27,11 @@ derived series' geometry):
   the k-space SSIM deficits and gave back LPIPS margin on area-acquired MRPhantom and MotionClouds), so
   ``area`` stays the default (model.json `inference`).
 
-``auto`` takes, per series, the model whose re-acquisition of the network's output is closer to the
-input. Measured on the bundled model's raw output it does not tell the acquisitions apart (it picked the
-same model for both acquisitions on seven of eight sources), so it is no default.
+``auto`` tells the acquisition from the acquired frames themselves (`detect`, cinesr.model.ringing):
+``kspace`` where they ring beside bright edges on a dark background, else ``area``. An earlier ``auto``
+took the model whose re-acquisition of the network's output was closer to the input (`choose`, still the
+model the fidelity figure is measured with for ``both`` and ``off``); on the bundled model's output that
+picked the same model for both acquisitions on seven of eight sources.
 
 In time, frame 8i of the output is at the trigger time of acquired frame i; the temporal interpolation
 reproduces acquired frames exactly, so the same spatial step makes those frames consistent with the
@@ -59,6 +61,7 @@ from scipy.ndimage import minimum_filter
 
 from .kspace import band, unband
 from .phantom_common import area_downsample
+from .ringing import rings
 
 KINDS = ("area", "kspace")
 MODES = ("both", "auto", *KINDS, "off")
@@ -173,6 +176,11 @@ def residual_rms(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: in
     """Root mean square of (re-acquired frames - acquired frames), beyond the tolerance."""
     residual = acquire(frames, kind, factor) - np.asarray(acquired, np.float64)
     return float(np.sqrt(np.mean(_tolerated(residual, tolerance) ** 2)))
+
+
+def detect(acquired: list[np.ndarray]) -> str:
+    """The acquisition model of these acquired frames: kspace where they show Gibbs ringing, else area."""
+    return "kspace" if rings(acquired) else "area"
 
 
 def choose(frames: list[np.ndarray], acquired: list[np.ndarray], factor: int = 4) -> str:

@@ -55,7 +55,7 @@ class Options:
     overlap: int = 16
     percentiles: tuple[float, float] = PERCENTILES
     channel_weights: tuple[float, float, float] = (1.0, 2.0, 1.0)
-    consistency: str = "area"  # measured against both, kspace and auto: see the bundled model.json
+    consistency: str = "auto"  # kspace where the acquisition rings, else area; measured: see the bundled model.json
     tolerance: float = 0.0  # >0: residuals up to this many times the estimated noise level are left (noisy input)
     detail_gate: float = 0.03  # network detail only where the acquisition's local contrast tops this share of the range
     temporal: int = TEMPORAL_FACTOR
@@ -189,7 +189,7 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
     out = [norm.inverse(o) for o in out]
     lq = [norm.inverse(x) for x in lq]
     mode = options.consistency
-    kind = consistency.choose(out, lq, sf) if mode == "auto" else mode
+    kind = consistency.detect(slices) if mode == "auto" else mode
     sigma = consistency.noise_sigma([np.asarray(s, np.float32) for s in slices])
     tolerance = options.tolerance * sigma
     if kind != "off":

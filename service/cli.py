@@ -82,9 +82,9 @@ def superresolve(
                                                                   "choice; 15 = as trained).")] = None,
     seed: Annotated[int, typer.Option(help="Sampler noise seed (same seed, same output on every backend).")] = 0,
     consistency: Annotated[str | None, typer.Option(
-        help="Data consistency with the acquisition: area, kspace, both (the mean of the two projections), "
-             "auto (the model that explains the network's output best), or off (research only). "
-             "Default: the CONSISTENCY setting, else the bundle's (area).")] = None,
+        help="Data consistency with the acquisition: auto (kspace where the acquired frames show Gibbs ringing, "
+             "else area), area, kspace, both (the mean of the two projections), or off (research only). "
+             "Default: the CONSISTENCY setting, else the bundle's (auto).")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model bundle folder (default: MODEL_DIR or the "
                                                               "bundled model).")] = None,
     json_summary: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (with the method, "

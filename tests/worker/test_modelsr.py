@@ -58,7 +58,7 @@ class NearestEngine(Engine):
 def test_parameters_and_respaced_steps(tiny):
     method = ModelMethod(NearestEngine(tiny), Options(steps=5, stride=2))
     p = method.parameters()
-    assert p["steps"] == 5 and p["stride"] == 2 and p["seed"] == 0 and p["consistency"] == "area"
+    assert p["steps"] == 5 and p["stride"] == 2 and p["seed"] == 0 and p["consistency"] == "auto"
     assert p["weights"] == tiny.weights_hash[:16] and "backend" not in p
     assert method.engine.plan.timesteps[0] == 14 and len(method.engine.plan.timesteps) == 5
     with pytest.raises(ValueError, match="stride"):

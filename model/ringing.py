@@ -1,0 +1,81 @@
+"""Gibbs ringing in an acquisition: how `auto` consistency tells a k-space acquisition from an area-averaged one.
+
+A series does not say how it was acquired, and the two acquisition models of cinesr.model.consistency are
+each wrong for the other acquisition. What tells them apart is in the acquired frames themselves: a
+k-space-truncated frame is band-limited, so a bright edge on a dark background rings, and the magnitude
+image shows the lobes as small bumps in the dark beside the edge, 1-4 pixels out. An area-averaged frame
+integrates the edge into one intermediate pixel and is flat beyond it.
+
+The measure: among dark pixels (below 12% of the acquisition's range) 1.5-4 pixels from a bright one
+(above 40%), the share that is a local maximum along a row or column by more than a small amplitude (1% or
+2% of the range), and the same share among dark pixels more than 5 pixels from any bright one. Noise makes
+bumps near and far alike; ringing makes them near. Measured on the project's sources (128-pixel truth,
+32-pixel acquisitions, validation seeds 2000-2009, noise-free acquisitions): at 2%, area acquisitions show
+at most 0.043 near, k-space acquisitions of the heart phantoms and dead leaves 0.094-0.31; MRPhantom and
+Shepp-Logan ring more faintly (0.065-0.13 near at 1%, with few bumps far). Content without dark regions
+(textures, MotionClouds) shows neither and counts as area-averaged. Noise in the acquisition (above about
+1% of the range) hides the ringing: such a series counts as area-averaged, the default's model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.ndimage import distance_transform_edt
+
+DARK, BRIGHT = 0.12, 0.40  # shares of the acquisition's range
+NEAR, FAR = (1.5, 4.0), 5.0  # pixels from the nearest bright pixel
+MIN_PIXELS = 50  # dark pixels near bright ones needed for a verdict
+
+
+def bump_rates(frames: Sequence[np.ndarray], by: float) -> tuple[float, float, int, int]:
+    """(near rate, far rate, dark pixels near bright ones, dark pixels far from them) of bumps higher than
+    `by` (share of the range) over (..., h, w) acquired frames; see the module docstring. Rates are 0 where
+    there are no such pixels."""
+    stacks = [np.asarray(f, np.float64).reshape(-1, *np.shape(f)[-2:]) for f in frames]
+    values = np.concatenate([s.ravel() for s in stacks]) if stacks else np.zeros(0)
+    if values.size == 0:
+        return 0.0, 0.0, 0, 0
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if hi <= lo:
+        return 0.0, 0.0, 0, 0
+    near_bumps = near_count = far_bumps = far_count = 0
+    for stack in stacks:
+        for frame in (stack - lo) / (hi - lo):
+            dark, bright = frame < DARK, frame > BRIGHT
+            if not dark.any() or not bright.any():
+                continue
+            distance = distance_transform_edt(~bright)
+            bumps = _local_maxima(frame, by)
+            near = dark & (distance >= NEAR[0]) & (distance <= NEAR[1])
+            far = dark & (distance > FAR)
+            near_bumps += int(bumps[near].sum())
+            near_count += int(near.sum())
+            far_bumps += int(bumps[far].sum())
+            far_count += int(far.sum())
+    return near_bumps / max(near_count, 1), far_bumps / max(far_count, 1), near_count, far_count
+
+
+def _local_maxima(frame: np.ndarray, by: float) -> np.ndarray:
+    """Pixels above both neighbours by more than `by`, along rows or along columns."""
+    out = np.zeros(frame.shape, bool)
+    for axis in (0, 1):
+        a = np.moveaxis(frame, axis, -1)
+        m = np.zeros(a.shape, bool)
+        m[..., 1:-1] = (a[..., 1:-1] > a[..., :-2] + by) & (a[..., 1:-1] > a[..., 2:] + by)
+        out |= np.moveaxis(m, -1, axis)
+    return out
+
+
+def rings(frames: Sequence[np.ndarray]) -> bool:
+    """Does this acquisition ring like a k-space truncation? Clear bumps (2% of the range) beside bright
+    edges in the dark on at least a tenth of those pixels, or faint ones (1%) on 6%; either way clearly more
+    than far from edges, where noise would put as many (so dark pixels far from edges are needed too)."""
+    near2, far2, count, far_count = bump_rates(frames, 0.02)
+    if min(count, far_count) < MIN_PIXELS:
+        return False
+    if near2 >= 0.1 and near2 >= 1.5 * far2 + 0.02:
+        return True
+    near1, far1, _, _ = bump_rates(frames, 0.01)
+    return near1 >= 0.06 and near1 >= 1.5 * far1 + 0.03

@@ -1,0 +1,34 @@
+"""`auto` consistency reads the acquisition from the acquired frames: a k-space truncation rings beside bright
+edges on a dark background, an area average does not; content without dark regions counts as area-averaged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cinesr.model import consistency, ringing
+from cinesr.model.datasets import open_source
+from cinesr.model.degrade import area_down, kspace_down
+
+
+def _truth(generator: str, seed: int) -> np.ndarray:
+    source = open_source(f"phantom:{seed}:{generator}", slices=1, frames=8, size=128)
+    return source.load(source.patients[0])[0].astype(np.float64)
+
+
+# the heart phantoms (ours) and MRPhantom (a package's, whose ringing is faint: the 1% rule)
+@pytest.mark.parametrize(("generator", "seed"), [("sax", 2000), ("lax", 2001), ("mrphantom", 2000)])
+def test_a_kspace_acquisition_rings_and_an_area_one_does_not(generator: str, seed: int) -> None:
+    truth = _truth(generator, seed)
+    assert consistency.detect([kspace_down(truth)]) == "kspace"
+    assert consistency.detect([area_down(truth)]) == "area"
+    # the measure behind it: bumps beside bright edges in the dark, far more for the k-space acquisition
+    near_k, _, count, _ = ringing.bump_rates([kspace_down(truth)], 0.01)
+    near_a, _, _, _ = ringing.bump_rates([area_down(truth)], 0.01)
+    assert count >= ringing.MIN_PIXELS and near_k > 2 * near_a + 0.03, (near_k, near_a)
+
+
+def test_content_without_dark_regions_counts_as_area_averaged() -> None:
+    truth = _truth("motioncloud", 2000)
+    assert ringing.bump_rates([kspace_down(truth)], 0.01)[2] < ringing.MIN_PIXELS
+    assert consistency.detect([kspace_down(truth)]) == "area"
+
