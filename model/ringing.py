@@ -13,8 +13,11 @@ bumps near and far alike; ringing makes them near. Measured on the project's sou
 32-pixel acquisitions, validation seeds 2000-2009, noise-free acquisitions): at 2%, area acquisitions show
 at most 0.043 near, k-space acquisitions of the heart phantoms and dead leaves 0.094-0.31; MRPhantom and
 Shepp-Logan ring more faintly (0.065-0.13 near at 1%, with few bumps far). Content without dark regions
-(textures, MotionClouds) shows neither and counts as area-averaged. Noise in the acquisition (above about
-1% of the range) hides the ringing: such a series counts as area-averaged, the default's model.
+(textures, MotionClouds) shows neither and counts as area-averaged. The verdicts of `rings` on those seeds:
+no area acquisition called k-space (80 noise-free, 80 with noise of 1% and 80 of 2% of the range, clipped at
+zero as magnitude images are); k-space acquisitions found: 41 of 80 noise-free (MRPhantom 10, `sax-fourier` 8,
+`lax` 8, `sax` 7, Shepp-Logan 7, textures 1, dead leaves and MotionClouds 0), 24 with 1% noise, 6 with 2%: noise
+hides the ringing, and such a series counts as area-averaged, the model the default had before it could tell.
 """
 
 from __future__ import annotations
