@@ -24,8 +24,8 @@ derived series' geometry):
   (MRPhantom/area SSIM -0.080). The mean is within half their disagreement of either, and the two agree
   closely at low frequencies. Measured, it met the fidelity bar on 10 of 16 rows of validation seed 2000
   against 6 for ``area``, but on the model card's test seeds on 5 against ``area``'s 6 (it closed most of
-  the k-space SSIM deficits and gave back LPIPS margin on area-acquired MRPhantom and MotionClouds), so
-  ``area`` stays the default (model.json `inference`).
+  the k-space SSIM deficits and gave back LPIPS margin on area-acquired MRPhantom and MotionClouds), so it
+  is an option, not the default (model.json `inference`).
 
 ``auto`` tells the acquisition from the acquired frames themselves (`detect`, cinesr.model.ringing):
 ``kspace`` where they ring beside bright edges on a dark background, else ``area``. An earlier ``auto``
