@@ -36,28 +36,37 @@ def bump_rates(frames: Sequence[np.ndarray], by: float) -> tuple[float, float, i
     """(near rate, far rate, dark pixels near bright ones, dark pixels far from them) of bumps higher than
     `by` (share of the range) over (..., h, w) acquired frames; see the module docstring. Rates are 0 where
     there are no such pixels."""
+    return _rates(frames, (by,))[0]
+
+
+def _rates(frames: Sequence[np.ndarray], amplitudes: Sequence[float]) -> list[tuple[float, float, int, int]]:
+    """bump_rates for several amplitudes in one pass (the normalisation and distance map once per frame)."""
     stacks = [np.asarray(f, np.float64).reshape(-1, *np.shape(f)[-2:]) for f in frames]
     values = np.concatenate([s.ravel() for s in stacks]) if stacks else np.zeros(0)
+    none = [(0.0, 0.0, 0, 0)] * len(amplitudes)
     if values.size == 0:
-        return 0.0, 0.0, 0, 0
+        return none
     lo, hi = np.percentile(values, [0.5, 99.5])
     if hi <= lo:
-        return 0.0, 0.0, 0, 0
-    near_bumps = near_count = far_bumps = far_count = 0
+        return none
+    near_bumps, far_bumps = np.zeros(len(amplitudes), int), np.zeros(len(amplitudes), int)
+    near_count = far_count = 0
     for stack in stacks:
         for frame in (stack - lo) / (hi - lo):
             dark, bright = frame < DARK, frame > BRIGHT
             if not dark.any() or not bright.any():
                 continue
             distance = distance_transform_edt(~bright)
-            bumps = _local_maxima(frame, by)
             near = dark & (distance >= NEAR[0]) & (distance <= NEAR[1])
             far = dark & (distance > FAR)
-            near_bumps += int(bumps[near].sum())
             near_count += int(near.sum())
-            far_bumps += int(bumps[far].sum())
             far_count += int(far.sum())
-    return near_bumps / max(near_count, 1), far_bumps / max(far_count, 1), near_count, far_count
+            for i, by in enumerate(amplitudes):
+                bumps = _local_maxima(frame, by)
+                near_bumps[i] += int(bumps[near].sum())
+                far_bumps[i] += int(bumps[far].sum())
+    return [(int(n) / max(near_count, 1), int(f) / max(far_count, 1), near_count, far_count)
+            for n, f in zip(near_bumps, far_bumps, strict=True)]
 
 
 def _local_maxima(frame: np.ndarray, by: float) -> np.ndarray:
@@ -75,10 +84,7 @@ def rings(frames: Sequence[np.ndarray]) -> bool:
     """Does this acquisition ring like a k-space truncation? Clear bumps (2% of the range) beside bright
     edges in the dark on at least a tenth of those pixels, or faint ones (1%) on 6%; either way clearly more
     than far from edges, where noise would put as many (so dark pixels far from edges are needed too)."""
-    near2, far2, count, far_count = bump_rates(frames, 0.02)
+    (near2, far2, count, far_count), (near1, far1, _, _) = _rates(frames, (0.02, 0.01))
     if min(count, far_count) < MIN_PIXELS:
         return False
-    if near2 >= 0.1 and near2 >= 1.5 * far2 + 0.02:
-        return True
-    near1, far1, _, _ = bump_rates(frames, 0.01)
-    return near1 >= 0.06 and near1 >= 1.5 * far1 + 0.03
+    return (near2 >= 0.1 and near2 >= 1.5 * far2 + 0.02) or (near1 >= 0.06 and near1 >= 1.5 * far1 + 0.03)
