@@ -94,7 +94,7 @@ def test_the_kspace_sign_flips_only_where_the_magnitude_crosses_zero() -> None:
 @pytest.mark.parametrize("kind", consistency.KINDS)
 def test_both_is_consistent_with_either_acquisition_to_half_their_disagreement(truth: np.ndarray,
                                                                                 kind: str) -> None:
-    """`both` (the default: the acquisition is not known) is the mean of the two projections: it moves a wrong
+    """`both` (an option for an unknown acquisition) is the mean of the two projections: it moves a wrong
     guess towards what was acquired under whichever model made the input, without reproducing it exactly."""
     lr = _acquire(kind, truth)
     guess = np.clip(bicubic_up(lr) + 0.05 * np.sin(np.arange(128) / 3.0), 0, 1)
