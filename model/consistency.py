@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import minimum_filter
 
-from .kspace import band, unband
+from .kspace import band, tukey, unband
 from .phantom_common import area_downsample
 from .ringing import rings
 
@@ -124,7 +124,7 @@ def _tolerated(residual: np.ndarray, tolerance: float) -> np.ndarray:
 
 
 def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4, iterations: int = 8,
-            tolerance: float = 0.0, nonnegative: bool | None = None) -> np.ndarray:
+            tolerance: float = 0.0, nonnegative: bool | None = None, taper: float = 0.0) -> np.ndarray:
     """(..., H, W) frames made consistent with (..., H/f, W/f) acquired frames under the model `kind`, up
     to `tolerance` (acquisition units) per low-resolution pixel.
 
@@ -132,12 +132,16 @@ def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4
     steps first keep the output at or above zero, alternating the two constraints (projections onto convex
     sets; the truth satisfies both). Without it, a blurred bright edge's excess outside the edge is
     subtracted smoothly over the dark side and digs a dark halo below black round bright rims; with it that
-    excess is taken from the pixels that hold it."""
+    excess is taken from the pixels that hold it.
+
+    taper (kspace model only): the outer share of the band, per direction, where the acquisition's weight
+    falls from 1 to 0 (a Tukey window); there the output's band is the weighted mean of the acquisition's and
+    the network's own. Below it the band is the acquisition's, exactly. 0: the whole band is exact."""
     if kind == "both":
         # the acquisition's point-spread is not known: the mean of the two projections is consistent with
         # whichever made the input to within half their disagreement (measured: see the module docstring)
         return ((enforce(frames, acquired, "area", factor, iterations, tolerance, nonnegative)
-                 + enforce(frames, acquired, "kspace", factor, iterations, tolerance, nonnegative)) / 2.0)
+                 + enforce(frames, acquired, "kspace", factor, iterations, tolerance, nonnegative, taper)) / 2.0)
     x = np.asarray(frames, dtype=np.float64)
     y = np.asarray(acquired, dtype=np.float64)
     floor = 0.0 if (nonnegative if nonnegative is not None else bool(y.size and y.min() >= 0)) else None
@@ -153,11 +157,19 @@ def enforce(frames: np.ndarray, acquired: np.ndarray, kind: str, factor: int = 4
         span = float(np.percentile(y, 99.5) - np.percentile(y, 0.5)) if y.size else 0.0
         near_zero = minimum_filter(y, size=(1,) * (y.ndim - 2) + (3, 3)) < ZERO_CROSSING * span
         steps = iterations if floor is not None else max(1, iterations // 2)
+        # The band's outer edge is where the truncation's Gibbs rings live: an exact edge puts them back into
+        # the output, and the network's detail above the band cancels them only in part. Tapered, that edge
+        # keeps some of the network's own band (weights on the small grid's unshifted spectrum).
+        keep = None if taper <= 0 else 1.0 - np.fft.ifftshift(np.outer(tukey(y.shape[-2], taper),
+                                                                       tukey(y.shape[-1], taper)))
+        own = np.real(band(x, factor)) if keep is not None else None
         for step in range(steps):
             if floor is not None and step < steps - 2:
                 x = np.maximum(x, floor)
             current = np.real(band(x, factor))
             target = np.where((current < 0) & (y > 0) & near_zero, -y, y)
+            if keep is not None:
+                target = target + np.real(np.fft.ifft2(keep * np.fft.fft2(own - target)))
             x = x + unband(_tolerated(target - current, tolerance), factor)
         return x.astype(np.float32)
     if kind != "area":

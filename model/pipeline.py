@@ -44,7 +44,8 @@ class Options:
     the acquisition's estimated noise level are left alone (noise is no structure); detail_gate: part of the
     consistency step (off with it): where the acquisition's local contrast is below this share of the
     intensity map's range, the output keeps the acquisition's interpolation (cinesr.model.detail);
-    temporal: frames out per frame in.
+    kspace_taper: the k-space model's band is exact below this outer share of it and tapers to the network's
+    own band across it (cinesr.model.consistency.enforce); temporal: frames out per frame in.
     """
 
     steps: int = 15
@@ -58,6 +59,7 @@ class Options:
     consistency: str = "auto"  # kspace where the acquisition rings, else area; measured: see the bundled model.json
     tolerance: float = 0.0  # >0: residuals up to this many times the estimated noise level are left (noisy input)
     detail_gate: float = 0.03  # network detail only where the acquisition's local contrast tops this share of the range
+    kspace_taper: float = 0.4  # the k-space band's outer 40% blends in the network's own: an exact edge rings
     temporal: int = TEMPORAL_FACTOR
 
     def __post_init__(self) -> None:
@@ -71,6 +73,8 @@ class Options:
             raise ValueError("tolerance must be >= 0")
         if not 0 <= self.detail_gate < 1:
             raise ValueError("detail_gate must be in [0, 1)")
+        if not 0 <= self.kspace_taper < 1:
+            raise ValueError("kspace_taper must be in [0, 1)")
 
     def parameters(self) -> dict[str, Any]:
         """The options as plain values (for model.json, job records and DerivationDescription)."""
@@ -194,7 +198,8 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
     tolerance = options.tolerance * sigma
     if kind != "off":
         threshold = options.detail_gate * (norm.hi - norm.lo)
-        out = [consistency.enforce(detail.gate(o, x, threshold, sf), x, kind, sf, tolerance=tolerance)
+        out = [consistency.enforce(detail.gate(o, x, threshold, sf), x, kind, sf, tolerance=tolerance,
+                                       taper=options.kspace_taper)
                for o, x in zip(out, lq, strict=True)]
     low, high = norm.inverse(np.asarray(CLIP, np.float32))
     out = [np.clip(o, low, high) for o in out]
