@@ -108,20 +108,24 @@ def test_consistency_makes_the_output_reproduce_the_acquisition(mode: str) -> No
     """Whatever the network returns (here a blocky enlargement with the wrong contrast), the shipped output
     re-acquired gives back the acquired frames (`both`, the mean of the two projections: to within half
     their disagreement, measured with the model that explains it best); `off` leaves the network's output
-    as is."""
+    as is. The k-space model's default taper leaves the band's outer 40% partly to the network: there the
+    agreement is the fidelity figure's, below it exact; with the taper off, exact throughout."""
     frames = moving_disc(2, 48, 48)
     off = superresolve_slices([frames], NearestRunner(gain=0.8), Options(consistency="off"))
     on = superresolve_slices([frames], NearestRunner(gain=0.8), Options(consistency=mode))
     assert off.consistency == "off" and on.fidelity_model in consistency.KINDS
     assert on.consistency == (on.fidelity_model if mode == "auto" else mode)
+    # a network 20% off in contrast: tapered k-space 36.7 dB, the rest 46.7 dB (both) or exact (99)
     assert on.fidelity_db > off.fidelity_db + 10 and on.fidelity_db > 35, (on.fidelity_db, off.fidelity_db)
-    # up to the tolerance: twice the acquisition's noise level (15 here), which the result estimates
     assert on.noise_sigma == pytest.approx(15.0, rel=0.2)
     span = float(frames.max() - frames.min())
     slack = 0.03 * span if mode == "both" else 0.01 * span
-    reacquired = consistency.acquire(on.frames[0][::8], on.fidelity_model)
-    assert np.abs(reacquired - frames).max() < 2 * on.noise_sigma + slack
-    exact = superresolve_slices([frames], NearestRunner(gain=0.8), Options(consistency=mode, tolerance=0))
+    residual = consistency.acquire(on.frames[0][::8], on.fidelity_model) - frames
+    if mode != "both":  # below the taper the re-acquired spectrum is the acquired one
+        f = np.abs(np.fft.fftfreq(48))
+        inner = np.abs(np.fft.fft2(residual))[:, f < 0.28][:, :, f < 0.28]
+        assert inner.max() < 1e-3 * np.abs(np.fft.fft2(frames)).max(), inner.max()
+    exact = superresolve_slices([frames], NearestRunner(gain=0.8), Options(consistency=mode, kspace_taper=0))
     reacquired = consistency.acquire(exact.frames[0][::8], exact.fidelity_model)
     assert np.abs(reacquired - frames).max() < slack, np.abs(reacquired - frames).max() / span
 
