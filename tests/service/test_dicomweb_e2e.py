@@ -23,8 +23,9 @@ from cinesr.worker.network.multipart import encode_related
 from fastapi.testclient import TestClient
 
 from tests.orthanc import OrthancServer, dicomweb_plugin, free_port, orthanc_available, write_lowres_study
-from tests.service.test_gateway import AUTH, TOKEN, settings_for, wait_for
+from tests.service.test_gateway import AUTH, TOKEN, settings_for
 from tests.service.test_stow import BOUNDARY, STOW_TYPE, live_server, referenced
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not orthanc_available(), reason="needs the Orthanc binary")
 

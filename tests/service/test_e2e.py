@@ -19,7 +19,8 @@ from cinesr.service.gateway import create_app
 from fastapi.testclient import TestClient
 
 from tests.orthanc import OrthancServer, orthanc_available, storescu, write_lowres_study
-from tests.service.test_gateway import AUTH, settings_for, wait_for
+from tests.service.test_gateway import AUTH, settings_for
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not (orthanc_available() and shutil.which("storescu")),
                                 reason="needs the Orthanc binary and dcmtk storescu")
@@ -157,7 +158,7 @@ def test_cinesr_serve_runs_the_whole_service(tmp_path: Path) -> None:
                 return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return process.poll() is not None  # exited: stop waiting, the asserts below say why
-        wait_for(up, 60, "cinesr serve to answer")
+        wait_for(up, 60, what="cinesr serve to answer")
         assert process.poll() is None, log.read_text()
         token = (tmp_path / "data" / "api-token").read_text().strip()
         echo = subprocess.run(["echoscu", "-aec", "CINESR", "127.0.0.1", str(dicom_port)], capture_output=True,

@@ -19,8 +19,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.orthanc import write_lowres_study
-from tests.service.test_gateway import AUTH, TOKEN, settings_for, wait_for
+from tests.service.test_gateway import AUTH, TOKEN, settings_for
 from tests.service.test_stow import live_server
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="module")

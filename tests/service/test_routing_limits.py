@@ -18,7 +18,8 @@ from pydantic import ValidationError
 
 from tests.orthanc import storescu, write_lowres_study
 from tests.service.conftest import require_dcmtk
-from tests.service.test_gateway import AUTH, settings_for, wait_for
+from tests.service.test_gateway import AUTH, settings_for
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_pushed_256_cine_is_ineligible_within_a_second_of_completion(
     with Service(settings, dispatch="inline", min_free_bytes=1 << 20) as svc:
         storescu(svc.listener.port, files)
         sent = time.monotonic()  # storescu returns once the last instance is acknowledged
-        decided = wait_for(lambda: svc.routing.get(series_uid), 10, "the routing decision")
+        decided = wait_for(lambda: svc.routing.get(series_uid), 10, what="the routing decision")
         elapsed = time.monotonic() - sent
         assert not decided.eligible
         assert decided.instances == len(files) == 64

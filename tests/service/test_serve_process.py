@@ -16,7 +16,8 @@ import httpx
 import pytest
 from cinesr.service.cli import CLI
 
-from tests.worker.celery_helpers import children_of, free_port, wait_for
+from tests.waiting import wait_for
+from tests.worker.celery_helpers import children_of, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -87,15 +88,15 @@ def test_kill9_of_serve_takes_the_embedded_worker_with_it(tmp_path: Path, cleanu
     serve = _serve(data, free_port(), http_port, tmp_path / "serve.err")
     cleanup.append(serve.pid)
     # the worker process and its pool child are up
-    wait_for(lambda: len(_workers_of(data)) >= 2, 90, 0.2, what="embedded worker and its pool child")
+    wait_for(lambda: len(_workers_of(data)) >= 2, 90, interval=0.2, what="embedded worker and its pool child")
     workers = _workers_of(data)
     cleanup.extend(workers)
     assert children_of(serve.pid), "the worker is a child of serve"
-    wait_for(lambda: _healthy(http_port), 60, 0.2, what="REST up")
+    wait_for(lambda: _healthy(http_port), 60, interval=0.2, what="REST up")
     serve.send_signal(signal.SIGKILL)
     serve.wait(10)
     t0 = time.monotonic()
-    wait_for(lambda: not any(_alive(p) for p in workers), 10, 0.05, what="the worker to die with serve")
+    wait_for(lambda: not any(_alive(p) for p in workers), 10, interval=0.05, what="the worker to die with serve")
     print(f"worker and pool child gone {time.monotonic() - t0:.2f} s after kill -9 of serve")
     # what serve and its worker logged is JSON lines only (uvicorn's lines included)
     _json_lines_only((tmp_path / "serve.err").read_text(), "serve stderr")

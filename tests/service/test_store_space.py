@@ -22,9 +22,10 @@ from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import MRImageStorage
 
+from tests.waiting import wait_for
+
 from .conftest import RunningListener, new_store
 from .rawpdu import EXPLICIT_VR_LE, RawAssociation
-from .test_gateway import wait_for
 from .test_listener import dataset_bytes, mr_dataset, write_file
 
 

@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from tests.orthanc import free_port, write_lowres_study
-from tests.service.test_gateway import AUTH, TOKEN, settings_for, wait_for
+from tests.service.test_gateway import AUTH, TOKEN, settings_for
+from tests.waiting import wait_for
 
 BOUNDARY = "stow-test-boundary"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -88,7 +89,7 @@ def live_server(service: Service, port: int | None = None) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: server.started, 10, "uvicorn to start")
+        wait_for(lambda: server.started, 10, what="uvicorn to start")
         yield f"http://127.0.0.1:{config.port}"
     finally:
         server.should_exit = True
@@ -133,7 +134,7 @@ def test_stowed_cine_is_processed_like_a_pushed_one(client: TestClient, service:
         jobs = client.get("/jobs", headers=AUTH, params={"study_uid": study_uid}).json()["jobs"]
         return jobs[0] if jobs and jobs[0]["status"] in ("succeeded", "failed") else None
 
-    job = wait_for(finished, 120, "the STOW-RS series to be processed")
+    job = wait_for(finished, 120, what="the STOW-RS series to be processed")
     assert job["status"] == "succeeded", job
     assert job["source"] == "push"
     (entry,) = job["series"]

@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 from tests import models
 from tests.dicomcheck import new_errors
 from tests.orthanc import OrthancServer, orthanc_available, write_lowres_study
-from tests.service.test_gateway import AUTH, settings_for, store_study, wait_for
+from tests.service.test_gateway import AUTH, settings_for, store_study
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(not (orthanc_available() and shutil.which("dciodvfy")),
                                 reason="needs the Orthanc binary and dciodvfy")

@@ -9,7 +9,8 @@ from cinesr.service.settings import Settings
 from cinesr.worker.queue.dispatch import enqueue_job, start_embedded_worker
 from cinesr.worker.queue.jobs import open_job_store
 
-from tests.worker.celery_helpers import stage_series, wait_for
+from tests.waiting import wait_for
+from tests.worker.celery_helpers import stage_series
 
 
 def test_a_cancelled_queued_job_is_dropped_by_the_worker(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ from cinesr.worker.queue.runtime import heartbeat_age, write_heartbeat
 from cinesr.worker.queue.tasks import MAX_REDELIVERIES
 from kombu import Connection
 
-from tests.worker.celery_helpers import stage_series, wait_for
+from tests.waiting import wait_for
+from tests.worker.celery_helpers import stage_series
 
 
 def _settings(tmp_path: Path, **extra: object) -> Settings:

@@ -81,7 +81,8 @@ def test_a_delivery_for_a_series_held_elsewhere_is_dropped_then_requeued_when_it
     from cinesr.worker.queue.dispatch import enqueue_job, start_embedded_worker
     from cinesr.worker.queue.jobs import open_job_store
 
-    from tests.worker.celery_helpers import stage_series, wait_for
+    from tests.waiting import wait_for
+    from tests.worker.celery_helpers import stage_series
 
     settings = Settings(data_dir=tmp_path / "data", broker_url="", heartbeat_file=tmp_path / "heartbeat",
                         default_method="baseline", series_lease_seconds=6)

@@ -22,13 +22,13 @@ from cinesr.worker.queue.dispatch import enqueue_export, enqueue_job
 from cinesr.worker.queue.jobs import Job, JobStore, open_job_store
 
 from tests.orthanc import OrthancServer, orthanc_available
+from tests.waiting import wait_for
 from tests.worker.celery_helpers import (
     RedisServer,
     StagedSeries,
     WorkerProcess,
     redis_available,
     stage_series,
-    wait_for,
 )
 
 pytestmark = [
@@ -85,7 +85,7 @@ def _ready(worker: WorkerProcess, timeout: float = 90) -> None:
 
 
 def _finished(store: JobStore, job_id: str, timeout: float = JOB_TIMEOUT) -> Job:
-    return wait_for(lambda: (j := store.get(job_id)).status in ("succeeded", "failed") and j, timeout, 0.2,
+    return wait_for(lambda: (j := store.get(job_id)).status in ("succeeded", "failed") and j, timeout, interval=0.2,
                     what=f"job {job_id} finished")
 
 
@@ -93,7 +93,7 @@ def _computing(store: JobStore, job_id: str, series_uid: str, timeout: float = 1
     def check() -> bool:
         entry = store.get(job_id).entry(series_uid)
         return entry.status == "running" and entry.progress > 0
-    wait_for(check, timeout, 0.05, what="series computing")
+    wait_for(check, timeout, interval=0.05, what="series computing")
 
 
 def _new_job(settings: Settings, staged: StagedSeries, steps: int = 2) -> tuple[JobStore, str]:

@@ -11,7 +11,8 @@ from cinesr.service.settings import Settings
 from cinesr.worker.queue.dispatch import enqueue_job
 from cinesr.worker.queue.jobs import open_job_store
 
-from tests.worker.celery_helpers import WorkerProcess, stage_series, wait_for
+from tests.waiting import wait_for
+from tests.worker.celery_helpers import WorkerProcess, stage_series
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def test_a_series_that_is_not_a_cine_is_a_warning_without_traceback(tmp_path: Pa
     enqueue_job(job.job_id, settings)
     worker = WorkerProcess(settings, tmp_path / "worker.log", "n1@%h").start()
     try:
-        done = wait_for(lambda: (j := store.get(job.job_id)).status in ("failed", "succeeded") and j, 120, 0.2,
+        done = wait_for(lambda: (j := store.get(job.job_id)).status in ("failed", "succeeded") and j, 120, interval=0.2,
                         what="job finished")
     finally:
         worker.stop()
