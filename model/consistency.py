@@ -20,9 +20,10 @@ derived series' geometry):
   below its outer 40% per direction (`taper`, the pipeline's ``kspace_taper``); across that edge the
   acquisition's weight falls to zero (a Tukey window) and the network's own band fills the rest. Exact to
   the edge, the projection put the truncation's Gibbs rings back into the output (the true band holds them,
-  and the network's detail above the band cancelled them only in part): SSIM below the baseline on every
-  heart and MR phantom k-space row of validation seeds 2000-2002 (MRPhantom -0.025); tapered, MRPhantom
-  -0.009 and Shepp-Logan +0.000 (was -0.008), at 1-3 points of LPIPS gain on the heart phantoms.
+  and the network's detail above the band cancelled them only in part). Validation seeds 2000-2002, k-space
+  rows of the heart and MR phantoms (bench/results/options-20261207T200455Z.json): the fidelity bar met on 3
+  of 5 rows tapered, 2 exact; MRPhantom SSIM -0.025 -> -0.009 against the baseline, Shepp-Logan -0.008 ->
+  +0.000, at 1-4 points of LPIPS gain.
 * ``both``: the mean of the two projections, for a series that does not say how it was acquired; each
   model is wrong for the other acquisition: ``area`` matches block means to a k-space acquisition's
   Gibbs overshoot and amplifies it (SSIM -0.021 against the baseline on the heart phantoms' k-space rows,

@@ -199,8 +199,7 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
     if kind != "off":
         threshold = options.detail_gate * (norm.hi - norm.lo)
         out = [consistency.enforce(detail.gate(o, x, threshold, sf), x, kind, sf, tolerance=tolerance,
-                                       taper=options.kspace_taper)
-               for o, x in zip(out, lq, strict=True)]
+                                   taper=options.kspace_taper) for o, x in zip(out, lq, strict=True)]
     low, high = norm.inverse(np.asarray(CLIP, np.float32))
     out = [np.clip(o, low, high) for o in out]
     measure = kind if kind in consistency.KINDS else consistency.choose(out, lq, sf)

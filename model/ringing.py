@@ -11,8 +11,8 @@ The measure: among dark pixels (below 12% of the acquisition's range) 1.5-4 pixe
 2% of the range), and the same share among dark pixels more than 5 pixels from any bright one. Noise makes
 bumps near and far alike; ringing makes them near. Where the dark regions ring everywhere (small ones, between
 several edges), near and far are alike too, and what tells ringing from noise is the bumps' height: by 4% of
-the range on 12% or more of the pixels near edges (area acquisitions with noise of 3% of the range showed at
-most 12%, with 2% at most 7%). Measured on the project's sources (128-pixel truth,
+the range on 12% or more of the pixels near edges (area acquisitions with noise of 2% of the range showed at
+most 7%, with 3% up to about 12%: 2 of 160 were called k-space). Measured on the project's sources (128-pixel truth,
 32-pixel acquisitions, validation seeds 2000-2009, noise-free acquisitions): at 2%, area acquisitions show
 at most 0.043 near, k-space acquisitions of the heart phantoms and dead leaves 0.094-0.31; MRPhantom and
 Shepp-Logan ring more faintly (0.065-0.13 near at 1%, with few bumps far). Content without dark regions
