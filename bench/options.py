@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         report = evaluate([f"phantom:{a.seeds}:{s}" for s in a.sources.split(",")], model,
                           acquisitions=tuple(a.acquisition.split(",")), protocols=("sequence",), options=options,
-                          phantom={"slices": 1, "frames": 32, "size": 128})
+                          phantom={"slices": 1, "frames": 32, "size": 128},
+                          progress=lambda done, total, what, label=label: print(f"  [{label}] {done}/{total} {what}",
+                                                                             flush=True))
         rows = []
         for row in report["rows"]:
             verdict = faithful_verdict(row)

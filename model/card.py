@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .evaluate import evaluate, markdown_table
+from .evaluate import Progress, evaluate, markdown_table
 
 # The paper's relative gains over the same baseline (Table 1): PSNR +5%, SSIM +6.5%, LPIPS -39%.
 PAPER_GAINS = {"psnr": 0.05, "ssim": 0.065, "lpips": -0.39}
@@ -36,7 +36,6 @@ CONTENT = ("sax", "sax-fourier", "lax", "deadleaves", "texture", "shepp-logan")
 THIRD_PARTY = ("mrphantom", "motioncloud")
 SEEDS = "1000-1003"
 
-Progress = Callable[[int, int, str], None]
 
 
 def _reaches(gain: dict[str, float], margins: dict[str, float]) -> dict[str, bool]:
