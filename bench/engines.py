@@ -186,6 +186,16 @@ def ort_tuning(model: LoadedModel, threads: Sequence[int] = (1, 2), repeats: int
     return out
 
 
+def bench_steps(loaded: LoadedModel, steps: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The step counts to time: those given, else every count the bundle serves as trained (the
+    teacher's T and its distilled student's), the bundle's default first."""
+    if steps is not None:
+        return (steps,) if isinstance(steps, int) else tuple(dict.fromkeys(int(k) for k in steps))
+    default = Options.from_mapping(loaded.meta.get("inference")).steps
+    served = sorted({loaded.schedule.steps, *loaded.student_steps})
+    return (default, *[k for k in served if k != default])
+
+
 def run_bench(
     model: str | Path | LoadedModel | None = None,
     device: str = "auto",
@@ -193,7 +203,7 @@ def run_bench(
     slices: int = 2,
     frames: int = 4,
     size: int = 64,
-    steps: int | None = None,
+    steps: int | Sequence[int] | None = None,
     repeats: int = 3,
     stage_repeats: int = 5,
     batch_size: int | None = None,
@@ -201,9 +211,11 @@ def run_bench(
     log: Callable[[str], None] = print,
     tune_ort: bool = False,
 ) -> dict[str, Any]:
-    """Measure every loadable configuration; returns the report (see module doc).
+    """Measure every loadable configuration at every step count; returns the report (see module doc).
 
-    The whole-series runs are interleaved: repeat r runs config 1, 2, ... before repeat r+1."""
+    results[config]["series"] is the first step count's whole series (the bundle's default unless `steps`
+    says otherwise), results[config]["by_steps"][k] each step count's. The whole-series runs are
+    interleaved: repeat r runs every (config, steps) pair before repeat r+1."""
     from cinesr.worker.inference.engines.onnx_engine import cpu_threads
     from cinesr.worker.inference.modelsr import ModelMethod
     from cinesr.worker.inference.pipeline import superresolve_series
@@ -212,6 +224,7 @@ def run_bench(
     threads = threads or cpu_threads()
     torch.set_num_threads(threads)  # torch eager gets the same cores as onnxruntime's intra-op pool
     loaded = load_model(model)
+    counts = bench_steps(loaded, steps)
     stats = model_stats(loaded.config, image_size=loaded.geometry.image_size)
     series = synthetic_series(slices, frames, size)
     configs = list(configs or default_configs(device, threads))
@@ -224,22 +237,27 @@ def run_bench(
         except Exception as exc:
             skipped[c.label] = str(exc)
             log(f"[bench] {c.label}: skipped: {exc}")
+    shipped = loaded.meta.get("inference")
     results: dict[str, Any] = {}
-    methods = {}
+    methods: dict[tuple[str, int], Any] = {}
     for label, engine in engines.items():
-        m = ModelMethod(engine, Options.from_mapping(loaded.meta.get("inference"), steps=steps), batch_size)
-        methods[label] = m
+        for k in counts:
+            methods[label, k] = ModelMethod(engine, Options.from_mapping(shipped, steps=k), batch_size)
+        m = methods[label, counts[0]]
         log(f"[bench] {label}: stages at batch {m.batch_size} ...")
+        m.units(series)  # puts the engine on the first step count's plan for the stage times
         results[label] = {"engine": engine.describe(), "stages": stage_times(engine, m.batch_size, stage_repeats),
-                          "series": {"seconds": [], "peak_memory_mb": []}}
-    first = next(iter(methods.values()), None)
-    windows = first.units(series) // first.engine.plan.steps if first else 0
+                          "by_steps": {}}
     out_frames = sum(8 * s.num_frames for s in series.slices)
-    for m in methods.values():  # warm-up runs (also checks the output shape)
+    windows = 0
+    for (label, k), m in methods.items():  # warm-up runs (also check the output shape)
+        windows = m.units(series) // m.engine.plan.steps
         res = superresolve_series(series, m)
         assert all(f.shape[0] == 8 * s.num_frames for f, s in zip(res.frames, series.slices, strict=True))
+        results[label]["by_steps"][k] = {"steps": k, "unet": _unet_of(m), "sampler": m.options.sampler,
+                                         "seconds": [], "peak_memory_mb": []}
     for r in range(repeats):
-        for label, m in methods.items():
+        for (label, k), m in methods.items():
             engine = m.engine
             if engine.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(engine.device)
@@ -250,31 +268,32 @@ def run_bench(
                 dt = time.perf_counter() - t0
             peak = (torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda"
                     else mem.peak - mem.base)
-            results[label]["series"]["seconds"].append(dt)
-            results[label]["series"]["peak_memory_mb"].append(peak / 2**20)
-            log(f"[bench] repeat {r + 1}/{repeats} {label}: {dt:.2f} s")
+            s = results[label]["by_steps"][k]
+            s["seconds"].append(dt)
+            s["peak_memory_mb"].append(peak / 2**20)
+            log(f"[bench] repeat {r + 1}/{repeats} {label} {k}-step: {dt:.2f} s")
     for label, res in results.items():
-        s = res["series"]
-        med = statistics.median(s["seconds"])
-        s.update({
-            "median_s": med,
-            "min_s": min(s["seconds"]),
-            "windows": windows,
-            "windows_per_s": windows / med,
-            "frames_out": out_frames,
-            "frames_per_s": out_frames / med,
-            "gflops_per_s": stats["gflops_window"] * windows / med,
-            "peak_memory_mb_max": max(s["peak_memory_mb"]),
-            "memory_kind": "cuda max_memory_allocated (torch allocator only)"
-            if engines[label].device.type == "cuda" else "process RSS growth during the run",
-        })
+        for s in res["by_steps"].values():
+            med = statistics.median(s["seconds"])
+            s.update({
+                "median_s": med,
+                "min_s": min(s["seconds"]),
+                "windows": windows,
+                "windows_per_s": windows / med,
+                "frames_out": out_frames,
+                "frames_per_s": out_frames / med,
+                "gflops_per_s": (stats["gflops_window"] - (loaded.schedule.steps - s["steps"])
+                                 * stats["gflops_unet_step"]) * windows / med,
+                "peak_memory_mb_max": max(s["peak_memory_mb"]),
+                "memory_kind": "cuda max_memory_allocated (torch allocator only)"
+                if engines[label].device.type == "cuda" else "process RSS growth during the run",
+            })
+        res["series"] = res["by_steps"][counts[0]]
         st = res["stages"]
         st["unet_gflops_per_s"] = stats["gflops_unet_step"] * st["batch"] / st["unet_step"]["median_s"]
     tuning = None
     if tune_ort:
         log("[bench] onnxruntime CPU settings ...")
-        from cinesr.worker.inference.engines.onnx_engine import cpu_threads
-
         tuning = ort_tuning(loaded, sorted({1, cpu_threads()}), stage_repeats)
     ratios = {}
     labels = list(results)
@@ -282,6 +301,12 @@ def run_bench(
         for b in labels:
             if a != b and engines[a].device.type == engines[b].device.type:
                 ratios[f"{a} vs {b}"] = results[b]["series"]["median_s"] / results[a]["series"]["median_s"]
+    # fewer steps against the most timed (the teacher's whole chain by default), per configuration
+    full = max(counts)
+    steps_speedup = {
+        f"{label} {k}-step vs {full}-step": res["by_steps"][full]["median_s"] / res["by_steps"][k]["median_s"]
+        for label, res in results.items() if full in res["by_steps"] for k in res["by_steps"] if k != full
+    }
     # headline per device: the fastest configuration of each backend against each other
     best: dict[tuple[str, str], str] = {}
     for label in labels:
@@ -302,16 +327,22 @@ def run_bench(
         "git_commit": commit,
         "machine": machine(),
         "versions": versions(),
-        "model": {"source": loaded.source, "stats": stats},
+        "model": {"source": loaded.source, "stats": stats, "student_steps": list(loaded.student_steps)},
         "series": {"slices": slices, "frames": frames, "size": size, "windows": windows, "frames_out": out_frames,
-                   "steps": steps or loaded.schedule.steps, "repeats": repeats, "interleaved": True,
+                   "steps": counts[0], "step_counts": list(counts), "repeats": repeats, "interleaved": True,
                    "threads": threads},
         "results": results,
         "skipped": skipped,
-        "speedup": ratios,  # "A vs B": B's median series time / A's (> 1: A is faster)
+        "speedup": ratios,  # "A vs B": B's median series time / A's (> 1: A is faster), at the first step count
+        "steps_speedup": steps_speedup,  # "A k-step vs K-step": A's K-step time / its k-step time
         "headline": headline,
         "ort_tuning": tuning,
     }
+
+
+def _unet_of(m: Any) -> str:
+    """Which UNet serves the method's step count: the distilled student or the teacher."""
+    return "student" if m.engine.plan.steps in m.engine.model.student_steps else "teacher"
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -319,14 +350,19 @@ def summary(report: dict[str, Any]) -> str:
     lines = [f"{'config':28s} {'series s':>9s} {'win/s':>7s} {'frames/s':>9s} {'GFLOP/s':>8s} {'peak MB':>8s} "
              f"{'enc ms':>7s} {'unet ms':>8s} {'dec ms':>7s}"]
     for label, r in report["results"].items():
-        s, st = r["series"], r["stages"]
-        lines.append(
-            f"{label:28s} {s['median_s']:9.2f} {s['windows_per_s']:7.2f} {s['frames_per_s']:9.2f} "
-            f"{s['gflops_per_s']:8.1f} {s['peak_memory_mb_max']:8.0f} {1e3 * st['encode']['per_window_s']:7.1f} "
-            f"{1e3 * st['unet_step']['per_window_s']:8.1f} {1e3 * st['decode']['per_window_s']:7.1f}"
-        )
+        by_steps = r.get("by_steps") or {"": r["series"]}
+        st = r["stages"]
+        for k, s in by_steps.items():
+            name = f"{label} {k}-step" if len(by_steps) > 1 else label
+            lines.append(
+                f"{name:28s} {s['median_s']:9.2f} {s['windows_per_s']:7.2f} {s['frames_per_s']:9.2f} "
+                f"{s['gflops_per_s']:8.1f} {s['peak_memory_mb_max']:8.0f} {1e3 * st['encode']['per_window_s']:7.1f} "
+                f"{1e3 * st['unet_step']['per_window_s']:8.1f} {1e3 * st['decode']['per_window_s']:7.1f}"
+            )
     for k, v in report["speedup"].items():
         lines.append(f"speed-up {k}: {v:.2f}x")
+    for k, v in report.get("steps_speedup", {}).items():
+        lines.append(f"steps speed-up {k}: {v:.2f}x")
     for k, v in report.get("headline", {}).items():
         lines.append(f"HEADLINE {k}: {v['ratio']:.2f}x  ({v['configs'][0]} vs {v['configs'][1]})")
     for k, v in report["skipped"].items():

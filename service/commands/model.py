@@ -20,13 +20,14 @@ def train(
     config: Annotated[str, typer.Argument(help="Training config: tiny, base, or a YAML file.")] = "tiny",
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder (checkpoints, logs, bundle).")]
     = Path("cinesr-train"),
-    stage: Annotated[str, typer.Option(help="autoencoder | denoiser | decoder | refine | both.")] = "both",
+    stage: Annotated[str, typer.Option(help="autoencoder | denoiser | decoder | refine | distill | both.")] = "both",
     init_from: Annotated[list[Path] | None, typer.Option(help="A bundle or ResShift/LDM checkpoint(s) to start "
                                                               "from (repeatable).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/checkpoints when present.")] = True,
     max_steps: Annotated[int | None, typer.Option(help="Cap every stage at this many steps (smoke runs).")] = None,
 ) -> None:
-    """Train the autoencoder and/or the denoiser; resumable; logs JSONL and curves into OUTPUT."""
+    """Train the autoencoder, the denoiser and/or a few-step student (distill); resumable; logs JSONL and
+    curves into OUTPUT."""
     from cinesr.model.train import train as run_training
 
     with progress_bar() as bar:
@@ -121,7 +122,7 @@ def export(
     from cinesr.worker.inference.engines.parity import export_tensorrt
     from cinesr.worker.inference.graphs import export_bundle
 
-    sizes = _batch_sizes(batch_sizes)
+    sizes = _int_list(batch_sizes, "--batch-sizes")
     folder = export_bundle(model, output, batch_sizes=sizes)
     out.print(f"onnx -> {folder}", soft_wrap=True, highlight=False)
     if tensorrt:
@@ -150,21 +151,26 @@ def bench(
     frames: Annotated[int, typer.Option(min=2, help="Low-resolution frames per slice.")] = 4,
     size: Annotated[int, typer.Option(min=16, help="Low-resolution matrix size.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per stage (the median is reported).")] = 3,
+    steps: Annotated[str | None, typer.Option(help="Sampler step counts to time, e.g. 1,15 (default: every "
+                                                    "count the bundle serves, its default first).")] = None,
     results: Annotated[Path, typer.Option(help="Folder for the JSON record.")] = Path("bench/results"),
 ) -> None:
-    """Time each stage and a whole series per backend, side by side; JSON with machine, commit and versions."""
+    """Time each stage and a whole series per backend and step count, side by side; JSON with machine, commit
+    and versions."""
     from cinesr.bench.engines import run_bench, summary, write_report
 
-    report = run_bench(model=model, device=device, slices=slices, frames=frames, size=size, repeats=repeats)
+    counts = _int_list(steps, "--steps") if steps else None
+    report = run_bench(model=model, device=device, slices=slices, frames=frames, size=size, steps=counts,
+                       repeats=repeats)
     out.print(summary(report), soft_wrap=True, highlight=False)
     out.print(f"recorded -> {write_report(report, results)}", soft_wrap=True, highlight=False)
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
+def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise UsageError(f"--batch-sizes must be a comma list of integers, not {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise UsageError("--batch-sizes needs at least one positive integer")
-    return sizes
+        raise UsageError(f"{option} must be a comma list of integers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} needs at least one positive integer")
+    return values

@@ -144,10 +144,15 @@ def test_bench_reports_stages_series_and_ratios(tiny):
     configs = [BenchConfig("onnx", "onnx", "cpu", {"onnx": {"threads": 1}}),
                BenchConfig("torch", "torch", "cpu", {"torch": {"threads": 1}}),
                BenchConfig("trt", "tensorrt", "cpu")]
-    report = run_bench(tiny, configs=configs, slices=1, frames=2, size=32, steps=2, repeats=1, stage_repeats=1,
-                       log=lambda s: None)
+    report = run_bench(tiny, configs=configs, slices=1, frames=2, size=32, steps=(2, 1), repeats=1,
+                       stage_repeats=1, log=lambda s: None)
     assert set(report["results"]) == {"onnx", "torch"} and "trt" in report["skipped"]
+    by_steps = report["results"]["onnx"]["by_steps"]
     series = report["results"]["onnx"]["series"]
+    assert set(by_steps) == {1, 2} and series is by_steps[2] and report["series"]["step_counts"] == [2, 1]
+    assert by_steps[1]["unet"] == "teacher"  # random tiny weights: no student
+    assert report["steps_speedup"]["onnx 1-step vs 2-step"] == pytest.approx(
+        by_steps[2]["median_s"] / by_steps[1]["median_s"])
     from cinesr.model.pipeline import Options
     from cinesr.model.windows import window_starts
 
@@ -156,7 +161,7 @@ def test_bench_reports_stages_series_and_ratios(tiny):
     assert report["speedup"]["onnx vs torch"] == pytest.approx(
         report["results"]["torch"]["series"]["median_s"] / series["median_s"])
     assert report["versions"]["onnxruntime"] and report["machine"]["cpus"]
-    assert "onnx" in summary(report)
+    assert "onnx 1-step" in summary(report) and "steps speed-up onnx 1-step vs 2-step" in summary(report)
 
 
 # ---- GPU / TensorRT (skipped where absent) ------------------------------------------------------

@@ -103,6 +103,29 @@ def test_output_does_not_depend_on_batch_size(tiny):
     assert np.abs(a - c).mean() > 1e-4 * (a.max() - a.min())  # the seed matters
 
 
+
+def test_methods_sharing_an_engine_each_run_their_own_steps(tiny):
+    """A worker or benchmark may keep one engine for several step counts: each method's run uses its own
+    plan, whichever method was made (or ran) last."""
+    engine = TorchEngine(tiny, "cpu", threads=1)
+    frames = moving_disc(2, 32, 32)
+    two = ModelMethod(engine, Options(steps=2, stride=3))
+    one = ModelMethod(engine, Options(steps=1, stride=3))  # the engine is now on the 1-step plan
+    shared = two.superresolve_slice(frames, lambda n: None)
+    alone = ModelMethod(TorchEngine(tiny, "cpu", threads=1), Options(steps=2, stride=3)).superresolve_slice(
+        frames, lambda n: None)
+    np.testing.assert_array_equal(shared, alone)
+    assert engine.plan.steps == 2 and one.units(_series(frames)) == len(window_starts(16, 3))
+    assert engine.plan.steps == 1
+
+
+def _series(frames):
+    from cinesr.model.cine import CineSeries, CineSlice
+    from pydicom.dataset import Dataset
+
+    s = CineSlice(frames, np.arange(len(frames)) * 40.0, np.zeros(3), np.array([1.0, 0, 0, 0, 1, 0]), np.ones(2), [])
+    return CineSeries("1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.4", [s], Dataset())
+
 @pytest.mark.slow
 def test_backends_agree_on_a_whole_series(tiny):
     """Same seed, whole-slice output (15 steps): onnxruntime vs torch eager."""
