@@ -43,6 +43,26 @@ def _value(text: str) -> Any:
     return text
 
 
+# how far another setting may fall behind the first (the 15-step teacher, for a few-step student)
+TOLERANCE = {"psnr": 0.3, "ssim": 0.01, "lpips": 0.02, "temporal": 0.0}
+
+
+def against(first: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per row (same source and acquisition) the model's metrics minus the first setting's, and whether each
+    stays within TOLERANCE of it (PSNR and SSIM not lower, LPIPS and the temporal error not higher, by more)."""
+    ref = {(r["source"], r["acquisition"]): r["model"] for r in first}
+    out = []
+    for r in rows:
+        base = ref.get((r["source"], r["acquisition"]))
+        if base is None:
+            continue
+        d = {k: r["model"][k] - base[k] for k in TOLERANCE}
+        higher_is_better = {"psnr": True, "ssim": True, "lpips": False, "temporal": False}
+        within = {k: d[k] >= -TOLERANCE[k] if higher_is_better[k] else d[k] <= TOLERANCE[k] for k in TOLERANCE}
+        out.append({"source": r["source"], "acquisition": r["acquisition"], "delta": d, "within": within})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from cinesr.model.bundle import load_bundle
     from cinesr.model.card import faithful_verdict
@@ -54,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="2000")
     p.add_argument("--acquisition", default="area,kspace")
     p.add_argument("--vary", action="append", default=[], help="NAME=V1,V2,... (an inference option; repeatable)")
+    p.add_argument("--model", default=None, help="model bundle folder (default: the bundled model)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
-    model = load_bundle(None)
+    model = load_bundle(a.model)
     shipped = Options.from_mapping(model.meta.get("inference"))
     vary = parse_vary(a.vary)
     try:
@@ -87,8 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         met = sum(all(r["verdict"].values()) for r in rows)
         print(f"{label}: bar met on {met} of {len(rows)} rows ({time.monotonic() - t0:.0f} s)", flush=True)
         results.append({"options": {k: getattr(options, k) for k in vary}, "met": met, "rows": rows})
-    record = {"what": "bundled model under varied inference options, shipped path, fidelity bar per row",
+    for r in results[1:]:
+        r["against_first"] = against(results[0]["rows"], r["rows"])
+        worse = [f"{d['source']}/{d['acquisition']}" for d in r["against_first"] if not all(d["within"].values())]
+        print(f"{r['options']} against {results[0]['options']}: within the tolerance on "
+              f"{len(r['against_first']) - len(worse)} of {len(r['against_first'])} rows"
+              f"{' (not: ' + ', '.join(worse) + ')' if worse else ''}", flush=True)
+    record = {"what": "a model bundle under varied inference options, shipped path, fidelity bar per row",
               "created": started, "commit": git_commit(), "machine": machine(), "versions": versions(),
+              "model": str(model.path or "bundled"),
               "sources": a.sources.split(","), "seeds": a.seeds, "acquisitions": a.acquisition.split(","),
               "shipped": shipped.parameters(), "results": results}
     out = Path(a.out)

@@ -22,3 +22,17 @@ def test_a_malformed_vary_says_so(arg: str) -> None:
 def test_an_unknown_or_invalid_option_stops_before_any_run(arg: str, message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         options.main(["--vary", arg, "--out", "/nonexistent/never-written"])
+
+
+def test_against_first_reads_each_metric_in_its_own_direction() -> None:
+    teacher = [{"source": "sax", "acquisition": "area",
+                "model": {"psnr": 30.0, "ssim": 0.80, "lpips": 0.20, "temporal": 0.040}}]
+    close = [{"source": "sax", "acquisition": "area",
+              "model": {"psnr": 29.8, "ssim": 0.795, "lpips": 0.215, "temporal": 0.039}}]
+    far = [{"source": "sax", "acquisition": "area",
+            "model": {"psnr": 30.5, "ssim": 0.78, "lpips": 0.25, "temporal": 0.041}}]
+    (row,) = options.against(teacher, close)
+    assert all(row["within"].values()) and row["delta"]["psnr"] == pytest.approx(-0.2)
+    (row,) = options.against(teacher, far)
+    assert row["within"] == {"psnr": True, "ssim": False, "lpips": False, "temporal": False}
+    assert options.against(teacher, [{**far[0], "source": "lax"}]) == []
