@@ -283,8 +283,11 @@ def train(
     options = _options(cfg, init_from)
     train_set, val_set = _datasets(cfg)
     samples: SamplePool | SampleDataset = train_set
-    if int(cfg["data"].get("pool") or 0) > 0 and stage != "refine":  # refine draws its own (smaller) pool
-        samples = SamplePool.build(train_set, int(cfg["data"]["pool"]), out / "pool.pt", progress)
+    pool_size = int(cfg["data"].get("pool") or 0)
+    if stage == "distill":  # the teacher's chains need only their own pool's samples (the first ones)
+        pool_size = min(pool_size, int(cfg["distill"]["pool"]))
+    if pool_size > 0 and stage != "refine":  # refine draws its own (smaller) pool
+        samples = SamplePool.build(train_set, pool_size, out / "pool.pt", progress)
     record_path = out / "training_record.json"
     record: dict[str, Any] = json.loads(record_path.read_text()) if resume and record_path.is_file() else {}
     history: dict[str, Any] = {}

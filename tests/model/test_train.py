@@ -224,6 +224,8 @@ def test_distill_stage_puts_a_student_in_the_bundle(tmp_path: Path) -> None:
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["teacher_mse"] >= 0 and r["gt_mse"] > 0 for r in log)
     meta = json.loads((distilled / "model.json").read_text())["training"]
     assert meta["distill"]["steps"] == 3 and meta["denoiser"]["steps"] == 2
+    # only the samples the teacher's chains use are built (data.pool 6, distill.pool 4)
+    assert torch.load(tmp_path / "student" / "pool.pt", weights_only=False)["lq"].shape[0] == 4
     runner = TorchRunner.for_options(b, Options(steps=1, sampler="ancestral"))
     assert runner.unet is b.student and runner.plan.sampler == "ddim" and runner.plan.timesteps == (14,)
     assert TorchRunner.for_options(b, Options(steps=15)).unet is b.unet
