@@ -391,7 +391,8 @@ def train(
         student.eval().requires_grad_(False)
         distilled = {"steps": list(stages.STUDENT_STEPS), "sampler": "ddim", "teacher_temperature": c["temperature"],
                      "teacher_sha256": bundle_io.state_digest(unet)}
-        _set_stage(record, history, "distill", {**result, "pool": int(c["pool"]), "note": distilled_note(),
+        note = distilled_note(float(c.get("gt_weight") or 0))
+        _set_stage(record, history, "distill", {**result, "pool": int(c["pool"]), "note": note,
                                                 **{k: c[k] for k in ("batch_size", "lr", "lr_end", "gt_weight")}})
         save_record()
     if not (ckpts / "denoiser.pt").is_file() and not from_bundle:
@@ -402,9 +403,10 @@ def train(
     return out / "bundle"
 
 
-def distilled_note() -> str:
+def distilled_note(gt_weight: float = 0.0) -> str:
+    truth = f", plus {gt_weight:g} x the true latent's" if gt_weight else ""
     return ("student UNet distilled from the denoiser: the teacher's deterministic 15-step chain in one x0 "
-            "prediction from each of the 1-, 2- and 4-step plans' steps, plus the true latent")
+            f"prediction from each of the 1-, 2- and 4-step plans' steps (MSE to the teacher's result{truth})")
 
 
 def _bundle_student(init_from: Any) -> tuple[nn.Module | None, dict[str, Any] | None]:

@@ -30,9 +30,10 @@ def test_against_first_reads_each_metric_in_its_own_direction() -> None:
     close = [{"source": "sax", "acquisition": "area",
               "model": {"psnr": 29.8, "ssim": 0.795, "lpips": 0.215, "temporal": 0.039}}]
     far = [{"source": "sax", "acquisition": "area",
-            "model": {"psnr": 30.5, "ssim": 0.78, "lpips": 0.25, "temporal": 0.041}}]
+            "model": {"psnr": 30.5, "ssim": 0.78, "lpips": 0.25, "temporal": 0.0405}}]
     (row,) = options.against(teacher, close)
     assert all(row["within"].values()) and row["delta"]["psnr"] == pytest.approx(-0.2)
     (row,) = options.against(teacher, far)
     assert row["within"] == {"psnr": True, "ssim": False, "lpips": False, "temporal": False}
+    assert row["delta"]["temporal"] == pytest.approx(0.0125)  # relative to the first's
     assert options.against(teacher, [{**far[0], "source": "lax"}]) == []
