@@ -494,8 +494,8 @@ def distill_stage(section: Mapping[str, Any], model_cfg: Mapping[str, Any], seed
                   pool: Mapping[str, torch.Tensor], device: torch.device) -> Stage:
     """The student (initialised as the teacher) learns the teacher's whole deterministic chain in one x0
     prediction from any of its step indices: MSE to the teacher's final latent, plus `gt_weight` x MSE to
-    the true latent (the truth supervises the student, as in SinSR's consistency loss), half of the
-    batches at the first step (the one-step default)."""
+    the true latent (the truth supervising the student, after SinSR's consistency loss; 0 by default: the
+    tiny student lost SSIM with it), half of the batches at the first step."""
     schedule = Schedule.from_config(model_cfg.get("diffusion"))
     steps = student_timesteps(schedule)
     student.to(device).train()

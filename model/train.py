@@ -69,9 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "refine": {"steps": 0, "pool": 512, "batch_size": 8, "crop": 96, "lr": 1e-4, "lr_end": None, "warmup": 0,
                "l1_weight": 1.0, "mse_weight": 1.0, "lpips_weight": 0.1, "log_every": 10, "checkpoint_every": 250},
     # optional: a few-step student distilled from the trained denoiser (SinSR-style: the teacher's
-    # deterministic 15-step chain in one x0 prediction, the truth supervising it too), for 1, 2 and 4 steps
+    # deterministic 15-step chain in one x0 prediction), for 1, 2 and 4 steps; gt_weight > 0 adds the truth's
+    # latent to the loss (it cost the tiny student SSIM: see model/configs/train/tiny.yaml)
     "distill": {"steps": 0, "pool": 1024, "batch_size": 8, "lr": 1e-4, "lr_end": 1e-5, "warmup": 0,
-                "temperature": 1.0, "gt_weight": 0.5, "log_every": 10, "checkpoint_every": 250},
+                "temperature": 1.0, "gt_weight": 0.0, "log_every": 10, "checkpoint_every": 250},
     # the bundle's shipped inference options (cinesr.model.pipeline.Options), written into model.json
     "inference": {},
 }

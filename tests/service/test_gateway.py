@@ -296,17 +296,21 @@ def test_concurrent_identical_requests_share_one_job(client: TestClient, service
 
 
 def test_steps_are_checked_against_the_bundle(tmp_path: Path) -> None:
-    """The shipped tiny bundle serves its 15-step teacher only; a student bundle also its distilled counts."""
+    """A bundle without a student serves its 15-step teacher only; one with a student (the shipped tiny bundle
+    among them) also its distilled counts."""
     from cinesr.worker.errors import PermanentError
     from cinesr.worker.queue.process import check_steps, supported_steps
 
     from tests import models
 
-    assert supported_steps(None) == (15,)
+    assert supported_steps(None) == (1, 2, 4, 15)
+    check_steps(2, Settings(data_dir=tmp_path))
+    plain = models.micro_bundle(tmp_path / "plain")
+    assert supported_steps(plain) == (15,)
     with pytest.raises(PermanentError, match=r"steps=1 is not supported .*no distilled few-step student.*: use one "
                                              r"of 15$"):
-        check_steps(1, Settings(data_dir=tmp_path))
-    check_steps(15, Settings(data_dir=tmp_path))
+        check_steps(1, Settings(data_dir=tmp_path, model_dir=plain))
+    check_steps(15, Settings(data_dir=tmp_path, model_dir=plain))
     bundle = models.micro_student_bundle(tmp_path / "b", 0, steps=(1, 4))
     assert supported_steps(bundle) == (1, 4, 15)
     check_steps(4, Settings(data_dir=tmp_path, model_dir=bundle))
