@@ -92,7 +92,7 @@ def test_uncertainty_series_geometry_description_and_uids(lowres_study: Path, tm
         assert new_errors(path, series.files[0]) == set(), path
 
 
-@pytest.mark.slow  # the shipped tiny model, 15 steps, 3 draws of one 3-frame window (~15-40 s on 2 busy cores)
+@pytest.mark.slow  # the shipped tiny model with its default steps, 3 draws of one 3-frame window
 def test_deviation_is_high_where_the_truth_has_detail_the_input_lacks() -> None:
     """A held-out phantom: where the truth has fine detail that the 4x coarser acquisition averages away, the
     draws disagree more than where the truth is flat. Spatial only (temporal=1: the acquired frames, one window),
