@@ -265,7 +265,8 @@ def train(
     if max_steps is not None:
         for key in STAGE_KEYS:
             cfg[key]["steps"] = min(int(cfg[key]["steps"]), max_steps)
-        cfg["refine"]["pool"] = min(int(cfg["refine"]["pool"]), max(8, max_steps))
+        for key in ("refine", "distill"):  # their pools of sampler chains too
+            cfg[key]["pool"] = min(int(cfg[key]["pool"]), max(8, max_steps))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")

@@ -233,3 +233,16 @@ def test_distill_stage_puts_a_student_in_the_bundle(tmp_path: Path) -> None:
     cfg["refine"] = {"steps": 1, "pool": 2, "batch_size": 2, "crop": 32, "log_every": 1, "checkpoint_every": 1}
     refined = train(cfg, tmp_path / "refined", stage="refine", init_from=[distilled])
     assert load_bundle(refined).student_steps == (1, 2, 4)
+
+
+def test_a_smoke_run_caps_the_sampler_chain_pools_too(tmp_path: Path) -> None:
+    """--max-steps caps every stage's steps and the refine/distill pools (each chain costs T UNet calls)."""
+    import yaml
+
+    cfg = micro_config(2, ae_steps=2)
+    cfg["distill"] = {"steps": 1500, "pool": 512}
+    with pytest.raises(InputError, match="needs a trained autoencoder"):
+        train(cfg, tmp_path / "smoke", stage="distill", max_steps=3)
+    written = yaml.safe_load((tmp_path / "smoke" / "train_config.yaml").read_text())
+    assert written["distill"]["steps"] == 3 and written["distill"]["pool"] == 8
+    assert written["refine"]["pool"] == 8
