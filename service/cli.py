@@ -79,7 +79,8 @@ def superresolve(
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(
         help="Where the model runs; auto: cuda when a GPU is usable, else cpu.")] = "auto",
     steps: Annotated[int | None, typer.Option(min=1, max=15, help="Sampler steps (default: the model bundle's "
-                                                                  "choice; 15 = as trained).")] = None,
+                                                                  "choice, 2 for the bundled model; 15 = the "
+                                                                  "teacher; 1/2/4 = its distilled student).")] = None,
     seed: Annotated[int, typer.Option(help="Sampler noise seed (same seed, same output on every backend).")] = 0,
     consistency: Annotated[str | None, typer.Option(
         help="Data consistency with the acquisition: auto (kspace where the acquired frames show Gibbs ringing, "
