@@ -8,7 +8,9 @@ How a shipped option is chosen: each combination of the varied options (the othe
 model card's size (1 slice x 32 frames at 128 pixels, every 8th frame acquired at 32), and each row is scored
 with the card's fidelity bar (`cinesr.model.card.faithful_verdict`). Use validation seeds (2000-2009), not
 the card's test seeds (1000-1009). Prints one line per row and writes bench/results/options-<UTC time>.json
-with the machine, commit and versions.
+with the machine, commit and versions. Every setting after the first is also held against the first, row by
+row (TOLERANCE: how a few-step student is held to its 15-step teacher, `--vary steps=15,2,1`); `--model`
+takes another bundle folder.
 """
 
 from __future__ import annotations
