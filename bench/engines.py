@@ -245,16 +245,17 @@ def run_bench(
             methods[label, k] = ModelMethod(engine, Options.from_mapping(shipped, steps=k), batch_size)
         m = methods[label, counts[0]]
         log(f"[bench] {label}: stages at batch {m.batch_size} ...")
-        m.units(series)  # puts the engine on the first step count's plan for the stage times
+        m.apply_plan()  # the stage times run the first step count's plan
         results[label] = {"engine": engine.describe(), "stages": stage_times(engine, m.batch_size, stage_repeats),
                           "by_steps": {}}
     out_frames = sum(8 * s.num_frames for s in series.slices)
-    windows = 0
+    first = next(iter(methods.values()), None)
+    windows = first.units(series) // first.engine.plan.steps if first else 0
     for (label, k), m in methods.items():  # warm-up runs (also check the output shape)
-        windows = m.units(series) // m.engine.plan.steps
         res = superresolve_series(series, m)
         assert all(f.shape[0] == 8 * s.num_frames for f, s in zip(res.frames, series.slices, strict=True))
-        results[label]["by_steps"][k] = {"steps": k, "unet": _unet_of(m), "sampler": m.options.sampler,
+        results[label]["by_steps"][k] = {"steps": k, "unet": "student" if m.engine.runs_student else "teacher",
+                                         "sampler": m.options.sampler,
                                          "seconds": [], "peak_memory_mb": []}
     for r in range(repeats):
         for (label, k), m in methods.items():
@@ -338,11 +339,6 @@ def run_bench(
         "headline": headline,
         "ort_tuning": tuning,
     }
-
-
-def _unet_of(m: Any) -> str:
-    """Which UNet serves the method's step count: the distilled student or the teacher."""
-    return "student" if m.engine.plan.steps in m.engine.model.student_steps else "teacher"
 
 
 def summary(report: dict[str, Any]) -> str:

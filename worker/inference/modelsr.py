@@ -45,13 +45,14 @@ class ModelMethod:
         g = self.engine.geometry
         if not self.options.overlap < g.lq_size // 2:
             raise ValueError(f"overlap must be in [0, {g.lq_size // 2})")
-        self._plan()
+        self.apply_plan()
         if not self.version:
             src = self.engine.model.source
             self.version = str(src.get("version") or f"{src.get('name', 'model')}-{str(src['sha256'])[:12]}")
 
-    def _plan(self) -> None:
-        # the engine may serve other methods (other step counts) between this one's runs
+    def apply_plan(self) -> None:
+        """Put the engine on this method's sampler plan (it may serve other methods, other step counts,
+        between this one's runs; each run calls this first)."""
         self.engine.set_steps(self.options.steps, self.options.sampler, self.options.temperature)
 
     @classmethod
@@ -69,12 +70,12 @@ class ModelMethod:
 
     def units(self, series: CineSeries, draws: int = 1) -> int:
         """Progress units: sampler steps x windows x tiles over all slices (x draws)."""
-        self._plan()
+        self.apply_plan()
         return units([s.frames.shape for s in series.slices], self.engine, self.options, draws)
 
     def superresolve_slice(self, frames: np.ndarray, step: Callable[[int], None]) -> np.ndarray:
         """(T, h, w) in series units -> (8T, 4h, 4w) in series units (the slice as a series of its own)."""
-        self._plan()
+        self.apply_plan()
         self.last = superresolve_slices([np.asarray(frames)], self.engine, self.options,
                                         batch_size=self.batch_size, step=step)
         return self.last.frames[0]
@@ -84,7 +85,7 @@ class ModelMethod:
         """All slices of a series with one intensity map and batches across slices: per slice (8T, 4h, 4w)
         in series units; `step` counts the same units as units(series, draws). The result (with its fidelity,
         and with draws > 1 its uncertainty) is `last`."""
-        self._plan()
+        self.apply_plan()
         self.last = superresolve_slices([s.frames for s in series.slices], self.engine, self.options,
                                         batch_size=self.batch_size, step=step, draws=draws)
         return self.last.frames

@@ -140,6 +140,11 @@ class Engine(ABC):
             self.plan = plan
             self._plan_changed()
 
+    @property
+    def runs_student(self) -> bool:
+        """Whether the current plan runs the distilled student (a step count it serves), not the teacher."""
+        return self.plan.steps in self.model.student_steps
+
     def _plan_changed(self) -> None:  # noqa: B027 - optional hook
         """Drop anything captured for the previous plan (CUDA graphs)."""
 

@@ -97,7 +97,7 @@ class OnnxEngine(Engine):
     @property
     def network(self) -> str:
         """The UNet graph of the current plan: the student for the step counts it serves."""
-        return "student" if "student" in self.sessions and self.plan.steps in self.model.student_steps else "unet"
+        return "student" if self.runs_student else "unet"
 
     def _run(self, graph: str, **inputs: torch.Tensor) -> torch.Tensor:
         session = self.sessions[graph]

@@ -189,7 +189,7 @@ class TensorRTEngine(Engine):
     @property
     def network(self) -> str:
         """The UNet graph of the current plan: the student for the step counts it serves."""
-        return "student" if self.model.student is not None and self.plan.steps in self.model.student_steps else "unet"
+        return "student" if self.runs_student else "unet"
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         g = self.geometry

@@ -122,7 +122,7 @@ class TorchEngine(Engine):
 
     def _select(self) -> None:
         """Run the student for the step counts it was distilled for, the teacher otherwise."""
-        which = "student" if "student" in self._unets and self.plan.steps in self.model.student_steps else "teacher"
+        which = "student" if self.runs_student else "teacher"
         self.network = which
         self.unet, self._unet = self._unets[which], self._calls[which]
 
