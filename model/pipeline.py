@@ -44,7 +44,9 @@ class Options:
     the acquisition's estimated noise level are left alone (noise is no structure); detail_gate: part of the
     consistency step (off with it): where the acquisition's local contrast is below this share of the
     intensity map's range, the output keeps the acquisition's interpolation (cinesr.model.detail);
-    kspace_taper: the k-space model's band is exact below this outer share of it and tapers to the network's
+    kspace_gate: the detail gate's threshold where the acquisition is read as k-space-truncated (its Gibbs
+    rings give regions the truth shows flat a local contrast of their own); kspace_taper: the k-space
+    model's band is exact below this outer share of it and tapers to the network's
     own band across it (cinesr.model.consistency.enforce); temporal: frames out per frame in.
     """
 
@@ -59,6 +61,7 @@ class Options:
     consistency: str = "auto"  # kspace where the acquisition rings, else area; measured: see the bundled model.json
     tolerance: float = 0.0  # >0: residuals up to this many times the estimated noise level are left (noisy input)
     detail_gate: float = 0.03  # network detail only where the acquisition's local contrast tops this share of the range
+    kspace_gate: float = 0.065  # the same for a k-space acquisition, whose rings are contrast the truth lacks
     kspace_taper: float = 0.4  # the k-space band's outer 40% blends in the network's own: an exact edge rings
     temporal: int = TEMPORAL_FACTOR
 
@@ -73,6 +76,8 @@ class Options:
             raise ValueError("tolerance must be >= 0")
         if not 0 <= self.detail_gate < 1:
             raise ValueError("detail_gate must be in [0, 1)")
+        if not 0 <= self.kspace_gate < 1:
+            raise ValueError("kspace_gate must be in [0, 1)")
         if not 0 <= self.kspace_taper < 1:
             raise ValueError("kspace_taper must be in [0, 1)")
 
@@ -197,7 +202,7 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
     sigma = consistency.noise_sigma([np.asarray(s, np.float32) for s in slices])
     tolerance = options.tolerance * sigma
     if kind != "off":
-        threshold = options.detail_gate * (norm.hi - norm.lo)
+        threshold = (options.kspace_gate if kind == "kspace" else options.detail_gate) * (norm.hi - norm.lo)
         out = [consistency.enforce(detail.gate(o, x, threshold, sf), x, kind, sf, tolerance=tolerance,
                                    taper=options.kspace_taper) for o, x in zip(out, lq, strict=True)]
     low, high = norm.inverse(np.asarray(CLIP, np.float32))

@@ -130,6 +130,21 @@ def test_consistency_makes_the_output_reproduce_the_acquisition(mode: str) -> No
     assert np.abs(reacquired - frames).max() < slack, np.abs(reacquired - frames).max() / span
 
 
+def test_a_kspace_acquisition_gets_its_own_detail_gate() -> None:
+    """The detail gate's threshold is `kspace_gate` where the series is read as k-space-truncated (its rings
+    are contrast the truth lacks) and `detail_gate` elsewhere; each setting changes only its own series."""
+    frames = moving_disc(2, 48, 48)
+
+    def run(**options: object) -> np.ndarray:
+        return superresolve_slices([frames], NearestRunner(), Options(**options)).frames[0]
+
+    for mode, own, other in (("kspace", "kspace_gate", "detail_gate"), ("area", "detail_gate", "kspace_gate")):
+        first = run(consistency=mode, **{own: 0.03, other: 0.03})
+        np.testing.assert_array_equal(first, run(consistency=mode, **{own: 0.03, other: 0.3}))
+        changed = np.abs(first - run(consistency=mode, **{own: 0.3, other: 0.03})).max()
+        assert changed > 0.01 * float(frames.max() - frames.min()), (mode, changed)
+
+
 def test_runs_are_seeded_and_batch_invariant(micro_bundle: Path) -> None:
     bundle = load_bundle(micro_bundle)
     frames = moving_disc(2, 24, 24)
@@ -162,4 +177,6 @@ def test_options_reject_what_cannot_work() -> None:
         Options(consistency="maybe")
     with pytest.raises(ValueError, match="detail_gate"):
         Options(detail_gate=-0.1)
+    with pytest.raises(ValueError, match="kspace_gate"):
+        Options(kspace_gate=1.0)
     assert Options.from_mapping({"stride": 2, "unknown": 1}, seed=5) == Options(stride=2, seed=5)
