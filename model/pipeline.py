@@ -47,7 +47,8 @@ class Options:
     kspace_gate: the detail gate's threshold where the acquisition is read as k-space-truncated (its Gibbs
     rings give regions the truth shows flat a local contrast of their own); kspace_taper: the k-space
     model's band is exact below this outer share of it and tapers to the network's
-    own band across it (cinesr.model.consistency.enforce); temporal: frames out per frame in.
+    own band across it (cinesr.model.consistency.enforce); temporal: frames out per frame in;
+    shared_noise: every window of a tile starts from the same sampler noise (cinesr.model.windows).
     """
 
     steps: int = 15
@@ -64,8 +65,10 @@ class Options:
     kspace_gate: float = 0.065  # the same for a k-space acquisition, whose rings are contrast the truth lacks
     kspace_taper: float = 0.4  # the k-space band's outer 40% blends in the network's own: an exact edge rings
     temporal: int = TEMPORAL_FACTOR
+    shared_noise: bool = False  # one noise draw per tile for all its windows (else one per window)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shared_noise", bool(self.shared_noise))  # 0/1 from a settings file or CLI
         if not 1 <= self.stride <= WINDOW:
             raise ValueError(f"stride must be 1..{WINDOW} (larger strides leave frames uncovered)")
         if self.consistency not in consistency.MODES:
@@ -190,7 +193,7 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
     t0 = time.perf_counter()
     out = superresolve_stacks([clip(x) for x in lq], runner, seed=options.seed, stride=options.stride,
                               overlap=options.overlap, channel_weights=options.channel_weights,
-                              batch_size=batch_size, step=step)
+                              batch_size=batch_size, step=step, shared_noise=options.shared_noise)
     timings["network"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # consistency in series units: the k-space model is of a magnitude image, whose zero means no signal

@@ -164,12 +164,15 @@ def superresolve_stacks(
     batch_size: int = 1,
     clip: tuple[float, float] | None = None,
     step: Callable[[int], None] | None = None,
+    shared_noise: bool = False,
 ) -> list[np.ndarray]:
     """Several stacks of (N_i, h_i, w_i) frames in model units at once -> (N_i, 4h_i, 4w_i).
 
     Batches are filled across stacks (a GPU batch of 8 is then rarely partial); the result equals
     running each stack on its own. `step(n)` is called as n progress units (sampler steps of one job)
-    complete. `clip` bounds the result (the model's range)."""
+    complete. `clip` bounds the result (the model's range). shared_noise: every window of a tile starts
+    from the same noise (windows overlap in time, so what the noise decides stays put from frame to frame
+    instead of changing with the window); otherwise each window draws its own."""
     g = runner.geometry
     size, sf = g.lq_size, g.sf
     steps = runner.plan.steps
@@ -193,7 +196,8 @@ def superresolve_stacks(
             padded[i][[(s + c) % len(padded[i]) for c in range(WINDOW)], y : y + size, x : x + size]
             for i, _, s, y, x in batch
         ])
-        noise = torch.cat([job_noise(seed, wi, y, x, g, steps) for _, wi, _, y, x in batch], dim=1)
+        noise = torch.cat([job_noise(seed, 0 if shared_noise else wi, y, x, g, steps) for _, wi, _, y, x in batch],
+                          dim=1)
         report = (lambda k, total, m=len(batch): step(m)) if step is not None else None
         images = runner.superresolve(torch.from_numpy(windows), noise, report).numpy()
         for (i, _, s, y, x), img in zip(batch, images, strict=True):

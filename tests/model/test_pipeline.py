@@ -145,6 +145,30 @@ def test_a_kspace_acquisition_gets_its_own_detail_gate() -> None:
         assert changed > 0.01 * float(frames.max() - frames.min()), (mode, changed)
 
 
+def test_shared_noise_gives_every_window_of_a_tile_the_same_start() -> None:
+    """shared_noise: the windows of a tile (they overlap in time) start from one noise draw; by default each
+    window draws its own. Tiles differ either way."""
+
+    class Recording(NearestRunner):
+        def __init__(self) -> None:
+            super().__init__()
+            self.noise: list[torch.Tensor] = []
+
+        def superresolve(self, lq, noise, on_step=None):
+            self.noise += list(noise.unbind(1))
+            return super().superresolve(lq, noise, on_step)
+
+    frames = moving_disc(2, 100, 24)  # two tiles across, one down: 16 windows of each
+    for shared in (False, True):
+        runner = Recording()
+        superresolve_slices([frames], runner, Options(shared_noise=shared, overlap=16))
+        per_tile = [runner.noise[k::2] for k in range(2)]  # jobs run window by window, tile by tile
+        assert len(per_tile[0]) == 16
+        same = [torch.equal(per_tile[0][0], n) for n in per_tile[0][1:]]
+        assert all(same) if shared else not any(same)
+        assert not torch.equal(per_tile[0][0], per_tile[1][0])
+
+
 def test_runs_are_seeded_and_batch_invariant(micro_bundle: Path) -> None:
     bundle = load_bundle(micro_bundle)
     frames = moving_disc(2, 24, 24)
