@@ -46,9 +46,9 @@ class Options:
     intensity map's range, the output keeps the acquisition's interpolation (cinesr.model.detail);
     kspace_gate: the detail gate's threshold where the acquisition is read as k-space-truncated (its Gibbs
     rings give regions the truth shows flat a local contrast of their own); kspace_taper: the k-space
-    model's band is exact below this outer share of it and tapers to the network's
-    own band across it (cinesr.model.consistency.enforce); temporal: frames out per frame in;
-    shared_noise: every window of a tile starts from the same sampler noise (cinesr.model.windows).
+    model's band is exact below this outer share of it and tapers to the network's own band across it
+    (cinesr.model.consistency.enforce); temporal: frames out per frame in; shared_noise: every window of a
+    tile starts from the same sampler noise (cinesr.model.windows).
     """
 
     steps: int = 15
@@ -68,7 +68,8 @@ class Options:
     shared_noise: bool = False  # one noise draw per tile for all its windows (else one per window)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shared_noise", bool(self.shared_noise))  # 0/1 from a settings file or CLI
+        # a mapping or `bench/options.py --vary shared_noise=0,1` gives 0/1; records and UIDs want a bool
+        object.__setattr__(self, "shared_noise", bool(self.shared_noise))
         if not 1 <= self.stride <= WINDOW:
             raise ValueError(f"stride must be 1..{WINDOW} (larger strides leave frames uncovered)")
         if self.consistency not in consistency.MODES:
