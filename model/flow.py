@@ -53,11 +53,33 @@ def interpolate_pair(a: np.ndarray, b: np.ndarray, phases: np.ndarray,
     return out
 
 
-def interpolate_cine(frames: np.ndarray, factor: int = 8, *, cyclic: bool = True) -> np.ndarray:
+def cine_flows(frames: np.ndarray, *, cyclic: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(T, H, W) -> per interval i -> i+1 (the last wrapping to frame 0 when cyclic) its (forward, backward)
+    flows (H, W, 2) in pixels, as interpolate_pair takes them."""
+    frames = np.asarray(frames, dtype=np.float32)
+    if frames.ndim != 3 or frames.shape[0] < 2:
+        raise ValueError(f"need (T>=2, H, W) frames, got shape {frames.shape}")
+    n = frames.shape[0]
+    u8, _, _ = _to_u8(frames)  # one intensity mapping for the whole cine keeps flows comparable
+    return [(optical_flow(u8[i], u8[(i + 1) % n]), optical_flow(u8[(i + 1) % n], u8[i]))
+            for i in range(n if cyclic else n - 1)]
+
+
+def scale_flows(flows: list[tuple[np.ndarray, np.ndarray]], factor: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Flows of a cine enlarged `factor` times (the same motion on the finer grid, in its pixels)."""
+    def up(flow: np.ndarray) -> np.ndarray:
+        h, w = flow.shape[:2]
+        return cv2.resize(flow, (w * factor, h * factor), interpolation=cv2.INTER_LINEAR) * factor
+    return [(up(f), up(b)) for f, b in flows]
+
+
+def interpolate_cine(frames: np.ndarray, factor: int = 8, *, cyclic: bool = True,
+                     flows: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """(T, H, W) -> (factor*T, H, W) for a periodic cine (the last interval wraps to frame 0).
 
     With cyclic=False, (T, H, W) -> (factor*(T-1)+1, H, W) between the first and last frame.
-    Output frame factor*i equals input frame i exactly.
+    Output frame factor*i equals input frame i exactly. flows (cine_flows of these frames or of another
+    cine on the same grid): the motion to follow; by default the frames' own.
     """
     frames = np.asarray(frames, dtype=np.float32)
     if frames.ndim != 3 or frames.shape[0] < 2:
@@ -65,14 +87,11 @@ def interpolate_cine(frames: np.ndarray, factor: int = 8, *, cyclic: bool = True
     if factor < 1:
         raise ValueError("factor must be >= 1")
     n = frames.shape[0]
-    u8, _, _ = _to_u8(frames)  # one intensity mapping for the whole cine keeps flows comparable
+    flows = cine_flows(frames, cyclic=cyclic) if flows is None else flows
+    if len(flows) != (n if cyclic else n - 1):
+        raise ValueError(f"{len(flows)} flows for {n} frames")
     phases = np.arange(factor, dtype=np.float32) / factor
-    pairs = n if cyclic else n - 1
-    out = []
-    for i in range(pairs):
-        j = (i + 1) % n
-        flows = (optical_flow(u8[i], u8[j]), optical_flow(u8[j], u8[i]))
-        out.append(interpolate_pair(frames[i], frames[j], phases, flows))
+    out = [interpolate_pair(frames[i], frames[(i + 1) % n], phases, pair) for i, pair in enumerate(flows)]
     if not cyclic:
         out.append(frames[-1:])
     return np.concatenate(out)

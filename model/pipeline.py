@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 
 from . import consistency, detail
-from .flow import interpolate_cine
+from .flow import cine_flows, interpolate_cine, scale_flows
 from .intensity import CLIP, PERCENTILES, Normalisation, clip
 from .windows import WINDOW, WindowRunner, progress_units, superresolve_stacks
 
 TEMPORAL_FACTOR = 8
+CONSISTENT_FRAMES = ("all", "acquired")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,10 @@ class Options:
     rings give regions the truth shows flat a local contrast of their own); kspace_taper: the k-space
     model's band is exact below this outer share of it and tapers to the network's own band across it
     (cinesr.model.consistency.enforce); temporal: frames out per frame in; shared_noise: every window of a
-    tile starts from the same sampler noise (cinesr.model.windows).
+    tile starts from the same sampler noise (cinesr.model.windows); consistent_frames: which output frames the
+    consistency step holds to the acquisition: `acquired` (the frames at acquired trigger times; the frames
+    between take their corrections carried along the acquisition's motion) or `all` (every frame, against the
+    flow interpolation of the acquisition at its time, which is no measurement).
     """
 
     steps: int = 15
@@ -66,6 +70,7 @@ class Options:
     kspace_taper: float = 0.4  # the k-space band's outer 40% blends in the network's own: an exact edge rings
     temporal: int = TEMPORAL_FACTOR
     shared_noise: bool = False  # one noise draw per tile for all its windows (else one per window)
+    consistent_frames: str = "acquired"  # `all` projects onto interpolated frames too: flicker (see model.json)
 
     def __post_init__(self) -> None:
         # a mapping or `bench/options.py --vary shared_noise=0,1` gives 0/1; records and UIDs want a bool
@@ -84,6 +89,8 @@ class Options:
             raise ValueError("kspace_gate must be in [0, 1)")
         if not 0 <= self.kspace_taper < 1:
             raise ValueError("kspace_taper must be in [0, 1)")
+        if self.consistent_frames not in CONSISTENT_FRAMES:
+            raise ValueError(f"consistent_frames must be one of {', '.join(CONSISTENT_FRAMES)}")
 
     def parameters(self) -> dict[str, Any]:
         """The options as plain values (for model.json, job records and DerivationDescription)."""
@@ -132,9 +139,10 @@ def units(shapes: list[tuple[int, int, int]], runner: WindowRunner, options: Opt
     return progress_units(stacked, runner, options.stride, options.overlap) * max(draws, 1)
 
 
-def upsample_time(frames: np.ndarray, factor: int) -> np.ndarray:
-    """(T, h, w) -> (factor*T, h, w) by cyclic optical flow (unchanged when factor is 1)."""
-    return np.asarray(frames, np.float32) if factor == 1 else interpolate_cine(frames, factor)
+def upsample_time(frames: np.ndarray, factor: int, flows: list | None = None) -> np.ndarray:
+    """(T, h, w) -> (factor*T, h, w) by cyclic optical flow (unchanged when factor is 1); flows: the
+    frames' cine_flows when already known."""
+    return np.asarray(frames, np.float32) if factor == 1 else interpolate_cine(frames, factor, flows=flows)
 
 
 def superresolve_slices(
@@ -173,6 +181,17 @@ def superresolve_slices(
     return first
 
 
+def _consistent_at_acquired(frames: np.ndarray, lq: np.ndarray, flows: list, kind: str, sf: int,
+                            tolerance: float, options: Options) -> np.ndarray:
+    """Data consistency where something was measured: frames temporal*i are projected onto acquired frame i;
+    the frames between take those corrections carried along the acquisition's motion (the flows the
+    interpolation followed, on the output grid), so nothing jumps at an acquired frame."""
+    t = options.temporal
+    at = np.asarray(frames[::t], np.float32)
+    fixed = consistency.enforce(at, lq[::t], kind, sf, tolerance=tolerance, taper=options.kspace_taper)
+    return frames + interpolate_cine(fixed - at, t, flows=scale_flows(flows, sf))
+
+
 def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, batch_size: int,
               step: Callable[[int], None] | None) -> Result:
     import time
@@ -189,7 +208,8 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
     norm = Normalisation.fit([np.asarray(s) for s in slices], *options.percentiles)
     acquired = [norm.forward(s) for s in slices]
     # the interpolation reproduces acquired frames exactly (frame temporal*i is frame i)
-    lq = [upsample_time(a, options.temporal) for a in acquired]
+    flows = [cine_flows(a) if options.temporal > 1 else None for a in acquired]
+    lq = [upsample_time(a, options.temporal, f) for a, f in zip(acquired, flows, strict=True)]
     timings = {"interpolate": time.perf_counter() - started}
     t0 = time.perf_counter()
     out = superresolve_stacks([clip(x) for x in lq], runner, seed=options.seed, stride=options.stride,
@@ -207,8 +227,13 @@ def _one_draw(slices: list[np.ndarray], runner: WindowRunner, options: Options, 
     tolerance = options.tolerance * sigma
     if kind != "off":
         threshold = (options.kspace_gate if kind == "kspace" else options.detail_gate) * (norm.hi - norm.lo)
-        out = [consistency.enforce(detail.gate(o, x, threshold, sf), x, kind, sf, tolerance=tolerance,
-                                   taper=options.kspace_taper) for o, x in zip(out, lq, strict=True)]
+        out = [detail.gate(o, x, threshold, sf) for o, x in zip(out, lq, strict=True)]
+        if options.consistent_frames == "acquired" and options.temporal > 1:
+            out = [_consistent_at_acquired(o, x, f, kind, sf, tolerance, options)
+                   for o, x, f in zip(out, lq, flows, strict=True)]
+        else:
+            out = [consistency.enforce(o, x, kind, sf, tolerance=tolerance, taper=options.kspace_taper)
+                   for o, x in zip(out, lq, strict=True)]
     low, high = norm.inverse(np.asarray(CLIP, np.float32))
     out = [np.clip(o, low, high) for o in out]
     measure = kind if kind in consistency.KINDS else consistency.choose(out, lq, sf)

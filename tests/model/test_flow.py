@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from cinesr.model.baseline import baseline_superresolve, bicubic_up
-from cinesr.model.flow import interpolate_cine, interpolate_times
+from cinesr.model.flow import cine_flows, interpolate_cine, interpolate_times, scale_flows
 
 
 def _moving_disk(frames: int, size: int = 64) -> np.ndarray:
@@ -28,6 +29,23 @@ def test_interpolation_keeps_input_frames_and_wraps() -> None:
     err_fade = np.abs(fade - truth).mean(axis=(1, 2))
     assert err_flow.mean() < 0.7 * err_fade.mean()
     assert err_flow[25:].mean() < err_fade[25:].mean()
+
+
+def test_flows_follow_the_motion_on_a_finer_grid() -> None:
+    """The flows of a cine, computed once, interpolate it as its own do; enlarged, they carry the same motion
+    on the finer grid: the 4x enlargement of the truth interpolated with them is the 4x enlargement of the
+    coarse interpolation (to the warps' own resampling)."""
+    truth = _moving_disk(32)
+    low = truth[::8]
+    flows = cine_flows(low)
+    np.testing.assert_array_equal(interpolate_cine(low, 8, flows=flows), interpolate_cine(low, 8))
+    fine = scale_flows(flows, 4)
+    assert fine[0][0].shape == (256, 256, 2)
+    assert np.abs(fine[0][0]).max() == pytest.approx(4 * np.abs(flows[0][0]).max(), rel=0.05)
+    up = interpolate_cine(bicubic_up(low, 4), 8, flows=fine)
+    coarse = bicubic_up(interpolate_cine(low, 8), 4)
+    still = bicubic_up(np.repeat(low, 8, axis=0), 4)  # no motion carried at all
+    assert np.abs(up - coarse).mean() < 0.05 * np.abs(still - coarse).mean()
 
 
 def test_non_cyclic_count() -> None:
