@@ -10,6 +10,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+# per interval of a cine, its (forward, backward) flows (H, W, 2) in pixels (cine_flows)
+Flows = list[tuple[np.ndarray, np.ndarray]]
+
 # Farneback parameters suited to small, low-resolution cine frames (64x64 and up).
 _FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=9, iterations=5, poly_n=5, poly_sigma=1.1, flags=0)
 
@@ -53,7 +56,7 @@ def interpolate_pair(a: np.ndarray, b: np.ndarray, phases: np.ndarray,
     return out
 
 
-def cine_flows(frames: np.ndarray, *, cyclic: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+def cine_flows(frames: np.ndarray, *, cyclic: bool = True) -> Flows:
     """(T, H, W) -> per interval i -> i+1 (the last wrapping to frame 0 when cyclic) its (forward, backward)
     flows (H, W, 2) in pixels, as interpolate_pair takes them."""
     frames = np.asarray(frames, dtype=np.float32)
@@ -65,7 +68,7 @@ def cine_flows(frames: np.ndarray, *, cyclic: bool = True) -> list[tuple[np.ndar
             for i in range(n if cyclic else n - 1)]
 
 
-def scale_flows(flows: list[tuple[np.ndarray, np.ndarray]], factor: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def scale_flows(flows: Flows, factor: int) -> Flows:
     """Flows of a cine enlarged `factor` times (the same motion on the finer grid, in its pixels)."""
     def up(flow: np.ndarray) -> np.ndarray:
         h, w = flow.shape[:2]
@@ -74,7 +77,7 @@ def scale_flows(flows: list[tuple[np.ndarray, np.ndarray]], factor: int) -> list
 
 
 def interpolate_cine(frames: np.ndarray, factor: int = 8, *, cyclic: bool = True,
-                     flows: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+                     flows: Flows | None = None) -> np.ndarray:
     """(T, H, W) -> (factor*T, H, W) for a periodic cine (the last interval wraps to frame 0).
 
     With cyclic=False, (T, H, W) -> (factor*(T-1)+1, H, W) between the first and last frame.

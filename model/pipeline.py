@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import consistency, detail
-from .flow import cine_flows, interpolate_cine, scale_flows
+from .flow import Flows, cine_flows, interpolate_cine, scale_flows
 from .intensity import CLIP, PERCENTILES, Normalisation, clip
 from .windows import WINDOW, WindowRunner, progress_units, superresolve_stacks
 
@@ -139,7 +139,7 @@ def units(shapes: list[tuple[int, int, int]], runner: WindowRunner, options: Opt
     return progress_units(stacked, runner, options.stride, options.overlap) * max(draws, 1)
 
 
-def upsample_time(frames: np.ndarray, factor: int, flows: list | None = None) -> np.ndarray:
+def upsample_time(frames: np.ndarray, factor: int, flows: Flows | None = None) -> np.ndarray:
     """(T, h, w) -> (factor*T, h, w) by cyclic optical flow (unchanged when factor is 1); flows: the
     frames' cine_flows when already known."""
     return np.asarray(frames, np.float32) if factor == 1 else interpolate_cine(frames, factor, flows=flows)
@@ -181,7 +181,7 @@ def superresolve_slices(
     return first
 
 
-def _consistent_at_acquired(frames: np.ndarray, lq: np.ndarray, flows: list, kind: str, sf: int,
+def _consistent_at_acquired(frames: np.ndarray, lq: np.ndarray, flows: Flows, kind: str, sf: int,
                             tolerance: float, options: Options) -> np.ndarray:
     """Data consistency where something was measured: frames temporal*i are projected onto acquired frame i;
     the frames between take those corrections carried along the acquisition's motion (the flows the
